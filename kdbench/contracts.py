@@ -1,0 +1,370 @@
+"""The public contracts: what a method, a model and a dataset are.
+
+Plugins build these dataclasses and hand them to ``register(...)`` (see :mod:`kdbench.hookspecs`).
+Every field added later gets a default, so plugins written against API version 1 keep working.
+
+Feature taps: a model names places in its network (``Tap``), the harness reads them with forward
+hooks, so a model needs no special ``forward``. Conventional tap names, which methods ask for:
+
+* ``stem`` — output of the first conv block;
+* ``stage1`` … ``stageN`` — output of each stage, shallow to deep;
+* ``stage1_pre`` … — the same stage before its final activation, where the model has one;
+* ``pool`` — the pooled feature vector (the classifier's input).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from types import SimpleNamespace
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .errors import KdbenchError
+
+# --------------------------------------------------------------------------- hyperparameters
+
+
+@dataclass(frozen=True)
+class HParam:
+    """One hyperparameter of a method.
+
+    ``low``/``high`` bound the *valid* values (checked on ``--set``; None = unbounded, and the
+    bounds are inclusive unless ``open_low``); ``space`` is the Optuna search range (``log`` for a
+    log-uniform one) and ``choices`` the values of a categorical one. The type is the default's.
+    A hyperparameter with ``tune=False`` is kept out of the search space.
+    """
+
+    name: str
+    default: Any
+    help: str = ""
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    space: tuple[float, float] | None = None
+    log: bool = False
+    choices: tuple | None = None
+    tune: bool = True
+
+    @property
+    def kind(self) -> type:
+        return type(self.default)
+
+    def parse(self, raw: Any) -> Any:
+        """Convert a value (possibly the string of ``--set key=value``) to this parameter's type."""
+        kind = self.kind
+        try:
+            if kind is bool:
+                if isinstance(raw, str):
+                    low = raw.strip().lower()
+                    if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                        raise ValueError(raw)
+                    return low in ("1", "true", "yes", "on")
+                return bool(raw)
+            if kind is int:
+                as_float = float(raw)
+                if not as_float.is_integer():
+                    raise ValueError(raw)
+                return int(as_float)
+            if kind is float:
+                return float(raw)
+            return kind(raw)
+        except (TypeError, ValueError):
+            raise KdbenchError(
+                f"hyperparameter {self.name}={raw!r} is not a valid {kind.__name__}"
+            ) from None
+
+    def check(self, value: Any) -> Any:
+        """Parse and range-check ``value``; raise a one-line :class:`KdbenchError` if it is bad."""
+        value = self.parse(value)
+        if self.choices is not None and value not in self.choices:
+            raise KdbenchError(
+                f"hyperparameter {self.name}={value!r} is not one of {list(self.choices)}"
+            )
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise KdbenchError(f"hyperparameter {self.name}={value} must be finite")
+            if self.low is not None and (value < self.low or (self.open_low and value == self.low)):
+                rel = ">" if self.open_low else ">="
+                raise KdbenchError(f"hyperparameter {self.name}={value} must be {rel} {self.low}")
+            if self.high is not None and value > self.high:
+                raise KdbenchError(f"hyperparameter {self.name}={value} must be <= {self.high}")
+        return value
+
+    def suggest(self, trial, prefix: str = "") -> Any:
+        """Sample a value from an Optuna trial (only for tunable parameters)."""
+        name = prefix + self.name
+        if self.choices is not None:
+            return trial.suggest_categorical(name, list(self.choices))
+        lo, hi = self.space
+        if self.kind is int:
+            return trial.suggest_int(name, int(lo), int(hi), log=self.log)
+        return trial.suggest_float(name, float(lo), float(hi), log=self.log)
+
+    def validate_declaration(self) -> None:
+        """Raise ValueError when the declaration itself is wrong (caught at plugin load)."""
+        if not self.name.isidentifier():
+            raise ValueError(f"hyperparameter name {self.name!r} is not an identifier")
+        self.check(self.default)
+        if not self.tune or self.kind in (bool, str) and self.choices is None:
+            return
+        if self.choices is not None:
+            if not self.choices:
+                raise ValueError(f"{self.name}: empty choices")
+            for c in self.choices:
+                self.check(c)
+            return
+        if self.space is None:
+            raise ValueError(f"{self.name}: tunable but has no search space (space=(lo, hi))")
+        lo, hi = self.space
+        if not lo < hi:
+            raise ValueError(f"{self.name}: search space {self.space} is empty")
+        if self.log and lo <= 0:
+            raise ValueError(f"{self.name}: log search space must be positive, got {self.space}")
+        self.check(lo), self.check(hi)
+
+    def describe_space(self) -> str:
+        if not self.tune:
+            return "fixed"
+        if self.choices is not None:
+            return "{" + ", ".join(map(str, self.choices)) + "}"
+        if self.space is None:
+            return "fixed"
+        return f"[{self.space[0]}, {self.space[1]}]" + (" log" if self.log else "")
+
+
+def resolve_hparams(hparams: Sequence[HParam], overrides: Mapping[str, Any], owner: str) -> dict:
+    """Defaults updated with checked overrides; an unknown key is an error naming the known ones."""
+    known = {h.name: h for h in hparams}
+    values = {h.name: h.default for h in hparams}
+    for key, raw in overrides.items():
+        if key not in known:
+            from .errors import closest
+
+            names = ", ".join(known) or "none"
+            raise KdbenchError(
+                f"{owner} has no hyperparameter {key!r}{closest(key, known)} (it has: {names})"
+            )
+        values[key] = known[key].check(raw)
+    return values
+
+
+# --------------------------------------------------------------------------- models and taps
+
+
+@dataclass(frozen=True)
+class Tap:
+    """A place in a network read by a forward hook: the output of ``module`` (a dotted name from
+    ``named_modules()``), or its first input when ``input=True`` (e.g. the classifier's input is
+    the pooled vector; a ReLU module's input is the pre-activation)."""
+
+    module: str
+    input: bool = False
+
+
+@dataclass(frozen=True)
+class Model:
+    """A network builder and its feature taps.
+
+    ``build(num_classes, input_shape, **kwargs)`` returns an ``nn.Module`` mapping a batch of
+    inputs to logits; it raises :class:`KdbenchError` when it cannot take ``input_shape``.
+    ``taps`` maps tap names to :class:`Tap` (or a dotted module name), or is a function of the
+    built module returning that mapping (for models whose depth varies).
+    """
+
+    name: str
+    build: Callable[..., nn.Module]
+    taps: Mapping[str, Tap | str] | Callable[[nn.Module], Mapping[str, Tap | str]] = field(
+        default_factory=dict
+    )
+    description: str = ""
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def make(self, num_classes: int, input_shape: Sequence[int], **kwargs) -> nn.Module:
+        return self.build(num_classes, tuple(input_shape), **{**self.kwargs, **kwargs})
+
+    def taps_of(self, module: nn.Module) -> dict[str, Tap]:
+        taps = self.taps(module) if callable(self.taps) else self.taps
+        return {k: v if isinstance(v, Tap) else Tap(v) for k, v in taps.items()}
+
+
+# --------------------------------------------------------------------------- datasets and recipes
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Training augmentation, run batched on the device (no per-sample Python).
+
+    ``crop_pad``: pad each spatial side with zeros by this many pixels, then crop back to the
+    original size at a random offset per sample (1-D: a random shift). ``flip``: mirror the last
+    axis with probability ½. ``noise``: add Gaussian noise of this std after normalisation.
+    """
+
+    crop_pad: int = 0
+    flip: bool = False
+    noise: float = 0.0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a network is trained: data, not code. Part of every run's config hash."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "multistep"  # multistep | cosine | constant
+    milestones: tuple[int, ...] = ()  # epochs at which lr *= gamma (multistep)
+    gamma: float = 0.1
+    eval_batch_size: int = 1024
+
+    def with_(self, **changes) -> "Recipe":
+        """A copy with ``changes``; ``epochs`` rescales multistep milestones proportionally."""
+        if "epochs" in changes and "milestones" not in changes and self.milestones:
+            scale = changes["epochs"] / self.epochs
+            changes["milestones"] = tuple(max(1, round(m * scale)) for m in self.milestones)
+        known = {f.name for f in fields(self)}
+        bad = set(changes) - known
+        if bad:
+            raise KdbenchError(f"recipe has no field {sorted(bad)} (it has: {', '.join(sorted(known))})")
+        return replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A classification dataset.
+
+    ``load(split, **options)`` returns ``(x, y)`` tensors for ``split`` in ``"train"``, ``"val"``,
+    ``"test"``: x is ``[N, *input_shape]`` (uint8 images are scaled by 1/255 on the device), y
+    int64 labels. A source without a validation split carves one from train with a fixed seed
+    (see :func:`kdbench.data.carve_validation`); ``"train"`` then excludes it. Splits are loaded
+    lazily and one at a time, so a run that never needs a split never reads it.
+    ``mean``/``std`` (per channel) normalise on the device. ``recipe`` trains students,
+    ``teacher_recipe`` (default: ``recipe``) teachers. ``version`` is part of the teacher-cache
+    key: bump it when the data changes.
+    """
+
+    name: str
+    load: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    num_classes: int
+    input_shape: tuple[int, ...]
+    recipe: Recipe
+    teacher_recipe: Recipe | None = None
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    augment: Augment = Augment()
+    default_teacher: str | None = None
+    default_student: str | None = None
+    description: str = ""
+    version: str = "1"
+
+
+# --------------------------------------------------------------------------- methods
+
+
+@dataclass
+class Outputs:
+    """A network's outputs for one batch: logits and the requested feature taps, by name."""
+
+    logits: torch.Tensor
+    feats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Step:
+    """What a method's loss sees for one training batch."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    student: Outputs
+    teacher: Outputs | None
+    hp: SimpleNamespace
+    modules: nn.Module | None
+    epoch: int  # 0-based, within the current stage
+    epochs: int  # of the current stage
+    stage: str
+
+
+@dataclass
+class Probe:
+    """What a method's ``build``/``check`` see before training: shapes of the taps it asked for
+    (per sample, no batch axis), the classes, and a way to make fresh students (for peers)."""
+
+    hp: SimpleNamespace
+    num_classes: int
+    input_shape: tuple[int, ...]
+    student_shapes: dict[str, tuple[int, ...]]
+    teacher_shapes: dict[str, tuple[int, ...]]
+    student_taps: list[str]  # every tap the student model offers
+    teacher_taps: list[str]
+    new_student: Callable[[], nn.Module]
+
+
+LossFn = Callable[[Step], Mapping[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A training stage run before the main one (e.g. FitNets' hint stage).
+
+    Runs ``epochs`` epochs (an int, or the name of an int hyperparameter) with ``loss``; the
+    student's parameters are optimised when ``train_student`` (else only the method's modules).
+    """
+
+    name: str
+    epochs: int | str
+    loss: LossFn
+    train_student: bool = True
+
+
+@dataclass(frozen=True)
+class Method:
+    """A distillation method (``vanilla`` — no distillation — is one too).
+
+    * ``loss(step) -> {"ce": …, "kd": …}``: named, already weighted terms; their sum is minimised.
+    * ``hparams``: declared hyperparameters with defaults and search space.
+    * ``taps``: tap names needed on both networks (fnmatch patterns such as ``"stage?"`` allowed),
+      or a function ``(hp, student_taps, teacher_taps) -> names``.
+    * ``build(probe) -> nn.Module | None``: extra trainable modules (connectors, …) built from the
+      probed tap shapes; their parameters are trained with the student and counted.
+    * ``check(probe)``: raise :class:`KdbenchError` when this teacher/student pair cannot be served.
+    * ``stages(hp) -> [Stage, …]``: stages run before the main one.
+    * ``needs_teacher``: False for methods that train without a frozen teacher.
+    """
+
+    name: str
+    loss: LossFn
+    description: str = ""
+    citation: str = ""
+    hparams: tuple[HParam, ...] = ()
+    taps: Sequence[str] | Callable[[SimpleNamespace, list[str], list[str]], Sequence[str]] = ()
+    build: Callable[[Probe], nn.Module | None] | None = None
+    check: Callable[[Probe], None] | None = None
+    stages: Callable[[SimpleNamespace], Sequence[Stage]] | None = None
+    needs_teacher: bool = True
+
+    def hparam_defaults(self) -> dict:
+        return {h.name: h.default for h in self.hparams}
+
+    def search_space(self) -> list[HParam]:
+        return [h for h in self.hparams if h.tune and (h.space is not None or h.choices is not None)]
+
+    def validate_declaration(self) -> None:
+        """Raise ValueError when the method is declared wrongly (checked at plugin load)."""
+        if not callable(self.loss):
+            raise ValueError(f"method {self.name!r}: loss is not callable")
+        names = [h.name for h in self.hparams]
+        if len(set(names)) != len(names):
+            raise ValueError(f"method {self.name!r}: duplicate hyperparameter names {names}")
+        for h in self.hparams:
+            try:
+                h.validate_declaration()
+            except (ValueError, KdbenchError) as exc:
+                raise ValueError(f"method {self.name!r}: {exc}") from None

@@ -1,0 +1,34 @@
+"""Hook specifications: the whole plugin contract.
+
+A plugin is a module named by an entry point in the ``kdbench`` group. It implements any of
+these hooks with :data:`kdbench.hookimpl`; each receives a ``register`` callback and calls it
+once per thing it provides::
+
+    from kdbench import hookimpl
+    from kdbench.contracts import Method
+
+    @hookimpl
+    def register_methods(register):
+        register(Method(name="mine", loss=my_loss, description="..."))
+
+A module may declare ``KDBENCH_API = 1`` (the API version it targets); a plugin targeting a
+different major version is refused with a message and the rest of kdbench keeps working.
+"""
+import pluggy
+
+hookspec = pluggy.HookspecMarker("kdbench")
+
+
+@hookspec
+def register_methods(register):
+    """Call ``register(method)`` with a :class:`kdbench.contracts.Method` for each method."""
+
+
+@hookspec
+def register_models(register):
+    """Call ``register(model)`` with a :class:`kdbench.contracts.Model` for each model."""
+
+
+@hookspec
+def register_datasets(register):
+    """Call ``register(dataset)`` with a :class:`kdbench.contracts.Dataset` for each dataset."""

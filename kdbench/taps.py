@@ -1,0 +1,83 @@
+"""Feature taps read with forward hooks, so any model works unchanged."""
+from __future__ import annotations
+
+import fnmatch
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .contracts import Outputs, Tap
+from .errors import KdbenchError
+
+
+def expand(patterns: Iterable[str], available: Sequence[str]) -> list[str]:
+    """Tap names matching ``patterns`` in the model's declared order, each once.
+
+    A plain name must exist; an fnmatch pattern (``*?[``) may match nothing, but all of them
+    together must match something."""
+    out: list[str] = []
+    patterns = list(patterns)
+    for pattern in patterns:
+        hits = [n for n in available if fnmatch.fnmatchcase(n, pattern)]
+        if not hits and not any(ch in pattern for ch in "*?["):
+            raise KdbenchError(f"the model has no tap {pattern!r} (it has: {', '.join(available) or 'none'})")
+        out += [h for h in hits if h not in out]
+    if patterns and not out:
+        raise KdbenchError(
+            f"the model has no tap matching {patterns} (it has: {', '.join(available) or 'none'})"
+        )
+    return [n for n in available if n in out]
+
+
+class Tapped(nn.Module):
+    """Wraps a model: ``forward(x) -> Outputs`` with the requested taps filled in by hooks."""
+
+    def __init__(self, model: nn.Module, taps: dict[str, Tap], wanted: Sequence[str], owner: str):
+        super().__init__()
+        self.model = model
+        self.wanted = list(wanted)
+        self._store: dict[str, torch.Tensor] = {}
+        self._handles = []
+        modules = dict(model.named_modules())
+        for name in self.wanted:
+            if name not in taps:
+                raise KdbenchError(
+                    f"{owner} has no tap {name!r} (it has: {', '.join(taps) or 'none'})"
+                )
+            tap = taps[name]
+            if tap.module not in modules:
+                raise KdbenchError(
+                    f"{owner} declares tap {name!r} on module {tap.module!r}, which it does not have"
+                )
+            module = modules[tap.module]
+            if tap.input:
+                # A pre-hook sees the input before an in-place op (ReLU(inplace=True)) overwrites it.
+                copy = bool(getattr(module, "inplace", False))
+                self._handles.append(module.register_forward_pre_hook(self._pre_hook(name, copy)))
+            else:
+                self._handles.append(module.register_forward_hook(self._hook(name)))
+
+    def _pre_hook(self, name: str, copy: bool):
+        def hook(_module, args):
+            self._store[name] = args[0].clone() if copy else args[0]
+
+        return hook
+
+    def _hook(self, name: str):
+        def hook(_module, _args, output):
+            self._store[name] = output
+
+        return hook
+
+    def forward(self, x: torch.Tensor) -> Outputs:
+        self._store = {}
+        logits = self.model(x)
+        feats = {name: self._store[name] for name in self.wanted}
+        self._store = {}
+        return Outputs(logits, feats)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
