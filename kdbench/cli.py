@@ -1,0 +1,251 @@
+"""The ``kdbench`` command line. Every bad input is one line on stderr and a non-zero exit;
+``--debug`` shows the traceback."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from . import __version__
+from .errors import KdbenchError
+
+KINDS = ("methods", "models", "datasets")
+
+
+class Group(click.Group):
+    """Turns every error into one line (and exit 1) unless --debug."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted; the run is marked KILLED in MLflow", err=True)
+            sys.exit(130)
+        except Exception as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            if isinstance(exc, KdbenchError):
+                click.echo(f"error: {exc}", err=True)
+            else:
+                text = str(exc).strip().splitlines()
+                click.echo(
+                    f"error: {type(exc).__name__}: {text[0] if text else ''} "
+                    "(a plugin or kdbench failed; rerun with --debug for the traceback)",
+                    err=True,
+                )
+            sys.exit(1)
+
+
+@click.group(cls=Group)
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.version_option(__version__, prog_name="kdbench")
+@click.pass_context
+def main(ctx, debug):
+    """kdbench: benchmark knowledge-distillation methods."""
+    ctx.obj = {"debug": debug}
+
+
+def _registry():
+    from . import plugins
+
+    return plugins.registry()
+
+
+def _tracker(uri):
+    from .paths import default_tracking_uri
+    from .tracking import Tracker
+
+    return Tracker(uri or default_tracking_uri())
+
+
+tracking_option = click.option(
+    "--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
+    help="MLflow tracking URI [default: sqlite:///mlflow.db in the working directory].",
+)
+
+
+# --------------------------------------------------------------------------- list / show
+
+
+@main.command("list")
+@click.argument("kind", required=False, type=click.Choice(KINDS))
+def list_cmd(kind):
+    """List registered methods, models and datasets, and broken plugins."""
+    reg = _registry()
+    for k in [kind] if kind else KINDS:
+        click.echo(f"{k}:")
+        for name, entry in sorted(getattr(reg, k).items()):
+            obj = entry.obj
+            extra = ""
+            if k == "methods":
+                defaults = ", ".join(f"{h.name}={h.default}" for h in obj.hparams)
+                taps = obj.taps if not callable(obj.taps) else ["(dynamic)"]
+                extra = f" [{obj.citation}; taps: {', '.join(taps) or 'logits'}; {defaults or 'no hparams'}]"
+            click.echo(f"  {name:<16} {obj.description}{extra}  ({entry.source})")
+    _echo_failures(reg)
+
+
+def _echo_failures(reg):
+    if reg.failures:
+        click.echo("broken plugins:")
+        for f in reg.failures:
+            click.echo(f"  {f.line()}")
+
+
+@main.command("plugins")
+def plugins_cmd():
+    """Installed plugin entry points: distribution, version, hooks, status."""
+    reg = _registry()
+    for p in reg.plugins:
+        hooks = ", ".join(p.hooks) or "-"
+        click.echo(f"{p.plugin:<20} {p.dist} {p.version:<10} {p.status:<9} {p.module}  hooks: {hooks}")
+    _echo_failures(reg)
+
+
+@main.command("show")
+@click.argument("kind", type=click.Choice(["method", "model", "dataset"]))
+@click.argument("name")
+def show_cmd(kind, name):
+    """Details of one method (hyperparameters, defaults, search space), model or dataset."""
+    reg = _registry()
+    entry = reg.entry(kind + "s", name)
+    obj = entry.obj
+    click.echo(f"{name} — {obj.description}  ({entry.source})")
+    if kind == "method":
+        click.echo(f"citation: {obj.citation or '-'}")
+        click.echo(f"taps: {'(dynamic)' if callable(obj.taps) else ', '.join(obj.taps) or 'logits only'}")
+        click.echo(f"needs teacher: {'yes' if obj.needs_teacher else 'no'}")
+        for h in obj.hparams:
+            rng = f"[{'' if h.low is None else h.low}, {'' if h.high is None else h.high}]"
+            click.echo(f"  {h.name:<12} default {h.default!r:<10} valid {rng:<14} search {h.describe_space():<22} {h.help}")
+    elif kind == "dataset":
+        click.echo(f"classes {obj.num_classes}, input {obj.input_shape}, default pair "
+                   f"{obj.default_teacher} → {obj.default_student}")
+        click.echo(f"recipe: {obj.recipe}")
+    else:
+        click.echo(f"kwargs: {dict(obj.kwargs)}")
+
+
+# --------------------------------------------------------------------------- run
+
+
+def _parse_sets(pairs) -> dict:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise KdbenchError(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+class Progress:
+    """A progress bar per (network, stage), showing the latest validation accuracy."""
+
+    def __init__(self):
+        self.key = None
+        self.bar = None
+
+    def __call__(self, e):
+        key = (e.role, e.stage)
+        if key != self.key:
+            self.close()
+            self.key = key
+            label = f"{e.role:<7} {e.stage}"
+            self.bar = click.progressbar(length=e.epochs, label=label, show_pos=True, file=sys.stderr,
+                                         item_show_func=lambda s: s)
+            self.bar.__enter__()
+        acc = e.metrics.get("val_top1")
+        loss = next((v for k, v in e.metrics.items() if k.endswith("loss")), None)
+        info = f"loss {loss:.3f}" + (f" val {100 * acc:.2f}%" if acc is not None else "")
+        self.bar.update(1, info)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+@main.command("run")
+@click.option("--method", "-m", default="kd", show_default=True, help="Distillation method (see `kdbench list methods`).")
+@click.option("--dataset", "-d", default=None, help="Dataset [default: the embedded one].")
+@click.option("--teacher", default=None, help="Teacher model [default: the dataset's].")
+@click.option("--student", default=None, help="Student model [default: the dataset's].")
+@click.option("--epochs", type=int, default=None, help="Student epochs [default: the recipe's].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--teacher-seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None, help="cpu, cuda, cuda:N [default: CUDA if available].")
+@click.option("--teacher-checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="Load the teacher from {'model': state_dict} or a bare state dict.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Method hyperparameter (repeatable).")
+@click.option("--data-dir", default=None, help="Where the dataset's files are (datasets that read files).")
+@tracking_option
+def run_cmd(method, dataset, teacher, student, epochs, seed, teacher_seed, device,
+            teacher_checkpoint, sets, data_dir, tracking_uri):
+    """Train a student with a distillation method and record it in MLflow."""
+    from .plan import RunConfig
+    from .runner import run
+
+    config = RunConfig(
+        method=method, dataset=dataset, teacher=teacher, student=student,
+        hparams=_parse_sets(sets), recipe={"epochs": epochs} if epochs else {},
+        seed=seed, teacher_seed=teacher_seed, device=device,
+        teacher_checkpoint=teacher_checkpoint,
+        data_options={"data_dir": data_dir} if data_dir else {},
+    )
+    tracker = _tracker(tracking_uri)
+    progress = Progress()
+    try:
+        outcome = run(config, tracker, on_epoch=progress)
+    finally:
+        progress.close()
+    click.echo(summary(outcome, tracker.uri))
+
+
+def summary(o, uri: str) -> str:
+    m, plan = o.metrics, o.plan
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f} %"  # noqa: E731
+    rows = [
+        ("method", f"{plan.method_obj.name} {plan.hp or ''}".strip()),
+        ("dataset", plan.dataset_obj.name),
+        ("teacher → student", f"{plan.teacher_obj.name if o.teacher else '(none)'} → {plan.student_obj.name}"),
+        ("test top-1 (last epoch)", pct(m.get("test_top1"))),
+        ("test top-1 (best val epoch " + str(int(m["best_val_epoch"])) + ")", pct(m.get("test_top1_bestval"))),
+        ("test top-5 (last / best val)", f"{pct(m.get('test_top5'))} / {pct(m.get('test_top5_bestval'))}"),
+        ("teacher test top-1", pct(o.teacher.metrics.get("test_top1")) if o.teacher else "-"),
+        ("vanilla test top-1 (mean)", pct(o.vanilla_top1)),
+        ("Δ vs vanilla", "-" if m.get("delta_vs_vanilla") is None else f"{100 * m['delta_vs_vanilla']:+.2f} pts"),
+        ("teacher gap closed", "-" if m.get("gap_closed") is None else f"{m['gap_closed']:.2f}"),
+        ("epochs to 90/95/99 % of final", f"{m['epochs_to_90']} / {m['epochs_to_95']} / {m['epochs_to_99']}"),
+        ("seconds to 95 % of final", f"{m['seconds_to_95']:.1f}"),
+        ("val curve AUC (normalised)", f"{m['auc']:.4f}"),
+        ("params student / extra / teacher", f"{m['params_student']:,} / {m['params_extra']:,} / {m['params_teacher']:,}"),
+        ("FLOPs/sample student / teacher", f"{m['flops_student']:,} / {m.get('flops_teacher', 0):,}"),
+        ("training time", f"{m['train_seconds']:.1f} s ({m['throughput']:.0f} samples/s)"),
+        ("peak memory", f"{m['peak_mem_mb']:.0f} MB"),
+        ("MLflow run", f"{o.run_id}  ({uri})"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+# --------------------------------------------------------------------------- leaderboard
+
+
+@main.command("leaderboard")
+@click.option("--dataset", "-d", default=None, help="Only this dataset.")
+@tracking_option
+def leaderboard_cmd(dataset, tracking_uri):
+    """Tables from MLflow: per (dataset, teacher, student), each method's test top-1 mean ± std."""
+    from .leaderboard import aggregate, format_table, runs_frame
+
+    tracker = _tracker(tracking_uri)
+    runs = tracker.search(dataset, "attributes.status = 'FINISHED' AND tags.role = 'student'")
+    tables = aggregate(runs_frame(runs))
+    if not tables:
+        raise KdbenchError(f"no finished student runs in {tracker.uri}; run `kdbench run` first")
+    for (ds, teacher, student), table in sorted(tables.items()):
+        click.echo(f"\n{ds}: {teacher} → {student}")
+        click.echo(format_table(table))
