@@ -383,7 +383,7 @@ def setup_student(plan, teacher_net: nn.Module | None, device: torch.device) -> 
     teacher = None
     if teacher_net is not None:
         teacher_net.eval().requires_grad_(False)
-        teacher = Tapped(teacher_net, t_taps, t_wanted, f"teacher {plan.teacher_obj.name!r}")
+        teacher = Tapped(teacher_net, t_taps, t_wanted, f"teacher {plan.teacher_obj.name!r}").eval()
     probe = Probe(
         hp=hp,
         num_classes=ds.num_classes,

@@ -1,0 +1,55 @@
+"""The device-resident augmentation against a per-sample reference."""
+import torch
+
+from kdbench.contracts import Augment
+from kdbench.data import augment_batch, carve_validation, random_crop
+
+
+def _offsets_1d(out, padded):
+    """For each sample, the offsets o with padded[b, :, o:o+L] == out[b] (reference, per sample)."""
+    length = out.shape[-1]
+    return [[o for o in range(padded.shape[-1] - length + 1) if torch.equal(padded[b, :, o:o + length], out[b])]
+            for b in range(len(out))]
+
+
+def test_random_crop_1d_is_a_shifted_window():
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(1, 2 * 3 * 10 + 1, dtype=torch.float32).view(2 * 3, 1, 10).repeat(50, 1, 1)
+    out = random_crop(x, 2, g)
+    padded = torch.nn.functional.pad(x, (2, 2))
+    offsets = _offsets_1d(out, padded)
+    assert all(len(o) == 1 for o in offsets)  # distinct values: exactly one matching window
+    counts = torch.bincount(torch.tensor([o[0] for o in offsets]), minlength=5)
+    assert len(counts) == 5 and counts.min() > 30  # every offset in [0, 2·pad] occurs (300 samples)
+
+
+def test_random_crop_2d_matches_a_per_sample_crop():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(64, 3, 8, 8)
+    out = random_crop(x, 4, g)
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    seen = set()
+    for b in range(len(x)):
+        hits = [(i, j) for i in range(9) for j in range(9) if torch.equal(padded[b, :, i:i + 8, j:j + 8], out[b])]
+        assert len(hits) == 1
+        seen.add(hits[0])
+    assert len(seen) > 30  # offsets vary per sample
+
+
+def test_flip_mirrors_about_half_the_batch():
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(400, 1, 5)
+    out = augment_batch(x, Augment(flip=True), g)
+    flipped = torch.tensor([torch.equal(o, xi.flip(-1)) for o, xi in zip(out, x)])
+    kept = torch.tensor([torch.equal(o, xi) for o, xi in zip(out, x)])
+    assert bool((flipped | kept).all())
+    assert 160 < int(flipped.sum()) < 240
+
+
+def test_carve_validation_is_a_fixed_disjoint_split():
+    x, y = torch.arange(100).float()[:, None], torch.arange(100)
+    (xt, yt), (xv, yv) = carve_validation(x, y, 0.1, seed=0)
+    assert len(yv) == 10 and len(yt) == 90
+    assert set(yv.tolist()).isdisjoint(yt.tolist())
+    (_, _), (_, yv2) = carve_validation(x, y, 0.1, seed=0)
+    assert torch.equal(yv, yv2)

@@ -1,0 +1,142 @@
+"""The engine on tiny configurations: determinism, frozen teacher, stages, schedules, NaN."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdbench import engine, plugins
+from kdbench.contracts import HParam, Method, Recipe, Stage
+from kdbench.errors import KdbenchError, NonFiniteLoss
+from kdbench.plan import RunConfig, make_plan
+from kdbench.plugins import Entry
+
+CPU = torch.device("cpu")
+
+
+def with_method(method: Method):
+    """The registry plus one in-test method (registered as a plugin would be)."""
+    reg = plugins.registry()
+    reg.methods[method.name] = Entry(method, "test", "tests", "0")
+    return reg
+
+
+def run_once(reg, method, teacher, **config):
+    plan = make_plan(RunConfig(method=method, recipe={"epochs": 2}, **config), reg)
+    setup = engine.setup_student(plan, teacher if plan.method_obj.needs_teacher else None, CPU)
+    return setup, engine.run_student(plan, setup, CPU, lambda e: None)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    """A small, briefly trained teacher (2 epochs) — the engine tests need any fixed teacher."""
+    torch.manual_seed(0)
+    reg = plugins.load()
+    plan = make_plan(RunConfig(method="kd"), reg)
+    net = engine.build_teacher(plan, CPU)
+    net.eval().requires_grad_(False)
+    return net
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers(env, teacher):
+    reg = plugins.registry()
+    _, a = run_once(reg, "kd", teacher, seed=3)
+    _, b = run_once(reg, "kd", teacher, seed=3)
+    _, c = run_once(reg, "kd", teacher, seed=4)
+    assert a.curve == b.curve and a.metrics["test_top1"] == b.metrics["test_top1"]
+    for k in a.state_dict:
+        assert torch.equal(a.state_dict[k], b.state_dict[k])
+    assert a.curve != c.curve
+    assert len(a.curve) == 2 and 0 <= a.metrics["test_top1"] <= 1
+    assert {"test_top1", "test_top5", "test_top1_bestval", "test_top5_bestval", "best_val_epoch",
+            "epochs_to_95", "auc", "throughput", "peak_mem_mb", "flops_student", "flops_teacher"} <= set(a.metrics)
+
+
+def test_teacher_is_frozen_and_untouched(env, teacher):
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}  # includes BN running stats
+    setup, _ = run_once(plugins.registry(), "at", teacher)
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not teacher.training
+    assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+
+
+def test_pre_stage_trains_only_the_method_modules_when_asked(env, teacher):
+    seen = {}
+
+    def build(probe):
+        seen["shapes"] = (probe.student_shapes, probe.teacher_shapes)
+        return nn.Conv1d(probe.student_shapes["stage2"][0], probe.teacher_shapes["stage2"][0], 1)
+
+    def hint(step):
+        return {"hint": F.mse_loss(step.modules(step.student.feats["stage2"]), step.teacher.feats["stage2"])}
+
+    def main_loss(step):
+        return {"ce": F.cross_entropy(step.student.logits, step.y)}
+
+    method = Method("hinted", main_loss, taps=("stage2",), build=build,
+                    hparams=(HParam("pre", 2, low=0, space=(0, 3)),),
+                    stages=lambda hp: [Stage("hint", "pre", hint, train_student=False)])
+    reg = with_method(method)
+    plan = make_plan(RunConfig(method="hinted", recipe={"epochs": 1}), reg)
+    setup = engine.setup_student(plan, teacher, CPU)
+    assert seen["shapes"] == ({"stage2": (16, 10)}, {"stage2": (32, 10)})
+    assert [(s.name, e) for s, e in setup.pre_stages] == [("hint", 2)]
+    student0 = {k: v.clone() for k, v in setup.trainee.student.model.state_dict().items()}
+    module0 = [p.clone() for p in setup.trainee.modules.parameters()]
+    logs = []
+    ds = plan.dataset_obj
+    splits = engine.load_splits(ds, CPU, {})
+    engine.train_stage(setup.trainee, setup.pre_stages[0][0], 2, plan.recipe, splits["train"],
+                       torch.Generator().manual_seed(0), ds.augment, CPU, lambda e, m: logs.append(m), False)
+    assert len(logs) == 2 and logs[1]["loss_hint"] < logs[0]["loss_hint"]
+    after = setup.trainee.student.model.state_dict()
+    # BN running statistics move in train mode; the weights must not
+    assert all(torch.equal(after[k], v) for k, v in student0.items() if "running" not in k and "num_batches" not in k)
+    assert any(not torch.equal(p, q) for p, q in zip(setup.trainee.modules.parameters(), module0))
+    assert setup.info["params_extra"] == 16 * 32 + 32
+
+
+def test_lr_schedules():
+    r = Recipe(epochs=10, batch_size=8, lr=1.0, milestones=(5, 8), gamma=0.1)
+    assert [engine.lr_at(r, e) for e in (0, 4, 5, 7, 8, 9)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    c = Recipe(epochs=10, batch_size=8, lr=1.0, schedule="cosine")
+    assert engine.lr_at(c, 0) == 1.0 and engine.lr_at(c, 5) == pytest.approx(0.5)
+    with pytest.raises(KdbenchError, match="unknown lr schedule"):
+        engine.lr_at(Recipe(epochs=1, batch_size=1, lr=1, schedule="step"), 0)
+
+
+def test_non_finite_loss_is_caught_once_per_epoch(env, teacher):
+    method = Method("nan", lambda step: {"ce": F.cross_entropy(step.student.logits, step.y) * math.nan})
+    with pytest.raises(NonFiniteLoss, match=r"loss became non-finite in stage 'main' epoch 1 \(ce=nan\)"):
+        run_once(with_method(method), "nan", teacher)
+
+
+def test_method_check_refuses_a_pair_before_training(env, teacher):
+    def check(probe):
+        raise KdbenchError("needs a pooled tap")
+
+    with pytest.raises(KdbenchError, match="needs a pooled tap"):
+        run_once(with_method(Method("picky", lambda s: {}, check=check)), "picky", teacher)
+    with pytest.raises(KdbenchError, match=r"method 'tapless' cannot use this pair: the model has no tap 'stage7'"):
+        run_once(with_method(Method("tapless", lambda s: {}, taps=("stage7",))), "tapless", teacher)
+
+
+def test_checkpoint_loading_names_the_first_mismatch(env, teacher, tmp_path):
+    plan = make_plan(RunConfig(method="kd"), plugins.registry())
+    net = engine.build_teacher(plan, CPU)
+    good = tmp_path / "good.pt"
+    torch.save({"model": teacher.state_dict()}, good)
+    engine.load_checkpoint(net, str(good), "teacher")
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), teacher.state_dict().values()))
+    bare = tmp_path / "bare.pt"
+    torch.save(teacher.state_dict(), bare)
+    engine.load_checkpoint(net, str(bare), "teacher")
+    state = dict(teacher.state_dict())
+    state["fc.weight"] = torch.zeros(3, 3)
+    bad = tmp_path / "bad.pt"
+    torch.save({"model": state}, bad)
+    with pytest.raises(KdbenchError, match=r"'fc.weight' has shape \(3, 3\), the model needs \(10, 320\)"):
+        engine.load_checkpoint(net, str(bad), "teacher")
