@@ -422,3 +422,221 @@ def test_fsp_identity_connector_equals_no_connector_and_zero_for_same(dims):
     assert same.item() == 0.0
     mism = fsp.build(make_probe("fsp", *shapes(dims)))  # 4 → 6 channels through connectors
     assert [c.out_channels for c in mism] == [6, 6]
+
+
+# --------------------------------------------------------------------------- crd
+
+
+def _nce_np(a, keys, tau):
+    logits = a @ keys.T / tau
+    logits -= logits.max(1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    return -np.mean(logp[np.arange(len(a)), np.arange(len(a))])
+
+
+def _crd_identity(d, k):
+    mods = crd.build(make_probe("crd", {"pool": (d,)}, {"pool": (d,)}, feat_dim=d, nce_k=k))
+    for lin in (mods.embed_s, mods.embed_t):
+        lin.weight.data.copy_(torch.eye(d))
+        lin.bias.data.zero_()
+    return mods
+
+
+def test_crd_info_nce_with_queue_matches_numpy():
+    g = torch.Generator().manual_seed(0)
+    mods = _crd_identity(4, 8)
+    nrm = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)
+    s1, t1 = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    y = torch.zeros(3, dtype=torch.long)
+    step = make_step("crd", Outputs(torch.zeros(3, 5), {"pool": s1}), Outputs(torch.zeros(3, 5), {"pool": t1}), y, mods)
+    first = crd.crd_term(step).item()  # empty queue: in-batch negatives only
+    es1, et1 = nrm(s1.numpy()), nrm(t1.numpy())
+    assert first == pytest.approx(_nce_np(es1, et1, 0.07) + _nce_np(et1, es1, 0.07), rel=1e-5)
+    s2, t2 = torch.randn(2, 4, generator=g), torch.randn(2, 4, generator=g)
+    step2 = make_step("crd", Outputs(torch.zeros(2, 5), {"pool": s2}), Outputs(torch.zeros(2, 5), {"pool": t2}), y[:2], mods)
+    second = crd.crd_term(step2).item()  # now 3 queued negatives of each kind
+    es2, et2 = nrm(s2.numpy()), nrm(t2.numpy())
+    want = _nce_np(es2, np.concatenate([et2, et1[::-1]]), 0.07) + _nce_np(et2, np.concatenate([es2, es1[::-1]]), 0.07)
+    assert second == pytest.approx(want, rel=1e-5)
+    assert "queue_t.data" in mods.state_dict()  # buffers travel with .to(device) and state_dict
+
+
+def test_crd_batch_of_one_and_negatives_clamped_to_epoch_size():
+    mods = _crd_identity(4, 64)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, generator=g)
+    one = make_step("crd", Outputs(torch.zeros(1, 5), {"pool": x}), Outputs(torch.zeros(1, 5), {"pool": x}), torch.zeros(1, dtype=torch.long), mods)
+    assert crd.crd_term(one).item() == pytest.approx(0.0, abs=1e-6)  # one candidate: the positive
+    for _ in range(9):  # epoch 0: 10 samples seen in all
+        crd.crd_term(one)
+    assert mods.negatives_allowed(0, 0) == 64
+    assert mods.negatives_allowed(1, 1) == 9  # epoch 1: N − 1 = 9 negatives at most
+    assert mods.queue_t.newest(mods.negatives_allowed(1, 1)).shape == (9, 4)
+
+
+# --------------------------------------------------------------------------- reviewkd
+
+
+def _pool_np(a, level):
+    b, c, n = a.shape
+    return a.reshape(b, c, level, n // level).mean(-1)
+
+
+def test_reviewkd_hcl_matches_pyramid_by_hand():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+    an, bn_ = a.numpy(), b.numpy()
+    terms = [np.mean((an - bn_) ** 2)] + [np.mean((_pool_np(an, l) - _pool_np(bn_, l)) ** 2) for l in (4, 2, 1)]
+    ws = [1, 0.5, 0.25, 0.125]
+    assert reviewkd.hcl(a, b).item() == pytest.approx(sum(w * t for w, t in zip(ws, terms)) / sum(ws), rel=1e-5)
+    a2, b2 = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)  # 2-D: level 4 skipped
+    full = F.mse_loss(a2, b2).item()
+    l2 = F.mse_loss(F.avg_pool2d(a2, 2), F.avg_pool2d(b2, 2)).item()
+    l1 = (a2.mean((2, 3)) - b2.mean((2, 3))).pow(2).mean().item()
+    assert reviewkd.hcl(a2, b2).item() == pytest.approx((full + 0.5 * l2 + 0.25 * l1) / 1.75, rel=1e-5)
+    assert reviewkd.hcl(a, a).item() == 0.0
+    assert reviewkd.hcl(torch.ones(1, 3, 8), torch.ones(1, 3, 4)).item() == 0.0  # size mismatch pooled
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_reviewkd_fusion_shapes_and_warmup(dims):
+    s_shp, t_shp = shapes(dims)
+    mods = reviewkd.build(make_probe("reviewkd", s_shp, t_shp, mid=5))
+    assert mods[0].att is not None and mods[1].att is None  # the deepest stage has nothing to fuse
+    g = torch.Generator().manual_seed(0)
+    s_f, t_f = feats(s_shp, 2, g), feats(t_shp, 2, g)
+    out, res = mods[1](s_f["stage2"])
+    assert out.shape == t_f["stage2"].shape and res.shape[1] == 5
+    out1, _ = mods[0](s_f["stage1"], res)
+    assert out1.shape == t_f["stage1"].shape
+    y = torch.zeros(2, dtype=torch.long)
+    r0 = reviewkd.loss(make_step("reviewkd", Outputs(torch.zeros(2, 5), s_f), Outputs(torch.zeros(2, 5), t_f), y, mods, epoch=0, warmup=4))["review"]
+    r3 = reviewkd.loss(make_step("reviewkd", Outputs(torch.zeros(2, 5), s_f), Outputs(torch.zeros(2, 5), t_f), y, mods, epoch=5, warmup=4))["review"]
+    assert r0.item() == pytest.approx(r3.item() / 4, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- darkrank
+
+
+def _pl(scores_in_order):
+    lp = 0.0
+    for j in range(len(scores_in_order)):
+        lp += scores_in_order[j] - math.log(sum(math.exp(v) for v in scores_in_order[j:]))
+    return lp
+
+
+def _scores_np(f, scale, power):
+    e = f / np.linalg.norm(f, axis=1, keepdims=True)
+    return np.array([[-scale * np.linalg.norm(e[i] - e[j]) ** power for j in range(len(e))] for i in range(len(e))])
+
+
+def test_darkrank_soft_and_hard_match_explicit_enumeration():
+    g = torch.Generator().manual_seed(0)
+    fs, ft_ = torch.randn(5, 6, generator=g).double(), torch.randn(5, 7, generator=g).double()
+    S_s, S_t = _scores_np(fs.numpy(), 3.0, 3.0), _scores_np(ft_.numpy(), 3.0, 3.0)
+    soft = hard = 0.0
+    for q in range(5):
+        others = sorted((j for j in range(5) if j != q), key=lambda j: -S_t[q, j])
+        hard += -_pl([S_s[q, j] for j in others])
+        top = others[:3]
+        for perm in itertools.permutations(top):
+            lt, ls = _pl([S_t[q, j] for j in perm]), _pl([S_s[q, j] for j in perm])
+            soft += math.exp(lt) * (lt - ls)
+    y = torch.zeros(5, dtype=torch.long)
+    mk = lambda **o: make_step("darkrank", Outputs(torch.zeros(5, 5), {"pool": fs}), Outputs(torch.zeros(5, 5), {"pool": ft_}), y, None, **o)
+    assert darkrank.rank_term(mk(variant="soft", top_k=3)).item() == pytest.approx(soft / 5, rel=1e-6)
+    assert darkrank.rank_term(mk(variant="hard")).item() == pytest.approx(hard / 5, rel=1e-6)
+
+
+def test_darkrank_zero_for_same_and_batch_of_one():
+    f = torch.randn(4, 3, dtype=torch.double)
+    y = torch.zeros(4, dtype=torch.long)
+    same = make_step("darkrank", Outputs(None, {"pool": f}), Outputs(None, {"pool": f}), y, None)
+    assert darkrank.rank_term(same).item() == pytest.approx(0.0, abs=1e-9)
+    one = make_step("darkrank", Outputs(None, {"pool": f[:1]}), Outputs(None, {"pool": f[:1]}), y[:1], None)
+    for variant in ("soft", "hard"):
+        one.hp.variant = variant
+        assert darkrank.rank_term(one).item() == 0.0
+
+
+def test_darkrank_taps_skip_missing_pool_so_check_explains():
+    assert darkrank.METHODS[0].taps(hp("darkrank"), ["stage1"], ["stage1", "pool"]) == []
+    with pytest.raises(KdbenchError, match="pool"):
+        darkrank.check(make_probe("darkrank", {"pool": (4,)}, {}))
+
+
+# --------------------------------------------------------------------------- rocket
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_rocket_terms_and_gradient_block(dims):
+    s_shp, _ = shapes(dims)
+    probe = make_probe("rocket", s_shp, {})
+    assert not rocket.METHODS[0].needs_teacher
+    mods = rocket.build(probe)
+    g = torch.Generator().manual_seed(0)
+    s_f = feats(s_shp, 3, g, grad=True)
+    z = torch.randn(3, 5, generator=g, requires_grad=True)
+    y = torch.tensor([0, 3, 4])
+    terms = rocket.loss(make_step("rocket", Outputs(z, s_f), None, y, mods, hint=0.5))
+    zb = mods["booster"](s_f["stage1"]).detach().numpy()
+    zn = z.detach().numpy()
+    ce = lambda l: -np.mean([l[i, y[i]] - np.log(np.exp(l[i]).sum()) for i in range(3)])
+    assert terms["ce"].item() == pytest.approx(ce(zn), rel=1e-5)
+    assert terms["ce_booster"].item() == pytest.approx(ce(zb), rel=1e-5)
+    assert terms["hint"].item() == pytest.approx(0.5 * np.mean((zn - zb) ** 2), rel=1e-5)
+    terms["hint"].backward(retain_graph=True)
+    assert all(p.grad is None for p in mods.parameters()), "the hint must not move the booster"
+    assert z.grad.abs().sum() > 0 and s_f["stage1"].grad is None
+    terms["ce_booster"].backward()
+    assert s_f["stage1"].grad.abs().sum() > 0  # the booster trains the shared lower layers
+
+
+# --------------------------------------------------------------------------- adversarial
+
+
+def _disc_np(disc, x):
+    h = x
+    for layer in disc:
+        if isinstance(layer, torch.nn.Linear):
+            h = h @ layer.weight.detach().numpy().T + layer.bias.detach().numpy()
+        else:
+            h = np.where(h > 0, h, 0.2 * h)
+    return h[:, 0]
+
+
+def test_adversarial_values_and_gradient_signs():
+    torch.manual_seed(0)
+    mods = adversarial.build(make_probe("adversarial", {}, {}, hidden=8))
+    disc = mods["disc"]
+    g = torch.Generator().manual_seed(0)
+    z_s = torch.randn(4, 5, generator=g, requires_grad=True)
+    z_t = torch.randn(4, 5, generator=g, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 3])
+    terms = adversarial.loss(make_step("adversarial", Outputs(z_s, {}), Outputs(z_t, {}), y, mods, weight=2.0))
+    sm = lambda z: np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    oh = np.eye(5)[y.numpy()]
+    d_s = _disc_np(disc, np.concatenate([sm(z_s.detach().numpy()), oh], 1))
+    d_t = _disc_np(disc, np.concatenate([sm(z_t.detach().numpy()), oh], 1))
+    softplus = lambda v: np.log1p(np.exp(v))
+    assert terms["disc"].item() == pytest.approx(np.mean(softplus(-d_t)) + np.mean(softplus(d_s)), rel=1e-5)
+    assert terms["adv"].item() == pytest.approx(2.0 * np.mean(softplus(-d_s)), rel=1e-5)
+    # routing: D's loss moves only D, the fooling term moves only the student
+    terms["disc"].backward(retain_graph=True)
+    assert z_s.grad is None and z_t.grad is None and all(p.grad is not None for p in disc.parameters())
+    d_grads = [p.grad.clone() for p in disc.parameters()]
+    disc.zero_grad(set_to_none=True)
+    terms["adv"].backward(retain_graph=True)
+    assert all(p.grad is None for p in disc.parameters()) and z_s.grad.abs().sum() > 0
+    # signs: a small step along −grad raises D's "teacher" score for the student (fooling) ...
+    x_s = adversarial.disc_input(z_s, y)
+    before = disc(x_s).mean().item()
+    with torch.no_grad():
+        after = disc(adversarial.disc_input(z_s - 1e-3 * z_s.grad, y)).mean().item()
+    assert after > before
+    # ... while a step of D along −grad of its own loss lowers that loss (discriminating better)
+    with torch.no_grad():
+        for p, gr in zip(disc.parameters(), d_grads):
+            p -= 1e-3 * gr
+    new = adversarial.adversarial_terms(make_step("adversarial", Outputs(z_s, {}), Outputs(z_t, {}), y, mods))[1].item()
+    assert new < terms["disc"].item()
