@@ -1,0 +1,70 @@
+"""vid: Ahn et al. 2019, "Variational Information Distillation for Knowledge Transfer".
+
+Per stage pair: μ = 1×1 conv → ReLU → 1×1 conv → ReLU → 1×1 conv (student → teacher channels,
+hidden = teacher channels), σ²_c = softplus(θ_c) + eps per teacher channel (θ set so σ² starts
+at ``init_var``); term = mean ½[(μ(f_s) − f_t)²/σ² + log σ²] (the Gaussian negative log-likelihood
+without its constant). loss = CE + beta·Σ_stages term. The larger map is pooled to the smaller.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdbench.contracts import HParam, Method
+
+from ._common_b import STAGE_TAPS, conv, same_stage_count, stage_names
+from .at import match_size
+
+
+class VIDRegressor(nn.Module):
+    def __init__(self, dims, c_s, c_t, init_var, eps):
+        super().__init__()
+        self.eps = eps
+        self.mu = nn.Sequential(conv(dims, c_s, c_t, bias=True), nn.ReLU(), conv(dims, c_t, c_t, bias=True),
+                                nn.ReLU(), conv(dims, c_t, c_t, bias=True))
+        self.theta = nn.Parameter(torch.full((c_t,), math.log(math.expm1(init_var - eps))))
+
+    def var(self):
+        return F.softplus(self.theta) + self.eps
+
+    def nll(self, f_s, f_t):
+        mu, f_t = match_size(self.mu(f_s), f_t)
+        var = self.var().view(1, -1, *([1] * (f_t.dim() - 2)))
+        return (0.5 * ((mu - f_t) ** 2 / var + torch.log(var))).mean()
+
+
+def build(probe):
+    s, t = same_stage_count(probe, "vid")
+    hp = probe.hp
+    return nn.ModuleList(
+        VIDRegressor(len(probe.student_shapes[a]) - 1, probe.student_shapes[a][0], probe.teacher_shapes[b][0], hp.init_var, hp.eps)
+        for a, b in zip(s, t)
+    )
+
+
+def vid_term(step):
+    s, t = stage_names(step.student.feats), stage_names(step.teacher.feats)
+    return sum(m.nll(step.student.feats[a], step.teacher.feats[b].detach().float()) for m, a, b in zip(step.modules, s, t))
+
+
+def loss(step):
+    return {"ce": F.cross_entropy(step.student.logits, step.y), "vid": step.hp.beta * vid_term(step)}
+
+
+METHODS = [
+    Method(
+        name="vid",
+        loss=loss,
+        description="VID: maximise a Gaussian lower bound on teacher/student stage mutual information",
+        citation="Ahn et al., CVPR 2019",
+        taps=STAGE_TAPS,
+        check=lambda probe: same_stage_count(probe, "vid"),
+        build=build,
+        hparams=(
+            HParam("beta", 1.0, "weight of the VID term", low=0.0, space=(0.1, 10.0), log=True),
+            HParam("init_var", 5.0, "initial per-channel variance", low=0.0, open_low=True, space=(0.5, 10.0), log=True),
+            HParam("eps", 1e-5, "variance floor", low=0.0, open_low=True, high=1.0, tune=False),
+        ),
+    )
+]
