@@ -53,6 +53,11 @@ def flat(f):
     return f.float().flatten(1)
 
 
+def tea(f):
+    """A teacher tensor as a float32 constant: never a path for gradients into the teacher."""
+    return f.detach().float()
+
+
 def ce_weight(default=1.0):
     from kdbench.contracts import HParam
 

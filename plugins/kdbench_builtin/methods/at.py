@@ -44,7 +44,7 @@ def match_size(a, b):
 def at_term(feats_s, feats_t, p, mapping="mean_p"):
     total = 0
     for f_s, f_t in zip(feats_s, feats_t):
-        f_s, f_t = match_size(f_s, f_t.float())
+        f_s, f_t = match_size(f_s, f_t.detach().float())
         total = total + (attention(f_s, p, mapping) - attention(f_t, p, mapping)).pow(2).mean()
     return total
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from kdbench.contracts import HParam, Method
 
-from ._common import ce, ce_weight, check_pool, flat
+from ._common import ce, ce_weight, check_pool, flat, tea
 
 
 def taylor_rbf(e, gamma, order):
@@ -40,7 +40,7 @@ def build(probe):
 def loss(step):
     m = step.modules
     e_s = F.normalize(m["embed_s"](flat(step.student.feats["pool"])), dim=1)
-    e_t = F.normalize(m["embed_t"](flat(step.teacher.feats["pool"])), dim=1)
+    e_t = F.normalize(m["embed_t"](tea(step.teacher.feats["pool"]).flatten(1)), dim=1)
     return {"ce": ce(step), "cc": step.hp.weight * cc_term(e_s, e_t, step.hp.gamma, step.hp.order)}
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from kdbench.contracts import HParam, Method
 
-from ._common import ce, ce_weight, check_classes
+from ._common import ce, ce_weight, check_classes, tea
 
 REF_EPOCHS = 240
 
@@ -42,7 +42,7 @@ def warmup_factor(epoch, epochs, warmup):
 
 def loss(step):
     hp = step.hp
-    tckd, nckd = dkd_terms(step.student.logits.float(), step.teacher.logits.float(), step.y, hp.T)
+    tckd, nckd = dkd_terms(step.student.logits.float(), tea(step.teacher.logits), step.y, hp.T)
     f = warmup_factor(step.epoch, step.epochs, hp.warmup)
     return {"ce": ce(step), "tckd": f * hp.alpha * tckd, "nckd": f * hp.beta * nckd}
 

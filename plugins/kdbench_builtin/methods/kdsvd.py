@@ -3,7 +3,8 @@
 Per stage, a feature map f [B, C, *sp] is read as F [B, N=prod(sp), C] and decomposed,
 F = U Σ Vᵀ. The teacher keeps its top ``k`` right singular vectors; the student its top k+3, and
 for each teacher vector the student vector with the largest |cosine| is taken, sign-flipped to
-agree (the paper's alignment of the sign-ambiguous SVD). Both are scaled by the teacher's
+agree (the paper's alignment of the sign-ambiguous SVD); the teacher's own sign is fixed by
+making each vector's largest-magnitude entry positive (the reference leaves it to LAPACK). Both are scaled by the teacher's
 L2-normalised singular values. For consecutive stages l−1, l the "distillation module" relates
 every channel of stage l to every channel of stage l−1 with an RBF,
 R[b, i, j, m] = exp(−(v_l[b, i, m] − v_{l−1}[b, j, m])² / 8), and
@@ -43,6 +44,14 @@ def top_right_singular(m, n):
     return vh[:, :n].transpose(1, 2), s[:, :n]
 
 
+def sign_convention(v):
+    """±1 per vector [B, 1, n]: its largest-magnitude entry made positive, so the loss does not
+    depend on which sign the SVD routine happens to return for the teacher."""
+    idx = v.abs().argmax(1, keepdim=True)
+    s = torch.gather(v, 1, idx).sign()
+    return torch.where(s == 0, torch.ones_like(s), s)
+
+
 def student_vectors(m_s, v_t, k):
     """Student singular vectors aligned to the teacher's v_t [B, C, k]: [B, C, k], differentiable."""
     v_s, _ = top_right_singular(m_s.detach(), k + 3)
@@ -62,10 +71,11 @@ def kdsvd_term(feats_s, feats_t, k, connectors=None, names=None):
     total, prev = 0, None
     b = feats_s[0].shape[0]
     for i, (f_s, f_t) in enumerate(zip(feats_s, feats_t)):
-        m_s, m_t = as_matrix(f_s), as_matrix(f_t)
+        m_s, m_t = as_matrix(f_s), as_matrix(f_t.detach())
         if connectors is not None and names[i] in connectors:
             m_s = connectors[names[i]](m_s)
         v_t, s_t = top_right_singular(m_t, k)
+        v_t = v_t * sign_convention(v_t)
         v_s = student_vectors(m_s, v_t, v_t.shape[2])
         scale = F.normalize(s_t, dim=1).unsqueeze(1)
         v_t, v_s = v_t * scale, v_s * scale

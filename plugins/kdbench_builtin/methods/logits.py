@@ -7,11 +7,11 @@ import torch.nn.functional as F
 
 from kdbench.contracts import HParam, Method
 
-from ._common import ce, ce_weight, check_classes
+from ._common import ce, ce_weight, check_classes, tea
 
 
 def logits_term(z_s, z_t):
-    return F.mse_loss(z_s, z_t.float())
+    return F.mse_loss(z_s, tea(z_t))
 
 
 def loss(step):

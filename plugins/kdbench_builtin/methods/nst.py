@@ -11,7 +11,7 @@ from kdbench.contracts import HParam, Method
 
 import torch.nn.functional as F
 
-from ._common import STAGE_TAPS, ce, ce_weight, check_stages, match_size, stages
+from ._common import STAGE_TAPS, ce, ce_weight, check_stages, match_size, stages, tea
 
 
 def kernel(a, b, hp):
@@ -26,7 +26,7 @@ def kernel(a, b, hp):
 
 
 def mmd2(f_s, f_t, hp):
-    f_s, f_t = match_size(f_s.float(), f_t.float())
+    f_s, f_t = match_size(f_s.float(), tea(f_t))
     s = F.normalize(f_s.flatten(2), dim=2)
     t = F.normalize(f_t.flatten(2), dim=2)
     return kernel(t, t, hp).mean() + kernel(s, s, hp).mean() - 2 * kernel(s, t, hp).mean()

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from kdbench.contracts import HParam, Method
 
-from ._common import ce, ce_weight, check_pool, flat
+from ._common import ce, ce_weight, check_pool, flat, tea
 
 EPS = 1e-7
 
@@ -21,7 +21,7 @@ def cond_prob(f):
 
 
 def pkt_term(f_s, f_t):
-    p_t, q_s = cond_prob(f_t), cond_prob(f_s)
+    p_t, q_s = cond_prob(tea(f_t)), cond_prob(f_s)
     return (p_t * ((p_t + EPS) / (q_s + EPS)).log()).mean()
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from kdbench.contracts import HParam, Method
 
-from ._common import ce, ce_weight, check_pool, flat
+from ._common import ce, ce_weight, check_pool, flat, tea
 
 
 def pdist(e, eps=1e-12):
@@ -42,7 +42,7 @@ def angle_term(f_s, f_t):
 
 
 def loss(step):
-    f_s, f_t = flat(step.student.feats["pool"]), flat(step.teacher.feats["pool"])
+    f_s, f_t = flat(step.student.feats["pool"]), tea(step.teacher.feats["pool"]).flatten(1)
     hp = step.hp
     return {
         "ce": ce(step),

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from kdbench.contracts import HParam, Method
 
-from ._common import STAGE_TAPS, ce, ce_weight, check_stages, flat, stages
+from ._common import STAGE_TAPS, ce, ce_weight, check_stages, flat, stages, tea
 
 
 def similarity(f):
@@ -22,7 +22,7 @@ def sp_term(f_s, f_t):
 
 def loss(step):
     f_s, f_t = stages(step.student.feats)[-1], stages(step.teacher.feats)[-1]
-    return {"ce": ce(step), "sp": step.hp.weight * sp_term(f_s, f_t)}
+    return {"ce": ce(step), "sp": step.hp.weight * sp_term(f_s, tea(f_t))}
 
 
 METHODS = [
