@@ -11,7 +11,7 @@ from ._common import ce, ce_weight, check_classes, tea
 
 
 def logits_term(z_s, z_t):
-    return F.mse_loss(z_s, tea(z_t))
+    return F.mse_loss(z_s.float(), tea(z_t))
 
 
 def loss(step):
