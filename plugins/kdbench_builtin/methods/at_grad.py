@@ -1,0 +1,76 @@
+"""at_grad: gradient-based attention transfer, Zagoruyko & Komodakis 2017, section 3.2.
+
+The attention of a network is the gradient of its loss w.r.t. the input, J = ∂L(W, x)/∂x, with
+L the summed cross-entropy (so J[i] is sample i's own gradient, independent of the batch size).
+loss = ce_weight·CE + β/2 · mean_i ‖J_s[i] − J_t[i]‖²₂. The student's J is taken with
+create_graph=True (the term is a double-backward through the student); the teacher's without a
+graph, w.r.t. the input only, so the teacher gets no gradient. Not implemented: the paper's
+optional flip-invariance term.
+
+Contract note: this needs the two *networks* in the loss (to re-run them on an input that requires
+grad); ``Step`` (API v1) carries only their outputs. The loss reads ``step.student_net`` and
+``step.teacher_net`` (anything mapping x to logits or to ``Outputs``); ``check`` refuses the run
+while ``Step`` has no such fields, so the engine reports it instead of failing mid-training.
+"""
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from kdbench.contracts import HParam, Method, Step
+from kdbench.errors import KdbenchError
+
+from ._common import ce, ce_weight
+
+NET_FIELDS = ("student_net", "teacher_net")
+
+
+def _logits(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+def input_grad(net, x, y, create_graph):
+    """∂(Σ_i CE(net(x)_i, y_i))/∂x."""
+    x = x.detach().float().requires_grad_(True)
+    with torch.enable_grad():
+        total = F.cross_entropy(_logits(net(x)).float(), y, reduction="sum")
+        (g,) = torch.autograd.grad(total, x, create_graph=create_graph)
+    return g
+
+
+def grad_at_term(student_net, teacher_net, x, y):
+    j_s = input_grad(student_net, x, y, create_graph=True)
+    j_t = input_grad(teacher_net, x, y, create_graph=False).detach()
+    return (j_s - j_t).pow(2).flatten(1).sum(1).mean() / 2
+
+
+def loss(step):
+    nets = [getattr(step, n, None) for n in NET_FIELDS]
+    if any(n is None for n in nets):
+        raise KdbenchError("at_grad needs step.student_net and step.teacher_net, which this engine does not pass")
+    return {"ce": ce(step), "at_grad": step.hp.beta * grad_at_term(*nets, step.x, step.y)}
+
+
+def check(probe, step_fields=None):
+    have = step_fields if step_fields is not None else {f.name for f in dataclasses.fields(Step)}
+    missing = [n for n in NET_FIELDS if n not in have]
+    if missing:
+        raise KdbenchError(
+            f"at_grad needs the networks in the loss, but Step has no {', '.join(missing)} (contract v1)"
+        )
+
+
+METHODS = [
+    Method(
+        name="at_grad",
+        loss=loss,
+        description="gradient-based attention transfer: match input gradients of the losses",
+        citation="Zagoruyko & Komodakis, ICLR 2017",
+        check=check,
+        hparams=(
+            HParam("beta", 1.0, "weight of the input-gradient term (β; the loss is β/2·‖J_s − J_t‖²)", low=0.0,
+                   space=(0.01, 100.0), log=True),
+            ce_weight(),
+        ),
+    )
+]

@@ -1,0 +1,65 @@
+"""dkd: Zhao et al. 2022, "Decoupled Knowledge Distillation".
+
+With p = softmax(z/T): TCKD = KL([p_t^gt, 1−p_t^gt] ‖ [p_s^gt, 1−p_s^gt]); NCKD = KL between the
+softmaxes over the non-target classes only. loss = ce_weight·CE + w·(α·TCKD + β·NCKD)·T², batch
+mean, with the warm-up factor w = min((epoch+1)/W, 1) (mdistiller counts epochs from 1).
+
+Warm-up scaling: ``warmup`` is given in epochs of the reference 240-epoch schedule, so a run of
+``epochs`` epochs warms up over W = warmup·epochs/240 epochs (the same fraction, 1/12, of the run):
+a 24-epoch run ramps 1/2, 1; a 2-epoch run uses the full weight from the start.
+"""
+import torch
+import torch.nn.functional as F
+
+from kdbench.contracts import HParam, Method
+
+from ._common import ce, ce_weight, check_classes, tea
+
+REF_EPOCHS = 240
+
+
+def _kl(log_q, log_p):
+    """Σ p·(log p − log q), batch mean (rows are distributions; p the teacher's)."""
+    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+
+
+def dkd_terms(z_s, z_t, y, T):
+    """(TCKD, NCKD), each ×T²."""
+    gt = F.one_hot(y, z_s.shape[1]).bool()
+    p_s, p_t = F.softmax(z_s / T, 1), F.softmax(z_t / T, 1)
+    b_s = torch.stack([p_s[gt], 1 - p_s[gt]], 1).clamp_min(1e-12)
+    b_t = torch.stack([p_t[gt], 1 - p_t[gt]], 1).clamp_min(1e-12)
+    tckd = _kl(b_s.log(), b_t.log())
+    # non-target distributions: push the target logit to −∞ (−1000·T like mdistiller's mask)
+    nckd = _kl(F.log_softmax(z_s / T - 1000.0 * gt, 1), F.log_softmax(z_t / T - 1000.0 * gt, 1))
+    return tckd * T * T, nckd * T * T
+
+
+def warmup_factor(epoch, epochs, warmup):
+    w = warmup * epochs / REF_EPOCHS
+    return 1.0 if w <= 0 else min((epoch + 1) / w, 1.0)
+
+
+def loss(step):
+    hp = step.hp
+    tckd, nckd = dkd_terms(step.student.logits.float(), tea(step.teacher.logits), step.y, hp.T)
+    f = warmup_factor(step.epoch, step.epochs, hp.warmup)
+    return {"ce": ce(step), "tckd": f * hp.alpha * tckd, "nckd": f * hp.beta * nckd}
+
+
+METHODS = [
+    Method(
+        name="dkd",
+        loss=loss,
+        description="decoupled KD: separately weighted target-class and non-target-class KL",
+        citation="Zhao et al., CVPR 2022",
+        check=lambda probe: check_classes(probe, "dkd", 3),
+        hparams=(
+            HParam("alpha", 1.0, "weight of TCKD", low=0.0, space=(0.1, 4.0), log=True),
+            HParam("beta", 8.0, "weight of NCKD", low=0.0, space=(0.5, 16.0), log=True),
+            HParam("T", 4.0, "softmax temperature", low=0.0, open_low=True, space=(1.0, 8.0)),
+            HParam("warmup", 20.0, "warm-up length in epochs of a 240-epoch run (scaled to the run)", low=0.0, tune=False),
+            ce_weight(),
+        ),
+    )
+]

@@ -1,0 +1,57 @@
+"""nst: Huang & Wang 2017, "Like What You Like: Knowledge Distill via Neuron Selectivity Transfer".
+
+Each channel's spatial map is one sample: f [B, C, *sp] → L2-normalised rows [B, C, prod(sp)].
+Per stage, MMD²(S, T) = mean k(T, T) + mean k(S, S) − 2·mean k(S, T), the means over all
+channel pairs (student and teacher may have different channel counts) and the batch.
+Kernels: linear x·y; poly (x·y + c)^d (reference c=0, d=2); gaussian exp(−‖x−y‖²/(2σ²)).
+Where spatial sizes differ the larger map is average-pooled to the smaller (as the reference).
+loss = ce_weight·CE + weight·Σ_stages MMD².
+"""
+from kdbench.contracts import HParam, Method
+
+import torch.nn.functional as F
+
+from ._common import STAGE_TAPS, ce, ce_weight, check_stages, match_size, stages, tea
+
+
+def kernel(a, b, hp):
+    """[B, N, L] × [B, M, L] → [B, N, M]."""
+    dot = a @ b.transpose(1, 2)
+    if hp.kernel == "linear":
+        return dot
+    if hp.kernel == "poly":
+        return (dot + hp.c).pow(hp.d)
+    sq = a.pow(2).sum(2, keepdim=True) + b.pow(2).sum(2).unsqueeze(1) - 2 * dot
+    return (-sq.clamp_min(0) / (2 * hp.sigma**2)).exp()
+
+
+def mmd2(f_s, f_t, hp):
+    f_s, f_t = match_size(f_s.float(), tea(f_t))
+    s = F.normalize(f_s.flatten(2), dim=2)
+    t = F.normalize(f_t.flatten(2), dim=2)
+    return kernel(t, t, hp).mean() + kernel(s, s, hp).mean() - 2 * kernel(s, t, hp).mean()
+
+
+def loss(step):
+    pairs = zip(stages(step.student.feats), stages(step.teacher.feats))
+    return {"ce": ce(step), "nst": step.hp.weight * sum(mmd2(s, t, step.hp) for s, t in pairs)}
+
+
+METHODS = [
+    Method(
+        name="nst",
+        loss=loss,
+        description="neuron selectivity transfer: MMD between the channels' spatial activation patterns",
+        citation="Huang & Wang, arXiv 2017",
+        taps=STAGE_TAPS,
+        check=lambda probe: check_stages(probe, "nst"),
+        hparams=(
+            HParam("weight", 50.0, "weight of the MMD² term", low=0.0, space=(1.0, 500.0), log=True),
+            HParam("kernel", "poly", "MMD kernel", choices=("poly", "linear", "gaussian")),
+            HParam("c", 0.0, "poly kernel offset: (x·y + c)^d", low=0.0, high=10.0, tune=False),
+            HParam("d", 2, "poly kernel degree", low=1, high=5, space=(1, 4)),
+            HParam("sigma", 1.0, "gaussian kernel bandwidth", low=0.0, open_low=True, space=(0.1, 10.0), log=True),
+            ce_weight(),
+        ),
+    )
+]
