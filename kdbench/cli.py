@@ -249,3 +249,17 @@ def leaderboard_cmd(dataset, tracking_uri):
     for (ds, teacher, student), table in sorted(tables.items()):
         click.echo(f"\n{ds}: {teacher} → {student}")
         click.echo(format_table(table))
+
+
+# --------------------------------------------------------------------------- commands by area
+
+
+def _add_area_commands() -> None:
+    from . import cli_bench, cli_data, cli_plugin, cli_tune
+
+    for module in (cli_tune, cli_bench, cli_plugin, cli_data):
+        for command in module.COMMANDS:
+            main.add_command(command)
+
+
+_add_area_commands()

@@ -248,7 +248,8 @@ class Dataset:
     lazily and one at a time, so a run that never needs a split never reads it.
     ``mean``/``std`` (per channel) normalise on the device. ``recipe`` trains students,
     ``teacher_recipe`` (default: ``recipe``) teachers. ``version`` is part of the teacher-cache
-    key: bump it when the data changes.
+    key: bump it when the data changes. The default dataset of ``kdbench run`` is the first
+    registered ``embedded`` one that names a default teacher and student.
     """
 
     name: str
@@ -264,6 +265,7 @@ class Dataset:
     default_student: str | None = None
     description: str = ""
     version: str = "1"
+    embedded: bool = False  # needs no files: ships with, or is generated offline by, a package
 
 
 # --------------------------------------------------------------------------- methods
@@ -290,6 +292,9 @@ class Step:
     epoch: int  # 0-based, within the current stage
     epochs: int  # of the current stage
     stage: str
+    index: torch.Tensor | None = None  # the batch's sample indices in the training split
+    student_net: nn.Module | None = None  # x -> Outputs (same taps), for methods that re-run it
+    teacher_net: nn.Module | None = None  # frozen; x -> Outputs
 
 
 @dataclass
@@ -305,6 +310,7 @@ class Probe:
     student_taps: list[str]  # every tap the student model offers
     teacher_taps: list[str]
     new_student: Callable[[], nn.Module]
+    num_train: int = 0  # samples in the training split (e.g. to size a memory bank)
 
 
 LossFn = Callable[[Step], Mapping[str, torch.Tensor]]

@@ -46,14 +46,14 @@ class DeviceSplit:
             yield self.prepare(self.x[i : i + batch_size]), self.y[i : i + batch_size]
 
     def shuffled(self, batch_size: int, generator: torch.Generator, augment: Augment):
-        """One epoch of shuffled, augmented batches; the last partial batch is dropped when the
+        """One epoch of shuffled, augmented ``(x, y, index)`` batches; the last partial batch is dropped when the
         split holds more than one batch (keeps batch statistics and step shapes stable)."""
         n = len(self)
         perm = torch.randperm(n, generator=generator, device=generator.device)
         stop = n - n % batch_size if n > batch_size else n
         for i in range(0, stop, batch_size):
             idx = perm[i : i + batch_size]
-            yield augment_batch(self.prepare(self.x[idx]), augment, generator), self.y[idx]
+            yield augment_batch(self.prepare(self.x[idx]), augment, generator), self.y[idx], idx
 
 
 def load_split(dataset: Dataset, split: str, device: torch.device, options: dict) -> DeviceSplit:

@@ -200,7 +200,7 @@ def train_stage(
         names: list[str] = []
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
-        for x, y in train.shuffled(recipe.batch_size, generator, augment):
+        for x, y, index in train.shuffled(recipe.batch_size, generator, augment):
             with autocast(device):
                 if t.teacher is not None:
                     with torch.no_grad():
@@ -208,7 +208,8 @@ def train_stage(
                 else:
                     t_out = None
                 s_out = t.student(x)
-                terms = loss_fn(Step(x, y, s_out, t_out, t.hp, t.modules, epoch, epochs, stage.name))
+                terms = loss_fn(Step(x, y, s_out, t_out, t.hp, t.modules, epoch, epochs, stage.name,
+                                     index, t.student, t.teacher))
                 loss = sum(terms.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -296,7 +297,7 @@ def fit(
     m = result.metrics
     m["train_seconds"] = result.seconds[-1]
     m["throughput"] = per_epoch * (recipe.epochs + sum(e for _, e in pre_stages)) / max(m["train_seconds"], 1e-9)
-    m["val_top1"] = result.curve[-1]
+    m["final_val_top1"] = result.curve[-1]
     m["best_val_top1"] = best["top1"]
     m["best_val_epoch"] = best["epoch"]
     m.update(metrics.convergence(result.curve, result.seconds))
@@ -363,6 +364,7 @@ class StudentSetup:
     trainee: Trainee
     pre_stages: list[tuple[Stage, int]]
     info: dict[str, float]
+    splits: dict[str, DeviceSplit]
 
 
 def setup_student(plan, teacher_net: nn.Module | None, device: torch.device) -> StudentSetup:
@@ -372,6 +374,7 @@ def setup_student(plan, teacher_net: nn.Module | None, device: torch.device) -> 
     ds: Dataset = plan.dataset_obj
     hp = SimpleNamespace(**plan.hp)
     s_model = plan.student_obj
+    splits = load_splits(ds, device, plan.config.data_options)
     student_net = build_model(s_model, ds, device, plan.config.seed)
     s_taps = s_model.taps_of(student_net)
     t_taps = plan.teacher_obj.taps_of(teacher_net) if teacher_net is not None else None
@@ -393,6 +396,7 @@ def setup_student(plan, teacher_net: nn.Module | None, device: torch.device) -> 
         student_taps=list(s_taps),
         teacher_taps=list(t_taps or []),
         new_student=lambda: build_model(s_model, ds, device, plan.config.seed + 1),
+        num_train=len(splits["train"]),
     )
     if method.check is not None:
         method.check(probe)
@@ -412,16 +416,15 @@ def setup_student(plan, teacher_net: nn.Module | None, device: torch.device) -> 
     }
     if teacher_net is not None:
         info["flops_teacher"] = metrics.flops_per_sample(teacher_net, ds.input_shape, device)
-    return StudentSetup(Trainee(student, teacher, modules, hp), pre_stages, info)
+    return StudentSetup(Trainee(student, teacher, modules, hp), pre_stages, info, splits)
 
 
 def run_student(plan, setup: StudentSetup, device: torch.device, on_epoch: OnEpoch, with_test: bool = True) -> FitResult:
     """Train the student of ``setup`` with the plan's method; test only when ``with_test``."""
     ds = plan.dataset_obj
-    splits = load_splits(ds, device, plan.config.data_options)
     load_test = (lambda: load_split(ds, "test", device, plan.config.data_options)) if with_test else None
     result = fit(
-        setup.trainee, setup.pre_stages, plan.method_obj.loss, plan.recipe, ds, splits, device,
+        setup.trainee, setup.pre_stages, plan.method_obj.loss, plan.recipe, ds, setup.splits, device,
         plan.config.seed, "student", on_epoch, load_test,
     )
     result.metrics.update(setup.info)

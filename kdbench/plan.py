@@ -103,11 +103,11 @@ def _digest(obj) -> str:
 
 
 def default_dataset(reg: Registry) -> str:
-    """The first registered dataset that names default models (kdbench's own load first)."""
+    """The first registered embedded dataset that names default models (kdbench's own load first)."""
     for name, entry in reg.datasets.items():
-        if entry.obj.default_teacher and entry.obj.default_student:
+        if entry.obj.embedded and entry.obj.default_teacher and entry.obj.default_student:
             return name
-    raise KdbenchError("no dataset is registered with default models; pass --dataset")
+    raise KdbenchError("no embedded dataset with default models is registered; pass --dataset")
 
 
 def make_plan(config: RunConfig, reg: Registry) -> Plan:

@@ -47,5 +47,6 @@ DATASETS = [
         default_teacher="cnn1d_4x32",
         default_student="cnn1d_2x16",
         description="MNIST-1D, generated offline by the mnist1d package (3600/400/1000)",
+        embedded=True,
     )
 ]

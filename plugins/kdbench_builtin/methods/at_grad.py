@@ -7,10 +7,8 @@ create_graph=True (the term is a double-backward through the student); the teach
 graph, w.r.t. the input only, so the teacher gets no gradient. Not implemented: the paper's
 optional flip-invariance term.
 
-Contract note: this needs the two *networks* in the loss (to re-run them on an input that requires
-grad); ``Step`` (API v1) carries only their outputs. The loss reads ``step.student_net`` and
-``step.teacher_net`` (anything mapping x to logits or to ``Outputs``); ``check`` refuses the run
-while ``Step`` has no such fields, so the engine reports it instead of failing mid-training.
+It needs the two *networks* in the loss (to re-run them on an input that requires grad): it reads
+``step.student_net`` and ``step.teacher_net`` (anything mapping x to logits or to ``Outputs``).
 """
 import dataclasses
 
@@ -58,6 +56,8 @@ def check(probe, step_fields=None):
         raise KdbenchError(
             f"at_grad needs the networks in the loss, but Step has no {', '.join(missing)} (contract v1)"
         )
+    if probe.num_classes < 2:
+        raise KdbenchError(f"at_grad needs at least 2 classes for its cross-entropy gradients, got {probe.num_classes}")
 
 
 METHODS = [

@@ -1,0 +1,4 @@
+"""`kdbench` commands for this area; ``COMMANDS`` is added to the main group by kdbench.cli."""
+import click  # noqa: F401
+
+COMMANDS: list = []
