@@ -77,33 +77,39 @@ def load_split(dataset: Dataset, split: str, device: torch.device, options: dict
 
 
 def augment_batch(x: torch.Tensor, aug: Augment, generator: torch.Generator) -> torch.Tensor:
-    """Apply ``aug`` to a batch ``[B, C, *spatial]`` (1-D or 2-D spatial), batched on its device."""
-    if aug.crop_pad:
-        x = random_crop(x, aug.crop_pad, generator)
-    if aug.flip:
-        flip = torch.rand(len(x), generator=generator, device=x.device) < 0.5
-        mask = flip.view((-1,) + (1,) * (x.dim() - 1))
-        x = torch.where(mask, x.flip(-1), x)
+    """Apply ``aug`` to a batch ``[B, C, *spatial]`` (1-D or 2-D spatial), batched on its device.
+
+    Random crop (zero-pad by ``crop_pad``, crop at a uniform offset in ``[0, 2·pad]`` per axis and
+    sample) and horizontal flip (last axis, probability ½) are folded into one index, so the batch
+    is read with a single gather."""
+    spatial = x.shape[2:]
+    if len(spatial) not in (1, 2):
+        raise KdbenchError(f"augmentation supports 1-D and 2-D inputs, got {len(spatial)}-D")
+    b, c, dev = len(x), x.shape[1], x.device
+    pad = aug.crop_pad
+    if pad or aug.flip:
+        if pad:
+            x = torch.nn.functional.pad(x, (pad, pad) * len(spatial))
+            offsets = torch.randint(0, 2 * pad + 1, (len(spatial), b), generator=generator, device=dev)
+        else:
+            offsets = torch.zeros((len(spatial), b), dtype=torch.long, device=dev)
+        width = spatial[-1]
+        cols = offsets[-1][:, None] + torch.arange(width, device=dev)  # [B, W]
+        if aug.flip:
+            flip = torch.rand(b, generator=generator, device=dev) < 0.5
+            cols = torch.where(flip[:, None], cols.flip(1), cols)
+        if len(spatial) == 1:
+            index = cols
+        else:
+            rows = offsets[0][:, None] + torch.arange(spatial[0], device=dev)  # [B, H]
+            index = (rows[:, :, None] * x.shape[-1] + cols[:, None, :]).flatten(1)  # [B, H·W]
+        x = x.flatten(2).gather(2, index[:, None, :].expand(-1, c, -1)).view(b, c, *spatial)
     if aug.noise:
-        x = x + aug.noise * torch.randn(x.shape, generator=generator, device=x.device)
+        x = x + aug.noise * torch.randn(x.shape, generator=generator, device=dev)
     return x
 
 
 def random_crop(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
     """Zero-pad each spatial side by ``pad`` and crop the original size at a per-sample random
     offset in ``[0, 2·pad]`` (uniform, independently per spatial axis)."""
-    b, spatial = len(x), x.shape[2:]
-    padded = torch.nn.functional.pad(x, (pad, pad) * len(spatial))
-    offsets = torch.randint(0, 2 * pad + 1, (len(spatial), b), generator=generator, device=x.device)
-    if len(spatial) == 1:
-        (length,) = spatial
-        idx = offsets[0][:, None] + torch.arange(length, device=x.device)  # [B, L]
-        return padded.gather(2, idx[:, None, :].expand(-1, x.shape[1], -1))
-    if len(spatial) == 2:
-        h, w = spatial
-        rows = offsets[0][:, None] + torch.arange(h, device=x.device)  # [B, H]
-        cols = offsets[1][:, None] + torch.arange(w, device=x.device)  # [B, W]
-        c = x.shape[1]
-        padded = padded.gather(2, rows[:, None, :, None].expand(-1, c, -1, padded.shape[3]))
-        return padded.gather(3, cols[:, None, None, :].expand(-1, c, h, -1))
-    raise KdbenchError(f"random crop supports 1-D and 2-D inputs, got {len(spatial)}-D")
+    return augment_batch(x, Augment(crop_pad=pad), generator)
