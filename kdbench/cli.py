@@ -118,7 +118,13 @@ def show_cmd(kind, name):
         click.echo(f"taps: {'(dynamic)' if callable(obj.taps) else ', '.join(obj.taps) or 'logits only'}")
         click.echo(f"needs teacher: {'yes' if obj.needs_teacher else 'no'}")
         for h in obj.hparams:
-            rng = f"[{'' if h.low is None else h.low}, {'' if h.high is None else h.high}]"
+            if h.choices is not None:
+                rng = "{" + ", ".join(map(str, h.choices)) + "}"
+            elif h.low is None and h.high is None:
+                rng = "any " + h.kind.__name__
+            else:
+                rng = ("(" if h.open_low else "[") + ("-inf" if h.low is None else str(h.low)) + ", " + (
+                    "inf)" if h.high is None else f"{h.high}]")
             click.echo(f"  {h.name:<12} default {h.default!r:<10} valid {rng:<14} search {h.describe_space():<22} {h.help}")
     elif kind == "dataset":
         click.echo(f"classes {obj.num_classes}, input {obj.input_shape}, default pair "
