@@ -225,13 +225,14 @@ class _Combined:
         hp = _sub_hp(step.hp, self.prefix[m.name])
         wanted = getattr(step.modules, "kdbench_wanted", None)
         student, teacher, teachers = step.student, step.teacher, step.teachers
-        if wanted is not None:
-            s_w, t_w = wanted[m.name]
-            student = replace(student, feats={k: v for k, v in student.feats.items() if k in s_w})
-            if teacher is not None:
-                teacher = replace(teacher, feats={k: v for k, v in teacher.feats.items() if k in t_w})
-            if teachers is not None:
-                teachers = [replace(o, feats={k: v for k, v in o.feats.items() if k in t_w}) for o in teachers]
+        s_w, t_w = wanted[m.name] if wanted is not None else (None, None)
+        keep = lambda feats, names: {k: v for k, v in feats.items() if names is None or k in names}  # noqa: E731
+        # teachers are frozen: their outputs reach each part detached, whatever the part does
+        frozen = lambda o: replace(o, logits=o.logits.detach(),  # noqa: E731
+                                   feats={k: v.detach() for k, v in keep(o.feats, t_w).items()})
+        student = replace(student, feats=keep(student.feats, s_w))
+        teacher = frozen(teacher) if teacher is not None else None
+        teachers = [frozen(o) for o in teachers] if teachers is not None else None
         modules = step.modules[m.name] if step.modules is not None and m.name in step.modules else None
         return replace(step, hp=hp, student=student, teacher=teacher, teachers=teachers, modules=modules)
 
