@@ -178,6 +178,7 @@ class Progress:
 @click.option("--method", "-m", default="kd", show_default=True, help="Distillation method (see `kdbench list methods`).")
 @click.option("--dataset", "-d", default=None, help="Dataset [default: the embedded one].")
 @click.option("--teacher", default=None, help="Teacher model [default: the dataset's].")
+@click.option("--teachers", default="", help="Extra teachers, comma-separated (for methods using several, e.g. multi_teacher).")
 @click.option("--student", default=None, help="Student model [default: the dataset's].")
 @click.option("--epochs", type=int, default=None, help="Student epochs [default: the recipe's].")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -189,7 +190,7 @@ class Progress:
 @click.option("--data-dir", default=None, help="Where the dataset's files are (datasets that read files).")
 @tracking_option
 def run_cmd(method, dataset, teacher, student, epochs, seed, teacher_seed, device,
-            teacher_checkpoint, sets, data_dir, tracking_uri):
+            teacher_checkpoint, sets, data_dir, tracking_uri, teachers=""):
     """Train a student with a distillation method and record it in MLflow."""
     from .plan import RunConfig
     from .runner import run
@@ -200,6 +201,7 @@ def run_cmd(method, dataset, teacher, student, epochs, seed, teacher_seed, devic
         seed=seed, teacher_seed=teacher_seed, device=device,
         teacher_checkpoint=teacher_checkpoint,
         data_options={"data_dir": data_dir} if data_dir else {},
+        teachers=tuple(t.strip() for t in teachers.split(",") if t.strip()),
     )
     tracker = _tracker(tracking_uri)
     progress = Progress()
@@ -216,7 +218,7 @@ def summary(o, uri: str) -> str:
     rows = [
         ("method", f"{plan.method_obj.name} {plan.hp or ''}".strip()),
         ("dataset", plan.dataset_obj.name),
-        ("teacher → student", f"{plan.teacher_obj.name if o.teacher else '(none)'} → {plan.student_obj.name}"),
+        ("teacher → student", f"{'+'.join([plan.teacher_obj.name] + [e.obj.name for e in plan.extra_teachers]) if o.teacher else '(none)'} → {plan.student_obj.name}"),
         ("test top-1 (last epoch)", pct(m.get("test_top1"))),
         ("test top-1 (best val epoch " + str(int(m["best_val_epoch"])) + ")", pct(m.get("test_top1_bestval"))),
         ("test top-5 (last / best val)", f"{pct(m.get('test_top5'))} / {pct(m.get('test_top5_bestval'))}"),
@@ -233,6 +235,11 @@ def summary(o, uri: str) -> str:
         ("peak memory", f"{m['peak_mem_mb']:.0f} MB"),
         ("MLflow run", f"{o.run_id}  ({uri})"),
     ]
+    peers = sorted((k for k in m if k.startswith("peer") and k.endswith("_test_top1")), key=lambda k: int(k[4:-10]))
+    if peers:
+        rows.insert(4, ("peers' test top-1 (last epoch)", " / ".join(pct(m[k]) for k in peers)))
+    if not m.get("train_split_loaded", 1):
+        rows.insert(4, ("training data", "synthesised by the method (train split never loaded)"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -295,6 +295,9 @@ class Step:
     index: torch.Tensor | None = None  # the batch's sample indices in the training split
     student_net: nn.Module | None = None  # x -> Outputs (same taps), for methods that re-run it
     teacher_net: nn.Module | None = None  # frozen; x -> Outputs
+    # outputs of the run's extra teachers (``RunConfig.teachers``), same taps as ``teacher``;
+    # None when the run has none (the main teacher stays ``teacher``)
+    teachers: list[Outputs] | None = None
 
 
 @dataclass
@@ -311,6 +314,7 @@ class Probe:
     teacher_taps: list[str]
     new_student: Callable[[], nn.Module]
     num_train: int = 0  # samples in the training split (e.g. to size a memory bank)
+    num_teachers: int = 0  # frozen teachers of the run: the main one plus the extra ones
 
 
 LossFn = Callable[[Step], Mapping[str, torch.Tensor]]
@@ -343,6 +347,15 @@ class Method:
     * ``check(probe)``: raise :class:`KdbenchError` when this teacher/student pair cannot be served.
     * ``stages(hp) -> [Stage, …]``: stages run before the main one.
     * ``needs_teacher``: False for methods that train without a frozen teacher.
+    * ``uses_teachers``: True for methods that read the extra teachers (``Step.teachers``); a run
+      with ``--teachers`` and a method that would ignore them is refused.
+    * ``peers(modules) -> [nn.Module, …]``: extra networks (x → logits) among the method's
+      modules that are evaluated like the student and reported as ``peer1_*``, ``peer2_*`` …
+      (the student is ``peer0``), e.g. the peers of mutual learning.
+    * ``train_data(probe, teacher_net, device) -> (x, y)``: the method's own training inputs (in
+      the network's input space: already normalised) replacing the dataset's train split, which
+      is then never loaded for the student (data-free distillation); ``y`` are the labels the
+      batches carry (the engine reports training accuracy against them).
     """
 
     name: str
@@ -355,6 +368,9 @@ class Method:
     check: Callable[[Probe], None] | None = None
     stages: Callable[[SimpleNamespace], Sequence[Stage]] | None = None
     needs_teacher: bool = True
+    uses_teachers: bool = False
+    peers: Callable[[nn.Module], Sequence[nn.Module]] | None = None
+    train_data: Callable[[Probe, nn.Module | None, torch.device], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def hparam_defaults(self) -> dict:
         return {h.name: h.default for h in self.hparams}

@@ -45,6 +45,7 @@ class FitResult:
     curve: list[float] = field(default_factory=list)  # validation top-1 per main-stage epoch
     seconds: list[float] = field(default_factory=list)  # cumulative training seconds
     state_dict: dict | None = None
+    peer_val: dict[str, float] = field(default_factory=dict)
 
 
 def select_device(name: str | None = None) -> torch.device:
@@ -164,6 +165,8 @@ class Trainee:
     teacher: Tapped | None
     modules: nn.Module | None
     hp: SimpleNamespace
+    teachers: list[Tapped] = field(default_factory=list)  # extra frozen teachers (Step.teachers)
+    peers: list[nn.Module] = field(default_factory=list)  # extra evaluated networks (Method.peers)
 
 
 def train_stage(
@@ -207,9 +210,13 @@ def train_stage(
                         t_out = t.teacher(x)
                 else:
                     t_out = None
+                extra = None
+                if t.teachers:
+                    with torch.no_grad():
+                        extra = [net(x) for net in t.teachers]
                 s_out = t.student(x)
                 terms = loss_fn(Step(x, y, s_out, t_out, t.hp, t.modules, epoch, epochs, stage.name,
-                                     index, t.student, t.teacher))
+                                     index, t.student, t.teacher, extra))
                 loss = sum(terms.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -288,6 +295,11 @@ def fit(
         if val_acc["top1"] > best["top1"]:
             best.update(top1=val_acc["top1"], epoch=epoch + 1, state=_snapshot(t.student.model))
         m = {**m, "val_top1": val_acc["top1"], "val_top5": val_acc["top5"]}
+        if t.peers:
+            m["peer0_val_top1"] = val_acc["top1"]
+            for i, peer in enumerate(t.peers, 1):
+                m[f"peer{i}_val_top1"] = evaluate(peer, val, recipe.eval_batch_size, device)["top1"]
+            result.peer_val = {k: v for k, v in m.items() if k.startswith("peer")}
         on_epoch(EpochLog(role, "main", epoch + 1, recipe.epochs, m))
 
     main = Stage("main", recipe.epochs, main_loss, train_student=True)
@@ -310,8 +322,13 @@ def fit(
         at_best = evaluate(t.student, test, recipe.eval_batch_size, device)
         m["test_top1_bestval"], m["test_top5_bestval"] = at_best["top1"], at_best["top5"]
         t.student.model.load_state_dict(result.state_dict)
+        if t.peers:
+            m["peer0_test_top1"] = m["test_top1"]
+            for i, peer in enumerate(t.peers, 1):
+                m[f"peer{i}_test_top1"] = evaluate(peer, test, recipe.eval_batch_size, device)["top1"]
     else:
         result.state_dict = _snapshot(t.student.model)
+    m.update(result.peer_val)  # last epoch's validation accuracy of each peer
     m["peak_mem_mb"] = peak_memory_mb(device)[0]
     return result
 
@@ -367,14 +384,20 @@ class StudentSetup:
     splits: dict[str, DeviceSplit]
 
 
-def setup_student(plan, teacher_net: nn.Module | None, device: torch.device) -> StudentSetup:
+def setup_student(plan, teacher_net: nn.Module | None, device: torch.device,
+                  extra_teachers: list[nn.Module] | tuple = ()) -> StudentSetup:
     """Build the student, tap both networks, probe shapes, check the pair, build the method's
-    modules, and count parameters and FLOPs — everything that can fail before training."""
+    modules, and count parameters and FLOPs — everything that can fail before training.
+
+    ``extra_teachers`` are the networks of ``plan.extra_teachers`` (tapped like the teacher). A
+    method with ``train_data`` supplies the training inputs itself: the dataset's train split is
+    then never loaded (``train_split_loaded`` = 0)."""
     method: Method = plan.method_obj
     ds: Dataset = plan.dataset_obj
     hp = SimpleNamespace(**plan.hp)
     s_model = plan.student_obj
-    splits = load_splits(ds, device, plan.config.data_options)
+    own_data = method.train_data is not None
+    splits = load_splits(ds, device, plan.config.data_options, ("val",) if own_data else ("train", "val"))
     student_net = build_model(s_model, ds, device, plan.config.seed)
     s_taps = s_model.taps_of(student_net)
     t_taps = plan.teacher_obj.taps_of(teacher_net) if teacher_net is not None else None
@@ -387,6 +410,16 @@ def setup_student(plan, teacher_net: nn.Module | None, device: torch.device) -> 
     if teacher_net is not None:
         teacher_net.eval().requires_grad_(False)
         teacher = Tapped(teacher_net, t_taps, t_wanted, f"teacher {plan.teacher_obj.name!r}").eval()
+    extra = []
+    for entry, net in zip(plan.extra_teachers, extra_teachers):
+        net.eval().requires_grad_(False)
+        taps = entry.obj.taps_of(net)
+        try:
+            _, wanted = _wanted(method, hp, list(s_taps), list(taps))
+        except KdbenchError as exc:
+            raise KdbenchError(f"method {method.name!r} cannot use teacher {entry.obj.name!r}: {exc}") from None
+        extra.append(Tapped(net, taps, wanted, f"teacher {entry.obj.name!r}").eval())
+    seeds = iter(range(plan.config.seed + 1, plan.config.seed + 1_000_000))  # each new student differs
     probe = Probe(
         hp=hp,
         num_classes=ds.num_classes,
@@ -395,11 +428,16 @@ def setup_student(plan, teacher_net: nn.Module | None, device: torch.device) -> 
         teacher_shapes=_shapes(teacher, ds.input_shape, device) if teacher is not None else {},
         student_taps=list(s_taps),
         teacher_taps=list(t_taps or []),
-        new_student=lambda: build_model(s_model, ds, device, plan.config.seed + 1),
-        num_train=len(splits["train"]),
+        new_student=lambda: build_model(s_model, ds, device, next(seeds)),
+        num_train=0 if own_data else len(splits["train"]),
+        num_teachers=(teacher is not None) + len(extra),
     )
     if method.check is not None:
         method.check(probe)
+    if own_data:
+        x, y = method.train_data(probe, teacher_net, device)
+        splits["train"] = DeviceSplit(x.detach().to(device), y.to(device).long(), None, None)
+        probe.num_train = len(y)
     modules = method.build(probe) if method.build is not None else None
     if modules is not None:
         modules = modules.to(device)
@@ -408,15 +446,21 @@ def setup_student(plan, teacher_net: nn.Module | None, device: torch.device) -> 
         epochs = getattr(hp, stage.epochs) if isinstance(stage.epochs, str) else stage.epochs
         if epochs > 0:
             pre_stages.append((stage, int(epochs)))
+    peers = list(method.peers(modules)) if method.peers is not None and modules is not None else []
+    teacher_nets = ([teacher_net] if teacher_net is not None else []) + list(extra_teachers)
     info = {
         "params_student": metrics.count_params(student_net),
-        "params_teacher": metrics.count_params(teacher_net),
+        "params_teacher": sum(metrics.count_params(n) for n in teacher_nets),  # all teachers
         "params_extra": metrics.count_params(modules),
         "flops_student": metrics.flops_per_sample(student_net, ds.input_shape, device),
+        "train_split_loaded": 0 if own_data else 1,
     }
-    if teacher_net is not None:
-        info["flops_teacher"] = metrics.flops_per_sample(teacher_net, ds.input_shape, device)
-    return StudentSetup(Trainee(student, teacher, modules, hp), pre_stages, info, splits)
+    if teacher_nets:
+        info["flops_teacher"] = sum(metrics.flops_per_sample(n, ds.input_shape, device) for n in teacher_nets)
+    if extra:
+        info["num_teachers"] = len(teacher_nets)
+    trainee = Trainee(student, teacher, modules, hp, extra, peers)
+    return StudentSetup(trainee, pre_stages, info, splits)
 
 
 def run_student(plan, setup: StudentSetup, device: torch.device, on_epoch: OnEpoch, with_test: bool = True) -> FitResult:

@@ -178,6 +178,21 @@ def obtain_teacher(plan: Plan, device, tracker: Tracker, on_epoch, with_test: bo
     return Teacher(net, key, run_id, tmetrics)
 
 
+def obtain_teachers(plan: Plan, device, tracker: Tracker, on_epoch, with_test: bool = True) -> list[Teacher]:
+    """The plan's extra teachers (``RunConfig.teachers``), each obtained like the main one:
+    from the cache, or trained now and cached (one teacher run each)."""
+    return [obtain_teacher(plan.for_teacher(e), device, tracker, on_epoch, with_test) for e in plan.extra_teachers]
+
+
+def teacher_tags(plan: Plan, teacher: Teacher | None, extra: list[Teacher]) -> dict:
+    """Tags naming every teacher of a run with extra teachers (nothing for one teacher)."""
+    if not extra:
+        return {}
+    names = [plan.teacher_obj.name] + [e.obj.name for e in plan.extra_teachers]
+    return {"teachers": ",".join(names), "teacher_keys": ",".join([teacher.id] + [t.id for t in extra]),
+            "teacher_run_ids": ",".join([teacher.run_id] + [t.run_id for t in extra])}
+
+
 # --------------------------------------------------------------------------- student
 
 
@@ -205,7 +220,8 @@ def run(
     plan = make_plan(config, plugins.registry())
     device = engine.select_device(config.device)
     teacher = obtain_teacher(plan, device, tracker, on_epoch, with_test)
-    setup = engine.setup_student(plan, teacher.net if teacher else None, device)
+    extra = obtain_teachers(plan, device, tracker, on_epoch, with_test)
+    setup = engine.setup_student(plan, teacher.net if teacher else None, device, [t.net for t in extra])
     method = plan.method_obj
     tags = {
         **base_tags(plan, device),
@@ -213,13 +229,15 @@ def run(
         "method": method.name,
         "student": plan.student_obj.name,
         "teacher": plan.teacher_obj.name if teacher else "",
-        "config_hash": plan.config_hash(teacher.id if teacher else None),
+        "config_hash": plan.config_hash(",".join([teacher.id] + [t.id for t in extra]) if teacher else None),
         "plugin.method": plan.method.source,
         "plugin.student": plan.student.source,
     }
     if teacher:
         tags.update({"teacher_run_id": teacher.run_id, "teacher_key": teacher.id,
                      "plugin.teacher": plan.teacher.source})
+    tags.update(teacher_tags(plan, teacher, extra))
+    tags["train_split_loaded"] = str(int(setup.info["train_split_loaded"]))
     name = f"{method.name}-{plan.student_obj.name}-s{config.seed}"
     run_id = tracker.start(plan.dataset_obj.name, name, tags, plan.params())
 
