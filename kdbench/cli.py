@@ -95,12 +95,22 @@ def _echo_failures(reg):
 
 
 @main.command("plugins")
-def plugins_cmd():
-    """Installed plugin entry points: distribution, version, hooks, status."""
-    reg = _registry()
+@click.option("--disable", multiple=True, metavar="NAME",
+              help="Skip this plugin (entry-point or distribution name; repeatable). "
+                   "For every command: KDBENCH_DISABLE=a,b.")
+@click.option("--no-third-party", is_flag=True,
+              help="Load only kdbench's own plugins. For every command: KDBENCH_PLUGINS= (empty).")
+def plugins_cmd(disable, no_third_party):
+    """Installed plugin entry points: distribution, version, status, hooks; then load failures."""
+    from . import plugins
+
+    reg = plugins.load(disable=disable, only=set() if no_third_party else None) if (
+        disable or no_third_party) else _registry()
+    click.echo(f"{'plugin':<20} {'distribution':<28} {'status':<9} {'module':<28} hooks")
     for p in reg.plugins:
         hooks = ", ".join(p.hooks) or "-"
-        click.echo(f"{p.plugin:<20} {p.dist} {p.version:<10} {p.status:<9} {p.module}  hooks: {hooks}")
+        dist = f"{p.dist} {p.version}"
+        click.echo(f"{p.plugin:<20} {dist:<28} {p.status:<9} {p.module:<28} {hooks}")
     _echo_failures(reg)
 
 

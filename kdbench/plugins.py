@@ -103,11 +103,13 @@ def _dist_of(ep: EntryPoint) -> tuple[str, str]:
     return dist.name, dist.version
 
 
-def _wanted(ep: EntryPoint, dist: str) -> bool:
-    disabled = _split_env("KDBENCH_DISABLE") or set()
+def _wanted(ep: EntryPoint, dist: str, disable=(), only=None) -> bool:
+    disabled = (_split_env("KDBENCH_DISABLE") or set()) | set(disable)
     if ep.name in disabled or dist in disabled:
         return False
-    only = _split_env("KDBENCH_PLUGINS")
+    env_only = _split_env("KDBENCH_PLUGINS")
+    if env_only is not None:
+        only = env_only if only is None else set(only) & env_only
     if only is None or dist == CORE_DIST:
         return True
     return ep.name in only or dist in only
@@ -123,8 +125,11 @@ def _api_problem(module) -> str | None:
     return None
 
 
-def load(eps=None) -> Registry:
-    """Discover and load every plugin; failures are recorded, never raised."""
+def load(eps=None, *, disable=(), only=None) -> Registry:
+    """Discover and load every plugin; failures are recorded, never raised.
+
+    ``disable`` (entry-point or distribution names) and ``only`` (load just these besides
+    kdbench's own; empty: built-ins only) add to ``KDBENCH_DISABLE`` / ``KDBENCH_PLUGINS``."""
     reg = Registry()
     pm = pluggy.PluginManager(GROUP)
     pm.add_hookspecs(hookspecs)
@@ -134,7 +139,7 @@ def load(eps=None) -> Registry:
     for ep in eps:
         dist, version = _dist_of(ep)
         info = dict(plugin=ep.name, dist=dist, version=version, module=ep.value)
-        if not _wanted(ep, dist):
+        if not _wanted(ep, dist, disable, only):
             reg.plugins.append(PluginInfo(**info, hooks=(), status="disabled"))
             continue
         error, hooks = _load_one(pm, ep, reg, dist, version)
