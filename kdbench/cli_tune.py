@@ -28,12 +28,14 @@ from .errors import KdbenchError
 @click.option("--heartbeat", type=int, default=30, show_default=True,
               help="Seconds between trial heartbeats; a trial silent for twice this is failed.")
 @click.option("--device", default=None)
+@click.option("--teacher-checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="Load the teacher from a checkpoint instead of the cache.")
 @click.option("--show", "show_study", default=None, metavar="STUDY",
               help="Print a study's best params, trials and importances, and exit.")
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
               help="MLflow tracking URI [default: sqlite:///mlflow.db in the working directory].")
 def tune_cmd(method, dataset, teacher, student, trials, epochs, tune_recipe, objective, pruner,
-             storage, study_name, retrain, seeds, heartbeat, device, show_study, tracking_uri):
+             storage, study_name, retrain, seeds, heartbeat, device, teacher_checkpoint, show_study, tracking_uri):
     """Tune a method's hyperparameters on the validation split with Optuna."""
     from . import tune
 
@@ -49,7 +51,7 @@ def tune_cmd(method, dataset, teacher, student, trials, epochs, tune_recipe, obj
         students=tuple(s.strip() for s in student.split(",") if s.strip()) if student else (),
         trials=trials, recipe={"epochs": epochs} if epochs else {}, tune_recipe=tune_recipe,
         objective=objective.replace(" ", ""), pruner=pruner, storage=storage, study=study_name,
-        seeds=seeds, retrain=retrain, device=device, tracking_uri=tracking_uri, heartbeat=heartbeat,
+        seeds=seeds, retrain=retrain, device=device, teacher_checkpoint=teacher_checkpoint, tracking_uri=tracking_uri, heartbeat=heartbeat,
     )
     result = tune.run_study(cfg, echo=lambda s: click.echo(s, err=True))
     click.echo(result.report)

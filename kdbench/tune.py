@@ -214,6 +214,7 @@ class TuneConfig:
     seeds: int = 1  # retrain seeds 0 … seeds-1
     retrain: bool = True
     device: str | None = None
+    teacher_checkpoint: str | None = None
     tracking_uri: str | None = None
     heartbeat: int = 30  # seconds; a RUNNING trial silent for 2× this is failed
     sampler_seed: int | None = None
@@ -329,7 +330,15 @@ def _parent_run(study, tracker, dataset: str, cfg: TuneConfig, url: str) -> str:
         {"trials": cfg.trials, "pruner": cfg.pruner, "tune_recipe": cfg.tune_recipe},
     )
     study.set_user_attr(key, run_id)
+    stored = optuna_reload_attr(study, key)
+    if stored and stored != run_id and tracker.run_exists(stored):  # another worker won the race
+        tracker.client.delete_run(run_id)
+        return stored
     return run_id
+
+
+def optuna_reload_attr(study, key: str):
+    return study._storage.get_study_user_attrs(study._study_id).get(key)
 
 
 def run_study(cfg: TuneConfig, echo: Callable[[str], None] = print, on_epoch=lambda e: None) -> TuneResult:
@@ -349,7 +358,7 @@ def run_study(cfg: TuneConfig, echo: Callable[[str], None] = print, on_epoch=lam
     students = tuple(cfg.students)
     base = RunConfig(method=cfg.method, dataset=cfg.dataset, teacher=cfg.teacher,
                      student=students[0] if students else None, recipe=dict(cfg.recipe),
-                     device=cfg.device)
+                     device=cfg.device, teacher_checkpoint=cfg.teacher_checkpoint)
     plan = make_plan(base, reg)  # bad names and recipes fail here, before any study exists
     for s in students[1:]:
         reg.entry("models", s)
@@ -379,8 +388,9 @@ def run_study(cfg: TuneConfig, echo: Callable[[str], None] = print, on_epoch=lam
         raise KdbenchError(f"study {name!r} tunes method {study.user_attrs['method']!r}, not {plan.method_obj.name!r}")
 
     device = engine.select_device(cfg.device)
-    # The teacher is fixed, not tuned: get it once (cache) so trial times compare.
-    obtain_teacher(plan, device, tracker, on_epoch)
+    # The teacher is fixed, not tuned: get it once (cache) so trial times compare. A teacher
+    # trained now is tested like any cached teacher; a checkpoint is not tested here.
+    obtain_teacher(plan, device, tracker, on_epoch, with_test=False)
     parent = _parent_run(study, tracker, plan.dataset_obj.name, cfg, url)
     echo(f"study {name!r} in {mask_url(url)} (MLflow parent run {parent})")
     counter = {"epochs": 0}
