@@ -163,36 +163,70 @@ class _JournalHeartbeat:
 
 
 def fail_stale_trials(study, heartbeat: int) -> list[int]:
-    """Mark RUNNING trials of dead workers FAIL (RDB: Optuna's heartbeat; journal: ours)."""
+    """Mark RUNNING trials of dead workers FAIL (RDB: Optuna's heartbeat; journal: ours), with
+    ``fail_reason`` set first (a finished trial takes no more user attrs)."""
     import optuna
     from optuna.storages._heartbeat import is_heartbeat_enabled
     from optuna.trial import TrialState
 
-    if is_heartbeat_enabled(study._storage):
-        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    storage = study._storage
+    reason = "worker died (stale heartbeat)"
+    running = {t._trial_id: t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    if is_heartbeat_enabled(storage):
+        stale = [tid for tid in storage._get_stale_trial_ids(study._study_id) if tid in running]
+        stale += _never_beat(getattr(storage, "_backend", storage), running, 2 * heartbeat)
+        for tid in stale:
+            try:
+                storage.set_trial_user_attr(tid, "fail_reason", reason)
+            except Exception:
+                pass
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             optuna.storages.fail_stale_trials(study)
-        after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        failed = sorted(before - after)
+        for tid in stale:  # those Optuna's heartbeat cannot see (killed before the first beat)
+            try:
+                storage.set_trial_state_values(tid, TrialState.FAIL)
+            except Exception:
+                pass
     else:
-        failed = []
+        stale = []
         now = time.time()
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        for tid, t in running.items():
             beat = t.user_attrs.get("heartbeat", t.datetime_start.timestamp() if t.datetime_start else now)
             if now - beat > 2 * heartbeat:
                 try:
-                    if study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
-                        failed.append(t.number)
+                    storage.set_trial_user_attr(tid, "fail_reason", reason)
+                    if storage.set_trial_state_values(tid, TrialState.FAIL):
+                        stale.append(tid)
                 except Exception:
                     pass
-    for number in failed:
-        trial = study.trials[number]
-        try:
-            study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", "worker died (stale heartbeat)")
-        except Exception:
-            pass
-    return failed
+    return sorted(running[tid].number for tid in stale
+                  if storage.get_trial(tid).state == TrialState.FAIL)
+
+
+def _never_beat(storage, running: dict, grace: float) -> list[int]:
+    """RUNNING trials older than ``grace`` with no heartbeat row: their worker died before the
+    first beat, which Optuna's own stale check skips."""
+    import datetime
+
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(storage.scoped_session, True) as session:
+        beating = {tid for (tid,) in session.query(models.TrialHeartbeatModel.trial_id)
+                   .filter(models.TrialHeartbeatModel.trial_id.in_(list(running))).all()}
+    now = datetime.datetime.now()
+    return [tid for tid, t in running.items() if tid not in beating and t.datetime_start
+            and (now - t.datetime_start).total_seconds() > grace]
+
+
+def _close_dead_runs(tracker, dataset: str, study_name: str, numbers: list[int]) -> None:
+    """The MLflow runs of trials failed for a dead worker: end them KILLED, trial_state=FAILED."""
+    for n in numbers:
+        for r in tracker.search(dataset, f"tags.study = '{study_name}' AND tags.trial = '{n}' "
+                                         "AND attributes.status = 'RUNNING'"):
+            tracker.set_tags(r.info.run_id, {"trial_state": "FAILED"})
+            tracker.finish(r.info.run_id, "KILLED", "worker died (stale heartbeat)")
 
 
 # --------------------------------------------------------------------------- the study
@@ -442,7 +476,10 @@ def run_study(cfg: TuneConfig, echo: Callable[[str], None] = print, on_epoch=lam
         return acc
 
     while True:
-        fail_stale_trials(study, cfg.heartbeat)
+        dead = fail_stale_trials(study, cfg.heartbeat)
+        if dead:
+            echo(f"trials {dead} of a dead worker marked FAIL (not counted)")
+            _close_dead_runs(tracker, plan.dataset_obj.name, name, dead)
         used = _count(study, counted) + _count(study, (TrialState.RUNNING,))
         if used >= cfg.trials:
             break

@@ -234,6 +234,10 @@ def test_killed_worker_resumes_without_counting_the_killed_trial(env):
     assert study.trials[killed].user_attrs.get("fail_reason") == "worker died (stale heartbeat)"
     assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states) == 2  # budget held
     assert TrialState.RUNNING not in states
+    tracker = Tracker(f"sqlite:///{env}/mlflow.db")
+    for dead in tracker.search("mnist1d", f"tags.study = 'k' AND tags.trial = '{killed}'"):
+        # (none when the worker died before the trial's run was created)
+        assert dead.info.status == "KILLED" and dead.data.tags["trial_state"] == "FAILED"
 
 
 def _postgres_url():
