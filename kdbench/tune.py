@@ -81,6 +81,7 @@ def open_storage(storage: str | None, tracking_uri: str | None = None, heartbeat
         raise KdbenchError(f"no studies in {url} (the file does not exist); run `kdbench tune` first")
     if "://" not in url:
         raise KdbenchError(f"--storage {mask_url(url)!r} is not 'journal' or a storage URL (sqlite:///…, postgresql://…)")
+    url = _pick_pg_driver(url)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -94,6 +95,16 @@ def open_storage(storage: str | None, tracking_uri: str | None = None, heartbeat
         if pw:
             text = text.replace(pw, "***")
         raise KdbenchError(f"cannot open Optuna storage {mask_url(url)}: {text}") from None
+
+
+def _pick_pg_driver(url: str) -> str:
+    """SQLAlchemy 2.1 maps ``postgresql://`` to psycopg 3; use psycopg2 when only it is installed."""
+    if url.startswith("postgresql://"):
+        import importlib.util
+
+        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
+            return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
 
 
 def load_study(name: str, storage, url: str):

@@ -256,17 +256,18 @@ def test_two_workers_share_a_postgres_study(env):
     url = _postgres_url()
     pytest.importorskip("psycopg2", reason="psycopg2-binary (the test extra) is needed for PostgreSQL")
     try:
-        optuna.study.get_all_study_names(url)
+        optuna.study.get_all_study_names(tune.open_storage(url))
     except Exception as exc:
         pytest.skip(f"PostgreSQL at {tune.mask_url(url)} is not reachable: {exc}")
     name = f"pg-{uuid.uuid4().hex[:8]}"
     args = ("--method", "vanilla", "--tune-recipe", "--trials", 4, "--epochs", 1, "--study", name,
             "--storage", url, "--no-retrain")
+    Tracker(f"sqlite:///{env}/mlflow.db").experiment_id("mnist1d")  # create the MLflow schema once, not racing
     procs = [subprocess.Popen(worker_cmd(*args), cwd=env, env=worker_env(env), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
-    study = optuna.load_study(study_name=name, storage=url)
+    study = optuna.load_study(study_name=name, storage=tune.open_storage(url))
     counted = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(counted) == 4
     assert all(t.state != TrialState.RUNNING for t in study.trials)
@@ -280,4 +281,4 @@ def test_two_workers_share_a_postgres_study(env):
     runs = tracker.search("mnist1d", f"tags.study = '{name}' AND tags.role != 'study'")
     by_trial = [r.data.tags["trial"] for r in runs if r.data.tags.get("trial_state") in ("COMPLETE", "PRUNED")]
     assert sorted(map(int, by_trial)) == sorted(t.number for t in counted)
-    optuna.delete_study(study_name=name, storage=url)
+    optuna.delete_study(study_name=name, storage=tune.open_storage(url))
