@@ -496,8 +496,12 @@ def run_study(cfg: TuneConfig, echo: Callable[[str], None] = print, on_epoch=lam
             break
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
-        last = study.trials[-1]
+            mine = []  # this worker's trial (another worker may have added later ones)
+            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False,
+                           callbacks=[lambda _s, t: mine.append(t)])
+        if not mine:
+            continue
+        last = mine[0]
         if last.state == TrialState.FAIL and last.user_attrs.get("fail_reason", "").startswith("over budget"):
             continue
         echo(_trial_line(last, cfg.trials, _count(study, counted)))
