@@ -81,6 +81,7 @@ def open_storage(storage: str | None, tracking_uri: str | None = None, heartbeat
         raise KdbenchError(f"no studies in {url} (the file does not exist); run `kdbench tune` first")
     if "://" not in url:
         raise KdbenchError(f"--storage {mask_url(url)!r} is not 'journal' or a storage URL (sqlite:///…, postgresql://…)")
+    shown = mask_url(url)
     url = _pick_pg_driver(url)
     try:
         with warnings.catch_warnings():
@@ -94,7 +95,7 @@ def open_storage(storage: str | None, tracking_uri: str | None = None, heartbeat
         pw = _password(url)
         if pw:
             text = text.replace(pw, "***")
-        raise KdbenchError(f"cannot open Optuna storage {mask_url(url)}: {text}") from None
+        raise KdbenchError(f"cannot open Optuna storage {shown}: {text}") from None
 
 
 def _pick_pg_driver(url: str) -> str:
