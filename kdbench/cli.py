@@ -198,16 +198,32 @@ class Progress:
               help="Load the teacher from {'model': state_dict} or a bare state dict.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Method hyperparameter (repeatable).")
 @click.option("--data-dir", default=None, help="Where the dataset's files are (datasets that read files).")
+@click.option("--params-from", "params_from", default=None, metavar="STUDY",
+              help="Use the best params of a `kdbench tune` study (--set still wins).")
+@click.option("--storage", default=None, help="Optuna storage of --params-from [default: as kdbench tune].")
 @tracking_option
 def run_cmd(method, dataset, teacher, student, epochs, seed, teacher_seed, device,
-            teacher_checkpoint, sets, data_dir, tracking_uri, teachers=""):
+            teacher_checkpoint, sets, data_dir, params_from, storage, tracking_uri, teachers):
     """Train a student with a distillation method and record it in MLflow."""
     from .plan import RunConfig
     from .runner import run
 
+    hparams, recipe = {}, {}
+    if params_from:
+        from .tune import best_params
+
+        best = best_params(params_from, storage, tracking_uri)
+        if best["method"] and best["method"] != method:
+            raise KdbenchError(f"study {params_from!r} tuned method {best['method']!r}, not {method!r}; "
+                               f"pass --method {best['method']}")
+        hparams, recipe = dict(best["hparams"]), dict(best["recipe"])
+        student = student or best["student"]
+    hparams.update(_parse_sets(sets))
+    if epochs:
+        recipe["epochs"] = epochs
     config = RunConfig(
         method=method, dataset=dataset, teacher=teacher, student=student,
-        hparams=_parse_sets(sets), recipe={"epochs": epochs} if epochs else {},
+        hparams=hparams, recipe=recipe,
         seed=seed, teacher_seed=teacher_seed, device=device,
         teacher_checkpoint=teacher_checkpoint,
         data_options={"data_dir": data_dir} if data_dir else {},

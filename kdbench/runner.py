@@ -248,7 +248,16 @@ def run(
     try:
         result = engine.run_student(plan, setup, device, log, with_test=with_test)
     except BaseException as exc:
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        # An exception may say how its run ends (e.g. a pruned tuning trial: KILLED, tagged
+        # trial_state=PRUNED) through marker attributes, so the runner needs no Optuna import.
+        status = getattr(exc, "kdbench_run_status", None)
+        if status is None:
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            tags = {"trial_state": "FAILED"} if "mlflow.parentRunId" in config.tags else {}
+        else:
+            tags = dict(getattr(exc, "kdbench_run_tags", {}))
+        if tags:
+            tracker.set_tags(run_id, tags)
         tracker.finish(run_id, status, f"{type(exc).__name__}: {exc}")
         raise
     final = dict(result.metrics)
