@@ -122,7 +122,7 @@ def test_formats_parse(store, tmp_path):
     table_lines = [l for l in md.splitlines() if l.startswith("|")]
     header = [c.strip() for c in table_lines[0].strip("|").split("|")]
     assert re.fullmatch(r"\|(---\|)+", table_lines[1]) and len(table_lines) == 2 + 4
-    assert all(len(l.strip("|").split(" | ")) == len(header) for l in table_lines)
+    assert all(len(l.strip("|").split("|")) == len(header) for l in table_lines)
     assert header[:3] == ["method", "seeds", "test top-1 % (last)"]
 
     csv = pd.read_csv(io.StringIO(_invoke("leaderboard", "--format", "csv")))
