@@ -274,20 +274,49 @@ def summary(o, uri: str) -> str:
 
 
 @main.command("leaderboard")
-@click.option("--dataset", "-d", default=None, help="Only this dataset.")
+@click.argument("name", required=False)
+@click.option("--dataset", "-d", default=None, help="Only this dataset (without NAME).")
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "html"]), default="table",
+              show_default=True)
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="Write here instead of stdout.")
+@click.option("--no-summary", is_flag=True, help="Do not log the figures on the MLflow summary run (NAME only).")
 @tracking_option
-def leaderboard_cmd(dataset, tracking_uri):
-    """Tables from MLflow: per (dataset, teacher, student), each method's test top-1 mean ± std."""
-    from .leaderboard import aggregate, format_table, runs_frame
+def leaderboard_cmd(name, dataset, fmt, output, no_summary, tracking_uri):
+    """Tables from MLflow: per (dataset, teacher, student), each method's test top-1 mean ± std.
+
+    With NAME (leaderboards/NAME.toml or a path): only that suite's runs, ranked by its metric,
+    with published numbers where it has them; the figures are logged on its summary run."""
+    from . import bench
+    from .leaderboard import aggregate, plots, render, runs_frame
 
     tracker = _tracker(tracking_uri)
-    runs = tracker.search(dataset, "attributes.status = 'FINISHED' AND tags.role = 'student'")
-    tables = aggregate(runs_frame(runs))
+    suite = None
+    if name:
+        suite = bench.load_suite(name)
+        runs = bench.suite_runs(tracker, suite)
+    else:
+        runs = tracker.search(dataset, "attributes.status = 'FINISHED' AND tags.role = 'student'")
+    metric = suite.metric if suite else "test_top1"
+    tables = aggregate(runs_frame(runs), metric, suite.published if suite else None)
     if not tables:
-        raise KdbenchError(f"no finished student runs in {tracker.uri}; run `kdbench run` first")
-    for (ds, teacher, student), table in sorted(tables.items()):
-        click.echo(f"\n{ds}: {teacher} → {student}")
-        click.echo(format_table(table))
+        hint = f"`kdbench bench {name}`" if name else "`kdbench run`"
+        raise KdbenchError(f"no finished student runs in {tracker.uri}; run {hint} first")
+    images = None
+    if fmt == "html" or (suite and not no_summary):
+        ids = [r for t in tables.values() for ids in t.run_ids for r in ids]
+        images = plots(tables, metric, bench.histories(tracker, ids))
+    text = render(fmt, tables, metric, suite, images)
+    if suite and not no_summary:
+        docs = {"leaderboard.md": render("markdown", tables, metric, suite),
+                "leaderboard.csv": render("csv", tables, metric, suite),
+                "leaderboard.html": render("html", tables, metric, suite, images)}
+        bench.log_summary(tracker, suite, images, docs)
+    if output:
+        with open(output, "w", encoding="utf-8") as f:
+            f.write(text)
+        click.echo(f"wrote {output}", err=True)
+    else:
+        click.echo(text, nl=False)
 
 
 # --------------------------------------------------------------------------- commands by area

@@ -1,18 +1,39 @@
 """Leaderboard tables from tracked runs: one table per (dataset, teacher, student), mean ± std
-over seeds. Pure pandas: ``runs_frame`` turns MLflow runs into rows, ``aggregate`` does the maths."""
+over seeds. ``runs_frame`` turns MLflow runs into rows, ``aggregate`` does the maths (pandas,
+scipy), ``render`` writes text / Markdown / CSV / HTML, ``plots`` draws the figures (matplotlib).
+
+Definitions (accuracies are fractions; shown in % in the formatted outputs):
+
+* ``top1_mean``/``top1_std``: test top-1 at the last epoch, mean and sample std (n−1) over seeds;
+  ``bestval_mean``/``bestval_std``: test top-1 of the best-validation epoch.
+* ``delta_vs_vanilla``: ranking-metric mean − the vanilla mean (same dataset, student, recipe).
+* ``gap_closed``: (mean − vanilla mean) / (teacher test top-1 − vanilla mean); empty when the
+  teacher is no better than vanilla.
+* ``tie``: "best" for the top method by the ranking metric; "tied" when Welch's t-test
+  (``scipy.stats.ttest_ind(equal_var=False)``) of a method's per-seed values against the best's
+  gives p ≥ 0.05 (two constant samples: tied only when equal); empty when either has < 2 seeds.
+"""
 from __future__ import annotations
+
+import base64
+import io
+import math
 
 import pandas as pd
 
 COLUMNS = [
-    "run_id", "dataset", "teacher", "student", "method", "seed", "recipe_hash", "test_top1",
-    "test_top1_bestval", "teacher_test_top1", "flops_student", "params_student", "params_extra",
-    "epochs_to_95", "train_seconds",
+    "run_id", "dataset", "teacher", "student", "method", "seed", "recipe_hash", "config_hash",
+    "start_time", "test_top1", "test_top1_bestval", "teacher_test_top1", "flops_student",
+    "params_student", "params_extra", "epochs_to_95", "train_seconds",
 ]
+_METRIC_COLUMNS = COLUMNS[9:]
+TIE_ALPHA = 0.05
 
 
 def runs_frame(runs) -> pd.DataFrame:
-    """Finished student runs (MLflow ``Run`` objects) as a DataFrame with :data:`COLUMNS`."""
+    """Finished student runs (MLflow ``Run`` objects) as a DataFrame with :data:`COLUMNS`.
+
+    Several finished runs with one config hash (the same experiment) count once: the latest."""
     rows = []
     for r in runs:
         tags, m = r.data.tags, r.data.metrics
@@ -20,64 +41,326 @@ def runs_frame(runs) -> pd.DataFrame:
             continue
         rows.append({
             "run_id": r.info.run_id,
-            **{k: tags.get(k, "") for k in ("dataset", "teacher", "student", "method", "recipe_hash")},
+            **{k: tags.get(k, "") for k in ("dataset", "teacher", "student", "method", "recipe_hash", "config_hash")},
             "seed": int(tags.get("seed", 0)),
-            **{k: m.get(k) for k in COLUMNS[7:]},
+            "start_time": r.info.start_time or 0,
+            **{k: m.get(k) for k in _METRIC_COLUMNS},
         })
-    return pd.DataFrame(rows, columns=COLUMNS)
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    if df.empty:
+        return df
+    df = df.sort_values("start_time")
+    keyed = df[df.config_hash != ""].drop_duplicates("config_hash", keep="last")
+    return pd.concat([keyed, df[df.config_hash == ""]]).sort_values("start_time").reset_index(drop=True)
 
 
-def aggregate(df: pd.DataFrame) -> dict[tuple[str, str, str], pd.DataFrame]:
-    """Per (dataset, teacher, student): method, runs, mean/std of test top-1 (last epoch and
-    best-on-val), Δ vs the vanilla mean for the same student and recipe, and the costs.
+def welch_p(a, b) -> float:
+    """Two-sided p of Welch's t-test; NaN when a sample has < 2 values; for two constant samples
+    1.0 if their means are equal, else 0.0."""
+    from scipy import stats
 
-    Vanilla runs use no teacher; they join every table with their student and recipe. Sorted by
-    mean test top-1, best first. Accuracies are fractions; std is the sample std (n−1; NaN for n=1).
-    """
+    a, b = [float(x) for x in a], [float(x) for x in b]
+    if len(a) < 2 or len(b) < 2:
+        return float("nan")
+    p = stats.ttest_ind(a, b, equal_var=False).pvalue
+    if math.isnan(p):
+        return 1.0 if math.isclose(sum(a) / len(a), sum(b) / len(b)) else 0.0
+    return float(p)
+
+
+def aggregate(df: pd.DataFrame, metric: str = "test_top1",
+              published: dict[str, dict[str, float]] | None = None) -> dict[tuple[str, str, str], pd.DataFrame]:
+    """Per (dataset, teacher, student): one row per method, sorted by ``metric`` (best first).
+
+    Methods without a teacher (vanilla, rocket) join every table with their student and recipe.
+    ``published`` maps "teacher->student" to {method: top-1 %} (reference numbers)."""
     tables = {}
     if df.empty:
         return tables
-    vanilla = df[df.method == "vanilla"]
+    published = published or {}
+    df = df.reindex(columns=list(dict.fromkeys([*COLUMNS, *df.columns])))
     pairs = df[df.teacher != ""][["dataset", "teacher", "student", "recipe_hash"]].drop_duplicates()
     for _, pair in pairs.iterrows():
         same_student = (df.dataset == pair.dataset) & (df.student == pair.student) & (df.recipe_hash == pair.recipe_hash)
-        rows = df[same_student & ((df.teacher == pair.teacher) | (df.method == "vanilla"))]
-        van = vanilla[(vanilla.dataset == pair.dataset) & (vanilla.student == pair.student) & (vanilla.recipe_hash == pair.recipe_hash)]
-        van_mean = van.test_top1.mean() if len(van) else float("nan")
-        g = rows.groupby("method")
-        table = pd.DataFrame({
-            "runs": g.size(),
-            "top1_mean": g.test_top1.mean(),
-            "top1_std": g.test_top1.std(),
-            "bestval_top1_mean": g.test_top1_bestval.mean(),
-            "flops": g.flops_student.first(),
-            "params": g.params_student.first(),
-            "params_extra": g.params_extra.first(),
-            "epochs_to_95": g.epochs_to_95.mean(),
-            "train_seconds": g.train_seconds.mean(),
-        })
-        table.insert(3, "delta_vs_vanilla", table.top1_mean - van_mean)
-        table = table.sort_values("top1_mean", ascending=False).reset_index()
+        rows = df[same_student & ((df.teacher == pair.teacher) | (df.teacher == ""))]
+        table = _table(rows, metric, published.get(f"{pair.teacher}->{pair.student}", {}))
         key = (pair.dataset, pair.teacher, pair.student)
-        tables[key] = table if key not in tables else pd.concat([tables[key], table])
+        tables[key] = table if key not in tables else pd.concat([tables[key], table], ignore_index=True)
     return tables
 
 
-def format_table(table: pd.DataFrame) -> str:
-    """Human-readable: accuracies in %, mean ± std."""
-    out = pd.DataFrame({
-        "method": table.method,
-        "runs": table.runs,
-        "test top-1 % (last)": [_pm(m, s) for m, s in zip(table.top1_mean, table.top1_std)],
-        "top-1 % (best val)": [f"{100 * v:.2f}" for v in table.bestval_top1_mean],
-        "Δ vs vanilla": ["" if pd.isna(d) else f"{100 * d:+.2f}" for d in table.delta_vs_vanilla],
-        "epochs→95%": [f"{v:.1f}" for v in table.epochs_to_95],
-        "MFLOPs": [f"{v / 1e6:.2f}" for v in table.flops],
-        "params": [f"{int(v):,}" + (f" +{int(e):,}" if e else "") for v, e in zip(table.params, table.params_extra.fillna(0))],
-        "train s": [f"{v:.1f}" for v in table.train_seconds],
+def _table(rows: pd.DataFrame, metric: str, published: dict[str, float]) -> pd.DataFrame:
+    bestval = "test_top1_bestval"
+    g = rows.groupby("method")
+    table = pd.DataFrame({
+        "runs": g.size(),
+        "top1_mean": g.test_top1.mean(),
+        "top1_std": g.test_top1.std(),
+        "bestval_mean": g[bestval].mean(),
+        "bestval_std": g[bestval].std(),
+        "teacher_top1": g.teacher_test_top1.mean(),
+        "flops": g.flops_student.first(),
+        "params": g.params_student.first(),
+        "params_extra": g.params_extra.first(),
+        "epochs_to_95": g.epochs_to_95.mean(),
+        "train_seconds": g.train_seconds.mean(),
+        "run_ids": g.run_id.agg(list),
     })
-    return out.to_string(index=False)
+    score = table.top1_mean if metric == "test_top1" else table.bestval_mean
+    van = score.get("vanilla", float("nan"))
+    teacher = table.teacher_top1.dropna().mean() if table.teacher_top1.notna().any() else float("nan")
+    table["score"] = score
+    table["delta_vs_vanilla"] = score - van
+    table["gap_closed"] = (score - van) / (teacher - van) if teacher - van > 0 else float("nan")
+    table["teacher_top1"] = teacher
+    table = table.sort_values("score", ascending=False, kind="stable").reset_index()
+    values = {m: rows[rows.method == m][metric].dropna().tolist() for m in table.method}
+    best = table.method.iloc[0]
+    ps, ties = [], []
+    for m in table.method:
+        if m == best:
+            ps.append(float("nan"))
+            ties.append("best")
+            continue
+        p = welch_p(values[best], values[m])
+        ps.append(p)
+        ties.append("" if math.isnan(p) else ("tied" if p >= TIE_ALPHA else ""))
+    table["p_vs_best"] = ps
+    table["tie"] = ties
+    table["published"] = [published.get(m, float("nan")) for m in table.method]  # in %
+    table["published_delta"] = 100 * table.score - table.published
+    return table
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _pct(v, signed=False) -> str:
+    if v is None or pd.isna(v):
+        return ""
+    return f"{100 * v:+.2f}" if signed else f"{100 * v:.2f}"
 
 
 def _pm(mean: float, std: float) -> str:
+    if pd.isna(mean):
+        return ""
     return f"{100 * mean:.2f}" + ("" if pd.isna(std) else f" ± {100 * std:.2f}")
+
+
+def display_frame(table: pd.DataFrame, metric: str = "test_top1", notes: dict[str, str] | None = None) -> pd.DataFrame:
+    """The human-readable columns (strings; accuracies in %)."""
+    notes = notes or {}
+    out = pd.DataFrame({
+        "method": [m + (" ≈" if t == "tied" else " ★" if t == "best" else "") + notes.get(m, "")
+                   for m, t in zip(table.method, table.tie)],
+        "seeds": table.runs,
+        "test top-1 % (last)": [_pm(m, s) for m, s in zip(table.top1_mean, table.top1_std)],
+        "test top-1 % (best val)": [_pm(m, s) for m, s in zip(table.bestval_mean, table.bestval_std)],
+        "Δ vs vanilla": [_pct(d, signed=True) for d in table.delta_vs_vanilla],
+        "gap closed": ["" if pd.isna(v) else f"{v:.2f}" for v in table.gap_closed],
+        "p vs best": ["" if pd.isna(v) else f"{v:.3f}" for v in table.p_vs_best],
+        "epochs→95%": ["" if pd.isna(v) else f"{v:.1f}" for v in table.epochs_to_95],
+        "params": ["" if pd.isna(v) else f"{int(v):,}" + (f" +{int(e):,}" if e else "")
+                   for v, e in zip(table.params, table.params_extra.fillna(0))],
+        "MFLOPs": ["" if pd.isna(v) else f"{v / 1e6:.2f}" for v in table.flops],
+        "train s": ["" if pd.isna(v) else f"{v:.1f}" for v in table.train_seconds],
+    })
+    if table.published.notna().any():
+        out["paper %"] = ["" if pd.isna(v) else f"{v:.2f}" for v in table.published]
+        out["Δ vs paper"] = ["" if pd.isna(v) else f"{v:+.2f}" for v in table.published_delta]
+    return out
+
+
+def format_table(table: pd.DataFrame, metric: str = "test_top1") -> str:
+    """Human-readable: accuracies in %, mean ± std."""
+    return display_frame(table, metric).to_string(index=False)
+
+
+def footer(metric: str, suite=None) -> list[str]:
+    lines = [
+        f"Ranked by {'test top-1 at the last epoch' if metric == 'test_top1' else 'test top-1 at the best-validation epoch'}"
+        " (mean over seeds; ± is the sample std).",
+        f"★ best; ≈ tied with the best: Welch's t-test (scipy.stats.ttest_ind, equal_var=False) of the "
+        f"per-seed values gives p ≥ {TIE_ALPHA} (difference within noise).",
+        "Δ vs vanilla and gap closed = (method − vanilla) / (teacher − vanilla) use the ranking metric's means; "
+        "epochs→95% = first epoch with validation top-1 ≥ 95 % of its final value; FLOPs per sample (student).",
+    ]
+    if suite is not None:
+        untuned = [f"{m.name} ({m.tune_trials} trials)" for m in suite.methods if m.tune_trials]
+        if untuned:
+            lines.append("† meant to be tuned, " + ", ".join(untuned) + ": not yet tuned (kdbench has no "
+                         "tuner on this branch), run with the listed params.")
+        if suite.published:
+            lines.append("paper % = published number " + (f"({suite.published_note})" if suite.published_note else "")
+                         + "; Δ vs paper = ours − paper, in points.")
+    return lines
+
+
+def _notes(suite) -> dict[str, str]:
+    return {m.name: " †" for m in suite.methods if m.tune_trials} if suite is not None else {}
+
+
+def _heading(key) -> str:
+    ds, teacher, student = key
+    return f"{ds}: {teacher} → {student}"
+
+
+def to_text(tables, metric="test_top1", suite=None) -> str:
+    parts = []
+    for key, table in sorted(tables.items()):
+        parts += ["", _heading(key), display_frame(table, metric, _notes(suite)).to_string(index=False)]
+    return "\n".join(parts + [""] + footer(metric, suite)) + "\n"
+
+
+def _md_table(frame: pd.DataFrame) -> str:
+    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(esc(c) for c in frame.columns) + " |",
+             "|" + "|".join("---" for _ in frame.columns) + "|"]
+    for row in frame.itertuples(index=False):
+        lines.append("| " + " | ".join(esc(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def to_markdown(tables, metric="test_top1", suite=None, title=None) -> str:
+    parts = [f"# Leaderboard: {title or (suite.name if suite else 'all runs')}", ""]
+    if suite is not None and suite.description:
+        parts += [suite.description, ""]
+    for key, table in sorted(tables.items()):
+        parts += [f"## {_heading(key)}", "", _md_table(display_frame(table, metric, _notes(suite))), ""]
+    parts += [f"- {line}" for line in footer(metric, suite)]
+    return "\n".join(parts) + "\n"
+
+
+def flat_frame(tables) -> pd.DataFrame:
+    """All tables in one numeric frame (CSV): one row per (dataset, teacher, student, method)."""
+    frames = []
+    for (ds, teacher, student), table in sorted(tables.items()):
+        t = table.drop(columns=["run_ids"]).copy()
+        t.insert(0, "student", student)
+        t.insert(0, "teacher", teacher)
+        t.insert(0, "dataset", ds)
+        t.insert(3, "rank", range(1, len(t) + 1))
+        frames.append(t)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def to_csv(tables) -> str:
+    return flat_frame(tables).to_csv(index=False)
+
+
+def to_html(tables, metric="test_top1", suite=None, images: dict[str, bytes] | None = None, title=None) -> str:
+    import html
+
+    name = title or (suite.name if suite else "all runs")
+    parts = [
+        "<!DOCTYPE html>", "<html><head><meta charset='utf-8'>",
+        f"<title>kdbench leaderboard: {html.escape(name)}</title>",
+        "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}"
+        "table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 8px;"
+        "text-align:right}th{background:#eee}img{max-width:100%;margin:1em 0}</style>",
+        "</head><body>", f"<h1>Leaderboard: {html.escape(name)}</h1>",
+    ]
+    if suite is not None and suite.description:
+        parts.append(f"<p>{html.escape(suite.description)}</p>")
+    images = images or {}
+    for key, table in sorted(tables.items()):
+        parts.append(f"<h2>{html.escape(_heading(key))}</h2>")
+        parts.append(display_frame(table, metric, _notes(suite)).to_html(index=False, escape=True))
+        for kind in ("bars", "curves"):
+            png = images.get(f"{kind}_{key[0]}_{key[1]}_{key[2]}.png")
+            if png:
+                parts.append(_img(png, f"{kind} {_heading(key)}"))
+    if "pareto.png" in images:
+        parts += ["<h2>Accuracy vs FLOPs</h2>", _img(images["pareto.png"], "accuracy vs FLOPs Pareto front")]
+    parts.append("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in footer(metric, suite)) + "</ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f"<img alt='{alt}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plots(tables, metric="test_top1", histories: dict[str, list[tuple[int, float]]] | None = None) -> dict[str, bytes]:
+    """PNG figures: ``pareto.png`` (accuracy vs student FLOPs, Pareto front), and per pair
+    ``bars_<ds>_<teacher>_<student>.png`` (mean ± std) and ``curves_…png`` (mean val top-1 per
+    epoch per method, from ``histories``: run id → [(epoch, val_top1)])."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+    histories = histories or {}
+
+    def png(fig) -> bytes:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+        plt.close(fig)
+        return buf.getvalue()
+
+    points = []
+    for key, table in sorted(tables.items()):
+        suffix = f"{key[0]}_{key[1]}_{key[2]}.png"
+        fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(table)), 4))
+        std = table.top1_std if metric == "test_top1" else table.bestval_std
+        colors = ["tab:orange" if t == "best" else "tab:green" if t == "tied" else "tab:blue" for t in table.tie]
+        ax.bar(table.method, 100 * table.score, yerr=100 * std.fillna(0), capsize=3, color=colors)
+        lo = 100 * (table.score - std.fillna(0)).min()
+        ax.set_ylim(max(0, lo - 2), min(100, 100 * (table.score + std.fillna(0)).max() + 1))
+        ax.set_ylabel("test top-1 %")
+        ax.set_title(f"{_heading(key)} (orange best, green tied)")
+        ax.tick_params(axis="x", rotation=60)
+        out["bars_" + suffix] = png(fig)
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for method, run_ids in zip(table.method, table.run_ids):
+            series = [pd.Series(dict(histories[r])) for r in run_ids if histories.get(r)]
+            if not series:
+                continue
+            mean = pd.concat(series, axis=1).mean(axis=1).sort_index()
+            ax.plot(mean.index, 100 * mean.values, label=method, lw=1.2)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation top-1 % (mean over seeds)")
+        ax.set_title(f"validation curves: {_heading(key)}")
+        if ax.lines:
+            ax.legend(fontsize=7, ncol=2)
+        out["curves_" + suffix] = png(fig)
+        for row in table.itertuples():
+            if not pd.isna(row.flops):
+                points.append((row.flops, 100 * row.score, f"{row.method} ({key[2]})"))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if points:
+        xs, ys, labels = zip(*points)
+        ax.scatter(xs, ys, s=14, color="tab:blue")
+        front, best = [], -1.0
+        for x, y, label in sorted(points, key=lambda p: (p[0], -p[1])):
+            if y > best:
+                front.append((x, y, label))
+                best = y
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:red", label="Pareto front")
+        for x, y, label in front:
+            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.legend()
+    ax.set_xlabel("student FLOPs per sample")
+    ax.set_ylabel("test top-1 % (mean over seeds)")
+    ax.set_title("accuracy vs FLOPs")
+    out["pareto.png"] = png(fig)
+    return out
+
+
+def render(fmt: str, tables, metric="test_top1", suite=None, images=None, title=None) -> str:
+    if fmt == "table":
+        return to_text(tables, metric, suite)
+    if fmt == "markdown":
+        return to_markdown(tables, metric, suite, title)
+    if fmt == "csv":
+        return to_csv(tables)
+    if fmt == "html":
+        return to_html(tables, metric, suite, images, title)
+    raise ValueError(f"unknown format {fmt!r}")

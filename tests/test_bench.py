@@ -1,0 +1,136 @@
+"""Leaderboard suites: planning (cells, hashes), running with --jobs, resume after a kill,
+failures recorded and listed. The teacher is a checkpoint (an untrained net), so nothing trains
+a teacher here; students train for 1 epoch."""
+import hashlib
+
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from kdbench import bench, engine, plugins
+from kdbench.cli import main
+from kdbench.errors import KdbenchError
+from kdbench.plan import RunConfig, make_plan
+
+SUITE = """
+name = "tiny"
+dataset = "mnist1d"
+seeds = [0, 1, 2]
+methods = ["vanilla", {{name = "kd", params = {{T = 2.0}}, tune_trials = 7}}]
+[recipe]
+epochs = 1
+[[pairs]]
+teacher = "cnn1d_4x32"
+student = "cnn1d_2x16"
+teacher_checkpoint = "t.pt"
+teacher_sha256 = "{sha}"
+"""
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+@pytest.fixture
+def suite(env):
+    torch.manual_seed(0)
+    net = engine.build_teacher(make_plan(RunConfig(), plugins.registry()), torch.device("cpu"))
+    torch.save({"model": net.state_dict()}, env / "t.pt")
+    sha = hashlib.sha256((env / "t.pt").read_bytes()).hexdigest()
+    path = env / "tiny.toml"
+    path.write_text(SUITE.format(sha=sha))
+    return path
+
+
+def student_runs(env, **tags):
+    client = MlflowClient(f"sqlite:///{env}/mlflow.db")
+    exp = client.get_experiment_by_name("kdbench/mnist1d")
+    filt = " AND ".join([f"tags.{k} = '{v}'" for k, v in {"role": "student", **tags}.items()])
+    return client.search_runs([exp.experiment_id], filt) if exp else []
+
+
+def test_plan_cells_and_hashes(suite, env):
+    s = bench.load_suite(str(suite))
+    assert [m.name for m in s.methods] == ["vanilla", "kd"] and s.methods[1].tune_trials == 7
+    cells = bench.plan_cells(s)
+    assert len(cells) == 6 and [c.method.name for c in cells[:3]] == ["vanilla"] * 3
+    assert len({c.config_hash for c in cells}) == 6
+    kd0 = next(c for c in cells if c.key.endswith("kd/s0"))
+    sha = hashlib.sha256((env / "t.pt").read_bytes()).hexdigest()
+    assert kd0.teacher_id == "ckpt:" + sha[:16]
+    plan = make_plan(kd0.config, plugins.registry())
+    assert kd0.config_hash == plan.config_hash("ckpt:" + sha[:16]) and plan.hp["T"] == 2.0
+    assert plan.recipe.epochs == 1 and kd0.config.tags["leaderboard"] == "tiny"
+    assert next(c for c in cells if c.method.name == "vanilla").teacher_id is None
+    # the shipped suites load; the CIFAR one has 13 pairs, every method and published numbers
+    emb = bench.load_suite("embedded")
+    assert len(bench.plan_cells(emb)) == 3 * len(emb.methods) and "vanilla" in [m.name for m in emb.methods]
+    rep = bench.load_suite("cifar100-repdistiller")
+    assert len(rep.pairs) == 13 and rep.published["resnet32x4->resnet8x4"]["kd"] == 73.33
+    fast = bench.load_suite("cifar100-fast")
+    assert fast.recipe_for("resnet8x4")["epochs"] == 60 and fast.recipe_for("shufflenetv2")["lr"] == 0.04
+    # bad definitions: fewer than 3 seeds, a wrong checksum
+    suite.write_text(suite.read_text().replace("seeds = [0, 1, 2]", "seeds = [0, 1]"))
+    with pytest.raises(KdbenchError, match="at least 3 distinct seeds"):
+        bench.load_suite(str(suite))
+    suite.write_text(suite.read_text().replace("seeds = [0, 1]", "seeds = [0, 1, 2]").replace(sha, "0" * 64))
+    bad = bench.plan_cells(bench.load_suite(str(suite)))
+    assert all("sha256" in c.plan_error for c in bad if c.method.name == "kd")
+
+
+def test_bench_runs_resumes_after_a_kill_and_records_failures(suite, env, monkeypatch):
+    # first attempt: the 4th cell is interrupted mid-training (Ctrl-C): the run is KILLED
+    real, calls = engine.run_student, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine, "run_student", flaky)
+    result = invoke("bench", str(suite))
+    assert result.exit_code == 130, result.output
+    assert len(student_runs(env, leaderboard="tiny")) == 4
+    assert len([r for r in student_runs(env) if r.info.status == "FINISHED"]) == 3
+    assert [r.info.status for r in student_runs(env) if r.info.status != "FINISHED"] == ["KILLED"]
+    # a cell whose process was SIGKILLed leaves a RUNNING run behind: it is not counted as done
+    cells = bench.plan_cells(bench.load_suite(str(suite)))
+    client = MlflowClient(f"sqlite:///{env}/mlflow.db")
+    stale = client.create_run(client.get_experiment_by_name("kdbench/mnist1d").experiment_id)
+    client.set_tag(stale.info.run_id, "role", "student")
+    client.set_tag(stale.info.run_id, "config_hash", cells[-1].config_hash)
+    monkeypatch.setattr(engine, "run_student", real)
+
+    dry = invoke("bench", str(suite), "--dry-run")
+    assert dry.exit_code == 0 and "3 finished, 3 would run" in dry.output and "not yet tuned" in dry.output
+    result = invoke("bench", str(suite), "--jobs", "2")
+    assert result.exit_code == 0, result.output
+    assert "ran 3 cells" in result.output and "3 finished, 0 failed" in result.output
+    finished = [r for r in student_runs(env) if r.info.status == "FINISHED"]
+    assert sorted(r.data.tags["config_hash"] for r in finished) == sorted(c.config_hash for c in cells)
+    assert all(r.data.tags["leaderboard"] == "tiny" for r in finished)
+    assert all(r.data.tags.get("tune_trials") == "7" for r in finished if r.data.tags["method"] == "kd")
+    # a finished suite is a no-op
+    again = invoke("bench", str(suite))
+    assert again.exit_code == 0 and "6 already finished, 0 to run" in again.output
+    assert len([r for r in student_runs(env) if r.info.status == "FINISHED"]) == 6
+
+    # rendering the suite: its runs only, markdown with the tuning note; a summary run with plots
+    board = invoke("leaderboard", str(suite), "--format", "markdown")
+    assert board.exit_code == 0, board.output
+    assert "# Leaderboard: tiny" in board.output and "| kd" in board.output and "not yet tuned" in board.output
+    (summary,) = client.search_runs([client.get_experiment_by_name("kdbench/mnist1d").experiment_id],
+                                    "tags.role = 'summary' AND tags.leaderboard = 'tiny'")
+    names = {a.path for a in client.list_artifacts(summary.info.run_id, "leaderboard")}
+    assert {"leaderboard/pareto.png", "leaderboard/leaderboard.html", "leaderboard/leaderboard.md"} <= names
+
+    # a failing cell is recorded FAILED with its reason; the suite goes on and lists it
+    suite.write_text(suite.read_text().replace("T = 2.0", "alpha = 1.5"))
+    result = invoke("bench", str(suite))
+    assert result.exit_code == 1
+    assert "ran 3 cells" in result.output and "0 finished, 3 failed" in result.output
+    assert "FAILED cnn1d_4x32->cnn1d_2x16/kd/s0: KdbenchError: hyperparameter alpha=1.5 must be <= 1.0" in result.output
+    failed = [r for r in student_runs(env, leaderboard="tiny") if r.info.status == "FAILED"]
+    assert len(failed) == 3 and all("alpha=1.5" in r.data.tags["failure_reason"] for r in failed)

@@ -1,0 +1,140 @@
+"""Leaderboard maths and formats on a fabricated MLflow store (runs made with MlflowClient)."""
+import io
+import re
+import statistics
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from mlflow.entities import Metric, RunTag
+from mlflow.tracking import MlflowClient
+from scipy import stats
+
+from kdbench.cli import main
+from kdbench.leaderboard import aggregate, runs_frame, welch_p
+
+TEACHER = 0.90
+# method -> per-seed test top-1 (last epoch)
+ACC = {
+    "vanilla": [0.70, 0.72, 0.71],
+    "kd": [0.80, 0.81, 0.79],
+    "at": [0.79, 0.80, 0.805],  # within noise of kd
+    "fitnets": [0.74, 0.745, 0.75],  # clearly below kd
+}
+
+
+def fabricate(uri, acc=ACC, teacher="cnn1d_4x32", student="cnn1d_2x16", extra_tags=None, hashes=None):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("kdbench/mnist1d")
+    exp_id = exp.experiment_id if exp else client.create_experiment("kdbench/mnist1d")
+    for method, values in acc.items():
+        for seed, v in enumerate(values):
+            run = client.create_run(exp_id, run_name=f"{method}-s{seed}")
+            tags = {"role": "student", "dataset": "mnist1d", "method": method, "student": student,
+                    "teacher": "" if method == "vanilla" else teacher, "seed": str(seed),
+                    "recipe_hash": "r1", "config_hash": (hashes or {}).get((method, seed), f"{method}{seed}"),
+                    **(extra_tags or {})}
+            metrics = {"test_top1": v, "test_top1_bestval": v - 0.01, "flops_student": 32000,
+                       "params_student": 3034, "params_extra": 0, "epochs_to_95": 3 + seed,
+                       "train_seconds": 10.0 + seed}
+            if method != "vanilla":
+                metrics["teacher_test_top1"] = TEACHER
+            client.log_batch(run.info.run_id, tags=[RunTag(k, str(x)) for k, x in tags.items()],
+                             metrics=[Metric(k, float(x), 0, 0) for k, x in metrics.items()]
+                             + [Metric("val_top1", v * e / 3, 0, e) for e in (1, 2, 3)])
+            client.set_terminated(run.info.run_id)
+    return client
+
+
+@pytest.fixture
+def store(env):
+    uri = f"sqlite:///{env}/mlflow.db"
+    fabricate(uri)
+    return uri
+
+
+def test_aggregate_against_hand_computed_numbers(store):
+    from kdbench.tracking import Tracker
+
+    runs = Tracker(store).search("mnist1d", "attributes.status = 'FINISHED'")
+    (table,) = aggregate(runs_frame(runs)).values()
+    t = table.set_index("method")
+    assert list(table.method) == ["kd", "at", "fitnets", "vanilla"]
+    van = statistics.mean(ACC["vanilla"])
+    for m, values in ACC.items():
+        assert t.loc[m, "runs"] == 3
+        assert t.loc[m, "top1_mean"] == pytest.approx(statistics.mean(values))
+        assert t.loc[m, "top1_std"] == pytest.approx(statistics.stdev(values))
+        assert t.loc[m, "bestval_mean"] == pytest.approx(statistics.mean(values) - 0.01)
+        assert t.loc[m, "delta_vs_vanilla"] == pytest.approx(statistics.mean(values) - van)
+    # hand-computed: kd mean 0.80, vanilla 0.71, teacher 0.90 -> (0.80-0.71)/(0.90-0.71) = 0.473684
+    assert t.loc["kd", "gap_closed"] == pytest.approx(0.09 / 0.19)
+    assert t.loc["kd", "delta_vs_vanilla"] == pytest.approx(0.09)
+    assert t.loc["kd", "epochs_to_95"] == pytest.approx(4.0) and t.loc["kd", "train_seconds"] == pytest.approx(11.0)
+    # tie test: Welch's t-test against the best (kd)
+    assert t.loc["kd", "tie"] == "best"
+    p_at = stats.ttest_ind(ACC["kd"], ACC["at"], equal_var=False).pvalue
+    assert p_at >= 0.05 and t.loc["at", "tie"] == "tied" and t.loc["at", "p_vs_best"] == pytest.approx(p_at)
+    p_fit = stats.ttest_ind(ACC["kd"], ACC["fitnets"], equal_var=False).pvalue
+    assert p_fit < 0.05 and t.loc["fitnets", "tie"] == ""
+
+
+def test_ranking_by_best_val_and_published_numbers():
+    rows = []
+    for m, values in ACC.items():
+        for s, v in enumerate(values):
+            bestval = 0.9 if m == "fitnets" else v  # fitnets wins on best-val
+            rows.append({"run_id": f"{m}{s}", "dataset": "d", "teacher": "" if m == "vanilla" else "T",
+                         "student": "S", "method": m, "seed": s, "recipe_hash": "r", "config_hash": f"{m}{s}",
+                         "start_time": s, "test_top1": v, "test_top1_bestval": bestval, "teacher_test_top1": TEACHER})
+    df = pd.DataFrame(rows)
+    (table,) = aggregate(df, "test_top1_bestval", {"T->S": {"kd": 79.0}}).values()
+    assert table.method.iloc[0] == "fitnets"
+    t = table.set_index("method")
+    assert t.loc["kd", "published"] == 79.0 and t.loc["kd", "published_delta"] == pytest.approx(80.0 - 79.0)
+    assert pd.isna(t.loc["at", "published"])
+
+
+def test_duplicate_hash_counts_once_and_welch_edge_cases(env):
+    uri = f"sqlite:///{env}/mlflow.db"
+    fabricate(uri)
+    fabricate(uri, {"kd": [0.5]})  # a second FINISHED run of hash kd0 (later): it replaces the first
+    from kdbench.tracking import Tracker
+
+    df = runs_frame(Tracker(uri).search("mnist1d"))
+    assert len(df) == 12 and df.set_index("config_hash").loc["kd0", "test_top1"] == 0.5
+    assert welch_p([0.5, 0.5], [0.5, 0.5]) == 1.0 and welch_p([0.5, 0.5], [0.6, 0.6]) == 0.0
+    assert pd.isna(welch_p([0.5], [0.5, 0.6]))
+
+
+def _invoke(*args):
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_formats_parse(store, tmp_path):
+    text = _invoke("leaderboard")
+    assert "mnist1d: cnn1d_4x32 → cnn1d_2x16" in text and "kd ★" in text and "at ≈" in text
+    assert "80.00 ± 1.00" in text and "+9.00" in text and "0.47" in text and "Welch" in text
+
+    md = _invoke("leaderboard", "--format", "markdown")
+    table_lines = [l for l in md.splitlines() if l.startswith("|")]
+    header = [c.strip() for c in table_lines[0].strip("|").split("|")]
+    assert re.fullmatch(r"\|(---\|)+", table_lines[1]) and len(table_lines) == 2 + 4
+    assert all(len(l.strip("|").split("|")) == len(header) for l in table_lines)
+    assert header[:3] == ["method", "seeds", "test top-1 % (last)"]
+
+    csv = pd.read_csv(io.StringIO(_invoke("leaderboard", "--format", "csv")))
+    assert list(csv.method) == ["kd", "at", "fitnets", "vanilla"]
+    assert csv.top1_mean.iloc[0] == pytest.approx(0.80) and csv.gap_closed.iloc[0] == pytest.approx(0.09 / 0.19)
+
+    out = tmp_path / "board.html"
+    _invoke("leaderboard", "--format", "html", "-o", str(out))
+    html = out.read_text()
+    assert html.startswith("<!DOCTYPE html>") and "</html>" in html and "<table" in html
+    imgs = re.findall(r"<img alt='([^']*)' src='data:image/png;base64,([A-Za-z0-9+/=]+)'", html)
+    assert len(imgs) == 3  # bars, validation curves, Pareto front
+    import base64
+
+    assert all(base64.b64decode(b).startswith(b"\x89PNG") for _, b in imgs)
