@@ -6,7 +6,9 @@ reads losses and accuracy once per epoch.
 """
 from __future__ import annotations
 
-import copy
+import contextlib
+import functools
+import operator
 import math
 import resource
 import time
@@ -61,8 +63,10 @@ def select_device(name: str | None = None) -> torch.device:
 
 
 def autocast(device: torch.device):
-    """bf16 autocast on CUDA; a no-op elsewhere."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    """bf16 autocast on CUDA; a no-op elsewhere (no autocast state toggled per step on CPU)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16)
 
 
 def lr_at(recipe: Recipe, epoch: int) -> float:
@@ -217,16 +221,17 @@ def train_stage(
                 s_out = t.student(x)
                 terms = loss_fn(Step(x, y, s_out, t_out, t.hp, t.modules, epoch, epochs, stage.name,
                                      index, t.student, t.teacher, extra))
-                loss = sum(terms.values())
+                values = list(terms.values())
+                loss = functools.reduce(operator.add, values)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            batch_terms = torch.stack([v.detach().float() for v in terms.values()])
+            batch_terms = torch.stack([v.detach().float() for v in values])
             if sums is None:
                 names, sums = list(terms), batch_terms * len(y)
             else:
-                sums += batch_terms * len(y)
-            correct += (s_out.logits.detach().argmax(1) == y).sum()
+                sums.add_(batch_terms, alpha=len(y))
+            correct.add_((s_out.logits.detach().argmax(1) == y).sum())
             seen += len(y)
         values = (sums / max(seen, 1)).tolist()  # the epoch's one host sync
         epoch_metrics = {f"loss_{n}": v for n, v in zip(names, values)}

@@ -39,7 +39,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--epochs", type=int, default=3, help="passes over the training split per measurement")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -57,7 +57,7 @@ def main():
     batches = [(x, y) for x, y, _ in train.shuffled(bs, gen, Augment())]
     samples = len(batches) * bs * args.epochs
 
-    hand_student = engine.build_model(plan.student_obj, plan.dataset_obj, device, 0)
+    hand_student = setup.trainee.student.model  # the very same module: no difference in weights
     hp = SimpleNamespace(**plan.hp)
 
     class Fixed:  # the harness's split interface over the same batches
@@ -89,15 +89,18 @@ def main():
 
     timed(harness), timed(hand)  # warm-up
     h, k = [], []
-    for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
-        h.append(timed(harness))
-        k.append(timed(hand))
+    for i in range(args.repeats):  # interleaved, order alternating, so load drift hits both alike
+        first, second = (harness, hand) if i % 2 == 0 else (hand, harness)
+        a, b = timed(first), timed(second)
+        h.append(a if first is harness else b)
+        k.append(b if first is harness else a)
     hm, km = statistics.median(h), statistics.median(k)
+    paired = statistics.median(a / b for a, b in zip(h, k))
     print(f"device {device}, student {plan.student_obj.name}, teacher {plan.teacher_obj.name}, batch {bs}, "
           f"{len(batches)} steps x {args.epochs} epochs x {args.repeats} repeats")
     print(f"harness   {hm:10.0f} samples/s (median)")
     print(f"hand loop {km:10.0f} samples/s (median)")
-    print(f"ratio harness/hand = {hm / km:.3f}")
+    print(f"ratio harness/hand = {paired:.3f} (median of {args.repeats} interleaved pairs)")
 
 
 if __name__ == "__main__":
