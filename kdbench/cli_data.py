@@ -1,4 +1,28 @@
-"""`kdbench` commands for this area; ``COMMANDS`` is added to the main group by kdbench.cli."""
-import click  # noqa: F401
+"""`kdbench data …`: fetch and verify the files of datasets that read them."""
+import click
 
-COMMANDS: list = []
+from .errors import KdbenchError
+
+
+@click.group("data")
+def data_cmd():
+    """Dataset files: download and verify."""
+
+
+@data_cmd.command("download")
+@click.argument("name")
+@click.option("--data-dir", default=None, help="Where to put the files [default: the dataset's].")
+@click.option("--base-url", default=None, help="A mirror to fetch from instead of the official host.")
+def download_cmd(name, data_dir, base_url):
+    """Download, checksum and extract the files of dataset NAME."""
+    from . import plugins
+
+    dataset = plugins.registry().dataset(name)
+    if dataset.download is None:
+        how = "it is embedded: nothing to download" if dataset.embedded else "its plugin offers no download"
+        raise KdbenchError(f"dataset {name!r} has no download ({how})")
+    where = dataset.download(data_dir, base_url=base_url)
+    click.echo(f"{name}: downloaded and verified{f' in {where}' if where else ''}")
+
+
+COMMANDS: list = [data_cmd]

@@ -266,6 +266,9 @@ class Dataset:
     description: str = ""
     version: str = "1"
     embedded: bool = False  # needs no files: ships with, or is generated offline by, a package
+    #: ``download(data_dir, base_url=None)`` fetches and verifies the files ``load`` reads
+    #: (``kdbench data download NAME``); ``base_url`` replaces the official host (a mirror).
+    download: Callable[..., Any] | None = None
 
 
 # --------------------------------------------------------------------------- methods

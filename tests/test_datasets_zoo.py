@@ -345,3 +345,28 @@ def test_recipe_errors(tmp_path):
     bad.write_text("[recipe]\nepochs = 1\nbatch_size = 2\nlr = 0.1\nlearning_rate = 3\n")
     with pytest.raises(KdbenchError, match="unknown field 'learning_rate'"):
         load_recipe(str(bad))
+
+
+def test_data_download_command_through_the_cli(tmp_path, monkeypatch, server):
+    from click.testing import CliRunner
+
+    from kdbench import plugins
+    from kdbench.cli import main
+
+    www, base = server
+    files = tiny_files("cifar100")
+    archive = tar_gz("cifar100", files)
+    (www / "cifar-100-python.tar.gz").write_bytes(archive)
+    use_tiny_checksums(monkeypatch, "cifar100", files)
+    url, _, sub = cifar.ARCHIVES["cifar100"]
+    monkeypatch.setitem(cifar.ARCHIVES, "cifar100", (url, hashlib.md5(archive).hexdigest(), sub))
+    plugins.reset()
+    dest = tmp_path / "data"
+    result = CliRunner().invoke(main, ["data", "download", "cifar100", "--data-dir", str(dest), "--base-url", base])
+    assert result.exit_code == 0, result.output
+    assert f"cifar100: downloaded and verified in {dest / 'cifar-100-python'}\n" in result.output
+    x, y = cifar.load("cifar100", "train", data_dir=str(dest))
+    assert x.dtype == torch.uint8 and len(x) == len(y) > 0
+    embedded = CliRunner().invoke(main, ["data", "download", "mnist1d"])
+    assert embedded.exit_code == 1
+    assert embedded.output.strip() == "error: dataset 'mnist1d' has no download (it is embedded: nothing to download)"

@@ -171,6 +171,7 @@ DATASETS = [
     Dataset(
         name="cifar100",
         load=partial(load, "cifar100"),
+        download=partial(fetch, "cifar100"),
         num_classes=100,
         input_shape=(3, 32, 32),
         recipe=load_recipe("cifar100-standard"),
@@ -185,6 +186,7 @@ DATASETS = [
     Dataset(
         name="cifar10",
         load=partial(load, "cifar10"),
+        download=partial(fetch, "cifar10"),
         num_classes=10,
         input_shape=(3, 32, 32),
         recipe=load_recipe("cifar100-standard"),
