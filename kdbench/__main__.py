@@ -1,0 +1,4 @@
+"""`python -m kdbench` is the `kdbench` command."""
+from .cli import main
+
+main()
