@@ -16,8 +16,6 @@
 """
 from __future__ import annotations
 
-import math
-import os
 import re
 import tempfile
 import threading

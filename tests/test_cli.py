@@ -1,5 +1,4 @@
 """End to end through the CLI, checked against what MLflow recorded; bad input is one line."""
-import math
 
 import pytest
 import torch

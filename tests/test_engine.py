@@ -1,6 +1,5 @@
 """The engine on tiny configurations: determinism, frozen teacher, stages, schedules, NaN."""
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from kdbench import plugins
 from kdbench.contracts import Outputs, Probe, Step
 from kdbench.errors import KdbenchError
-from kdbench_builtin.methods import at, at_grad, kdsvd
+from kdbench_builtin.methods import at, at_grad
 
 NEW = ["logits", "nst", "sp", "cc", "rkd", "pkt", "dkd", "dist", "kdsvd", "at", "at_grad"]
 REG = plugins.registry().methods

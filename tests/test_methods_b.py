@@ -333,7 +333,7 @@ def test_ab_hand_worked_and_zero_beyond_margin():
 def test_ab_main_stage_is_ce_only_by_default():
     z = torch.randn(3, 5)
     y = torch.tensor([0, 1, 2])
-    terms = ab.loss(make_step("ab", Outputs(z, {}), Outputs(torch.randn(3, 5), {}), y, None))
+    terms = ab.METHODS[0].loss(make_step("ab", Outputs(z, {}), Outputs(torch.randn(3, 5), {}), y, None))
     assert set(terms) == {"ce"}
     assert terms["ce"].item() == pytest.approx(-F.log_softmax(z, 1)[range(3), y].mean().item(), rel=1e-6)
 

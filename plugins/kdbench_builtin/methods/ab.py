@@ -6,7 +6,6 @@ student pre-ReLU stage map s; with t the teacher's pre-ReLU map and margin m,
 per stage, weighted 2^(i−n) (deepest 1), divided by the batch size and scaled by 3/1000 as in
 RepDistiller. Main stage: CE (RepDistiller runs AB with -a 0, so no KD), plus ``alpha``·KD if set.
 """
-import torch.nn.functional as F
 from torch import nn
 
 from kdbench.contracts import HParam, Method, Stage
@@ -14,7 +13,7 @@ from kdbench.errors import KdbenchError
 
 from ._common_b import bn, conv
 from .at import match_size
-from .kd import kd_term
+from .kd import ce_plus_optional_kd
 
 
 def pre_names(names):
@@ -56,18 +55,10 @@ def init_loss(step):
     return {"ab": step.hp.beta * ab_term(step)}
 
 
-def loss(step):
-    hp = step.hp
-    terms = {"ce": F.cross_entropy(step.student.logits, step.y)}
-    if hp.alpha > 0:
-        terms["kd"] = hp.alpha * kd_term(step.student.logits, step.teacher.logits.detach().float(), hp.T)
-    return terms
-
-
 METHODS = [
     Method(
         name="ab",
-        loss=loss,
+        loss=ce_plus_optional_kd,
         description="activation boundaries: an init stage teaching the teacher's neuron on/off pattern, then CE",
         citation="Heo et al., AAAI 2019",
         taps=("stage[0-9]_pre", "stage[0-9][0-9]_pre"),

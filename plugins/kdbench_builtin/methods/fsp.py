@@ -16,7 +16,7 @@ from kdbench.errors import KdbenchError
 
 from ._common_b import STAGE_TAPS, conv, same_stage_count, stage_names
 from .at import match_size
-from .kd import kd_term
+from .kd import ce_plus_optional_kd
 
 
 def fsp_matrix(f1, f2):
@@ -58,18 +58,10 @@ def init_loss(step):
     return {"fsp": step.hp.beta * fsp_term(step)}
 
 
-def loss(step):
-    hp = step.hp
-    terms = {"ce": F.cross_entropy(step.student.logits, step.y)}
-    if hp.alpha > 0:
-        terms["kd"] = hp.alpha * kd_term(step.student.logits, step.teacher.logits.detach().float(), hp.T)
-    return terms
-
-
 METHODS = [
     Method(
         name="fsp",
-        loss=loss,
+        loss=ce_plus_optional_kd,
         description="FSP: an init stage matching flow matrices between consecutive stages, then CE",
         citation="Yim et al., CVPR 2017",
         taps=STAGE_TAPS,

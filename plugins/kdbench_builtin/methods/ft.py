@@ -8,7 +8,6 @@ student's last stage) gives the student factor; loss = CE + beta·mean|F_s/‖F_
 paraphraser frozen (no gradient, eval mode) in the main stage. The larger map is pooled to the
 smaller. Simplification: 2 conv layers each way instead of RepDistiller's 3.
 """
-import math
 
 import torch
 import torch.nn.functional as F

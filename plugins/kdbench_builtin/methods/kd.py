@@ -14,6 +14,15 @@ def kd_term(z_s, z_t, T):
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * T * T
 
 
+def ce_plus_optional_kd(step):
+    """The main stage of init-stage methods (ab, fsp): CE, plus hp.alpha·KD when alpha > 0."""
+    hp = step.hp
+    terms = {"ce": F.cross_entropy(step.student.logits, step.y)}
+    if hp.alpha > 0:
+        terms["kd"] = hp.alpha * kd_term(step.student.logits, step.teacher.logits.detach().float(), hp.T)
+    return terms
+
+
 def loss(step):
     hp = step.hp
     return {
