@@ -243,7 +243,9 @@ class Dataset:
 
     ``load(split, **options)`` returns ``(x, y)`` tensors for ``split`` in ``"train"``, ``"val"``,
     ``"test"``: x is ``[N, *input_shape]`` (uint8 images are scaled by 1/255 on the device), y
-    int64 labels. A source without a validation split carves one from train with a fixed seed
+    int64 labels; or a ``torch.utils.data.Dataset`` of ``(x, y)`` samples for data too large for
+    the device, which is then streamed by a DataLoader with workers (same batched augmentation).
+    A source without a validation split carves one from train with a fixed seed
     (see :func:`kdbench.data.carve_validation`); ``"train"`` then excludes it. Splits are loaded
     lazily and one at a time, so a run that never needs a split never reads it.
     ``mean``/``std`` (per channel) normalise on the device. ``recipe`` trains students,

@@ -2,6 +2,7 @@
 permutation and augmented batched (pad + random crop/shift, flip, noise) with no per-sample Python."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -56,24 +57,87 @@ class DeviceSplit:
             yield augment_batch(self.prepare(self.x[idx]), augment, generator), self.y[idx], idx
 
 
+class _Indexed(torch.utils.data.Dataset):
+    """(x, y) samples of a source dataset, with their index."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        x, y = self.source[i]
+        return torch.as_tensor(x), torch.as_tensor(y).long(), i
+
+
+class LoaderSplit(DeviceSplit):
+    """A split too large for the device: a DataLoader (worker processes, pinned memory) reads
+    the samples; each batch is moved to the device and normalised and augmented there by the
+    same batched code as :class:`DeviceSplit`, so both paths draw the same augmentations."""
+
+    def __init__(self, source, device, mean, std, workers: int | None = None):
+        super().__init__(None, None, mean, std)
+        self.source = _Indexed(source)
+        self.device = device
+        self.workers = min(4, os.cpu_count() or 1) if workers is None else workers
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _loader(self, batch_size, sampler=None, drop_last=False):
+        return torch.utils.data.DataLoader(
+            self.source, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+            num_workers=self.workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
+
+    def _to_device(self, x, y, i):
+        nb = self.device.type == "cuda"
+        return x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb), i.to(self.device)
+
+    def batches(self, batch_size: int):
+        for x, y, i in self._loader(batch_size):
+            x, y, _ = self._to_device(x, y, i)
+            yield self.prepare(x), y
+
+    def shuffled(self, batch_size: int, generator: torch.Generator, augment: Augment):
+        n = len(self)
+        # the order comes from the run's generator, as on the device path
+        order = torch.randperm(n, generator=generator, device=generator.device).cpu().tolist()
+        for x, y, i in self._loader(batch_size, sampler=order, drop_last=n > batch_size):
+            x, y, i = self._to_device(x, y, i)
+            yield augment_batch(self.prepare(x), augment, generator), y, i
+
+
 def load_split(dataset: Dataset, split: str, device: torch.device, options: dict) -> DeviceSplit:
-    """Load one split through the dataset plugin and move it to ``device``."""
+    """Load one split through the dataset plugin: tensors move to ``device`` whole; a
+    ``torch.utils.data.Dataset`` (data too large for the device) is streamed by a DataLoader."""
     try:
-        x, y = dataset.load(split, **options)
+        loaded = dataset.load(split, **options)
     except KdbenchError:
         raise
     except FileNotFoundError as exc:
         raise KdbenchError(f"dataset {dataset.name!r}: missing data: {exc}") from None
-    x, y = torch.as_tensor(x), torch.as_tensor(y).long()
-    if tuple(x.shape[1:]) != tuple(dataset.input_shape):
-        raise KdbenchError(
-            f"dataset {dataset.name!r} split {split!r} has samples of shape {tuple(x.shape[1:])}, "
-            f"it declares {tuple(dataset.input_shape)}"
-        )
     shape = (1, -1) + (1,) * (len(dataset.input_shape) - 1)
     mean = torch.tensor(dataset.mean, device=device).view(shape) if dataset.mean else None
     std = torch.tensor(dataset.std, device=device).view(shape) if dataset.std else None
+    if isinstance(loaded, torch.utils.data.Dataset):
+        sample_shape = tuple(torch.as_tensor(loaded[0][0]).shape) if len(loaded) else tuple(dataset.input_shape)
+        _check_shape(dataset, split, sample_shape)
+        return LoaderSplit(loaded, device, mean, std)
+    x, y = loaded
+    x, y = torch.as_tensor(x), torch.as_tensor(y).long()
+    _check_shape(dataset, split, tuple(x.shape[1:]))
     return DeviceSplit(x.to(device), y.to(device), mean, std)
+
+
+def _check_shape(dataset: Dataset, split: str, shape: tuple) -> None:
+    if shape != tuple(dataset.input_shape):
+        raise KdbenchError(
+            f"dataset {dataset.name!r} split {split!r} has samples of shape {shape}, "
+            f"it declares {tuple(dataset.input_shape)}"
+        )
 
 
 def augment_batch(x: torch.Tensor, aug: Augment, generator: torch.Generator) -> torch.Tensor:

@@ -53,3 +53,27 @@ def test_carve_validation_is_a_fixed_disjoint_split():
     assert set(yv.tolist()).isdisjoint(yt.tolist())
     (_, _), (_, yv2) = carve_validation(x, y, 0.1, seed=0)
     assert torch.equal(yv, yv2)
+
+
+def test_loader_path_draws_exactly_the_device_paths_batches():
+    """The DataLoader path (workers, for large data) and the device path give the same batches
+    from the same generator: same order, same crops, same flips."""
+    from torch.utils.data import TensorDataset
+
+    from kdbench.data import DeviceSplit, LoaderSplit
+
+    x = torch.randint(0, 256, (70, 3, 8, 8), dtype=torch.uint8)
+    y = torch.arange(70) % 7
+    mean, std = torch.full((1, 3, 1, 1), 0.5), torch.full((1, 3, 1, 1), 0.25)
+    aug = Augment(crop_pad=2, flip=True)
+    dev = DeviceSplit(x, y, mean, std)
+    loader = LoaderSplit(TensorDataset(x, y), torch.device("cpu"), mean, std, workers=2)
+    a = list(dev.shuffled(16, torch.Generator().manual_seed(5), aug))
+    b = list(loader.shuffled(16, torch.Generator().manual_seed(5), aug))
+    assert len(a) == len(b) == 4  # 70 // 16, the partial batch dropped on both
+    for (xa, ya, ia), (xb, yb, ib) in zip(a, b):
+        assert torch.equal(ia, ib) and torch.equal(ya, yb)
+        torch.testing.assert_close(xa, xb)
+    evals = [torch.cat([xb for xb, _ in s.batches(32)]) for s in (dev, loader)]
+    torch.testing.assert_close(evals[0], evals[1])
+    torch.testing.assert_close(evals[0], (x.float() / 255 - 0.5) / 0.25)

@@ -139,3 +139,30 @@ def test_checkpoint_loading_names_the_first_mismatch(env, teacher, tmp_path):
     torch.save({"model": state}, bad)
     with pytest.raises(KdbenchError, match=r"'fc.weight' has shape \(3, 3\), the model needs \(10, 320\)"):
         engine.load_checkpoint(net, str(bad), "teacher")
+
+
+def test_a_streamed_dataset_trains_through_the_loader_path(env, teacher):
+    """A dataset whose train split is a torch Dataset (too large for the device) trains the same way."""
+    from dataclasses import replace
+
+    from torch.utils.data import TensorDataset
+
+    from kdbench.data import LoaderSplit
+
+    reg = plugins.registry()
+    base = reg.dataset("mnist1d")
+
+    def load(split):
+        x, y = base.load(split)
+        return TensorDataset(x, y) if split == "train" else (x, y)
+
+    reg.datasets["streamed"] = Entry(replace(base, name="streamed", load=load), "test", "tests", "0")
+    plan = make_plan(RunConfig(method="kd", dataset="streamed", recipe={"epochs": 1}), reg)
+    setup = engine.setup_student(plan, teacher, CPU)
+    assert isinstance(setup.splits["train"], LoaderSplit) and len(setup.splits["train"]) == 3600
+    result = engine.run_student(plan, setup, CPU, lambda e: None)
+    assert result.metrics["test_top1"] > 0.3
+    # identical batches and arithmetic: the same numbers as the device-resident path
+    plan1 = make_plan(RunConfig(method="kd", recipe={"epochs": 1}), reg)
+    same = engine.run_student(plan1, engine.setup_student(plan1, teacher, CPU), CPU, lambda e: None)
+    assert result.curve == same.curve
