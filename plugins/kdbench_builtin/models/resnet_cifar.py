@@ -103,16 +103,21 @@ class ResNetCifar(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
-def resnet_taps(net: nn.Module) -> dict:
-    """stem, stage1..3 (and their pre-activations: the last block's ``out_relu`` input), pool."""
+def three_stage_taps(net: nn.Module, classifier: str = "fc") -> dict:
+    """stem (``relu``), stage1..3 (``layer1..3``) and their pre-activations (the input of the
+    last block's ``out_relu``), pool (the classifier's input)."""
     taps = {"stem": Tap("relu")}
     for i in (1, 2, 3):
         taps[f"stage{i}"] = Tap(f"layer{i}")
     for i in (1, 2, 3):
         last = len(getattr(net, f"layer{i}")) - 1
         taps[f"stage{i}_pre"] = Tap(f"layer{i}.{last}.out_relu", input=True)
-    taps["pool"] = Tap("fc", input=True)
+    taps["pool"] = Tap(classifier, input=True)
     return taps
+
+
+def resnet_taps(net: nn.Module) -> dict:
+    return three_stage_taps(net, "fc")
 
 
 _VARIANTS = {

@@ -12,9 +12,10 @@ ReLU is exactly the reference's pre-activation.
 import torch
 from torch import nn
 
-from kdbench.contracts import Model, Tap
+from kdbench.contracts import Model
 
 from ._common import cifar_only
+from .resnet_cifar import three_stage_taps
 
 
 class ShuffleBlock(nn.Module):
@@ -176,14 +177,7 @@ class ShuffleNetV2(nn.Module):
 
 
 def shufflenet_taps(net: nn.Module) -> dict:
-    taps = {"stem": Tap("relu")}
-    for i in (1, 2, 3):
-        taps[f"stage{i}"] = Tap(f"layer{i}")
-    for i in (1, 2, 3):
-        last = len(getattr(net, f"layer{i}")) - 1
-        taps[f"stage{i}_pre"] = Tap(f"layer{i}.{last}.out_relu", input=True)
-    taps["pool"] = Tap("linear", input=True)
-    return taps
+    return three_stage_taps(net, "linear")
 
 
 MODELS = [
