@@ -282,3 +282,27 @@ def test_two_workers_share_a_postgres_study(env):
     by_trial = [r.data.tags["trial"] for r in runs if r.data.tags.get("trial_state") in ("COMPLETE", "PRUNED")]
     assert sorted(map(int, by_trial)) == sorted(t.number for t in counted)
     optuna.delete_study(study_name=name, storage=tune.open_storage(url))
+
+
+def test_multi_objective_front_and_journal_storage(env):
+    """acc,flops over two students: the Pareto front is printed and holds only non-dominated
+    trials; the journal file storage (several local processes) holds the study."""
+    ckpt = teacher_checkpoint(env / "teacher.pt")
+    r = cli("tune", "--method", "kd", "--trials", 4, "--epochs", 1, "--teacher-checkpoint", ckpt,
+            "--objective", "acc,flops", "--student", "cnn1d_2x16,cnn1d_2x8", "--no-retrain",
+            "--storage", "journal", "--study", "front")
+    assert r.exit_code == 0, r.output
+    assert "Pareto front (val top-1 ↑, flops ↓):" in r.output
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    journal = [p for p in env.iterdir() if "journal" in p.name]
+    assert journal, list(env.iterdir())
+    study = optuna.load_study(study_name="front", storage=JournalStorage(JournalFileBackend(str(journal[0]))))
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 4 and all(len(t.values) == 2 for t in done)
+    front = {t.number for t in study.best_trials}
+    for t in done:  # a trial is on the front iff no other trial dominates it
+        dominated = any(o.values[0] >= t.values[0] and o.values[1] <= t.values[1] and o.values != t.values for o in done)
+        assert (t.number in front) == (not dominated)
