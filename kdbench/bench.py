@@ -17,8 +17,11 @@ A suite file (read with tomllib)::
     [published."wrn_40_2->wrn_16_2"]  # optional reference numbers (top-1 %), shown beside ours
     kd = 74.92
 
-``tune_trials`` records the intent to tune a method with N trials; kdbench has no tuner on this
-branch yet, so the method runs with ``params`` and is reported as *not yet tuned*.
+``tune_trials = N``: before its cells run, the method is tuned for each pair with ``kdbench tune``
+(N trials on the validation split, study ``<suite>-<teacher>-><student>-<method>`` in the default
+Optuna storage next to the tracking store, resumable); its cells then run with the best trial's
+parameters (``params`` stay fixed on top) and are tagged ``tuned=true``. Until its study has a
+best trial a method runs with ``params`` and is reported as *not yet tuned*.
 
 A cell's identity is the run's config hash (:meth:`Plan.config_hash` with the teacher id the
 runner will use), computed before anything runs: a cell with a FINISHED run of that hash is
@@ -248,8 +251,40 @@ def verify_checkpoint(pair: Pair) -> str:
     return "ckpt:" + sha[:16]
 
 
-def plan_cells(suite: Suite, reg=None) -> list[Cell]:
-    """Every (pair, method, seed) cell with its config hash, vanilla cells first."""
+def study_name(suite: Suite, pair: Pair, method: MethodSpec) -> str:
+    return f"{suite.name}-{pair.label}-{method.name}"
+
+
+def tuned_params(suite: Suite, pair: Pair, method: MethodSpec, uri: str | None) -> dict | None:
+    """The best hyperparameters of the method's tuning study for this pair, or None (no study yet)."""
+    if not method.tune_trials or uri is None:
+        return None
+    from .tune import best_params
+
+    try:
+        return best_params(study_name(suite, pair, method), None, uri)["hparams"]
+    except KdbenchError:
+        return None
+
+
+def tune_methods(suite: Suite, uri: str, echo: Callable[[str], None] = lambda s: None) -> None:
+    """Run (or resume) the tuning study of every method with ``tune_trials`` for every pair."""
+    from .tune import TuneConfig, run_study
+
+    for pair in suite.pairs:
+        recipe = suite.recipe_for(pair.student)
+        for method in (m for m in suite.methods if m.tune_trials):
+            echo(f"tuning {method.name} for {pair.label}: {method.tune_trials} trials on validation")
+            run_study(TuneConfig(
+                method=method.name, dataset=suite.dataset, teacher=pair.teacher, students=(pair.student,),
+                trials=method.tune_trials, recipe=dict(recipe), study=study_name(suite, pair, method),
+                retrain=False, teacher_checkpoint=pair.checkpoint, tracking_uri=uri,
+            ), echo=lambda line: None)
+
+
+def plan_cells(suite: Suite, reg=None, uri: str | None = None) -> list[Cell]:
+    """Every (pair, method, seed) cell with its config hash, vanilla cells first. With the
+    tracking ``uri``, methods to be tuned take their study's best parameters."""
     if reg is None:
         from . import plugins
 
@@ -264,14 +299,17 @@ def plan_cells(suite: Suite, reg=None) -> list[Cell]:
                 ckpt_error = str(exc)
         recipe = suite.recipe_for(pair.student)
         for method in suite.methods:
+            tuned = tuned_params(suite, pair, method, uri)
             for seed in suite.seeds:
                 tags = {"leaderboard": suite.name, "leaderboard_cell": f"{pair.label}/{method.name}/s{seed}",
                         "leaderboard_pair": pair.label}
                 if method.tune_trials:
-                    tags.update(tune_trials=str(method.tune_trials), tuned="false")
+                    tags.update(tune_trials=str(method.tune_trials), tuned=str(tuned is not None).lower())
+                    if tuned is not None:
+                        tags["study"] = study_name(suite, pair, method)
                 config = RunConfig(
                     method=method.name, dataset=suite.dataset, teacher=pair.teacher, student=pair.student,
-                    hparams=dict(method.params), recipe=dict(recipe), seed=seed,
+                    hparams={**(tuned or {}), **method.params}, recipe=dict(recipe), seed=seed,
                     teacher_seed=suite.teacher_seed, teacher_checkpoint=pair.checkpoint, tags=tags,
                 )
                 try:
@@ -401,7 +439,10 @@ def run_suite(
     from .tracking import Tracker
 
     tracker = Tracker(uri)
-    cells = plan_cells(suite) if cells is None else cells
+    if any(m.tune_trials for m in suite.methods):
+        tune_methods(suite, uri, echo)
+        cells = None  # the tuned parameters change the cells
+    cells = plan_cells(suite, uri=uri) if cells is None else cells
     todo = pending(cells, finished_hashes(tracker, suite))
     echo(f"{suite.name}: {len(cells)} cells, {len(cells) - len(todo)} already finished, {len(todo)} to run"
          f" (jobs={jobs})")
@@ -448,7 +489,7 @@ def run_suite(
 
 def suite_runs(tracker, suite: Suite) -> list:
     """The suite's FINISHED student runs: those whose config hash is one of its cells'."""
-    hashes = {c.config_hash for c in plan_cells(suite) if c.config_hash}
+    hashes = {c.config_hash for c in plan_cells(suite, uri=tracker.uri) if c.config_hash}
     runs = tracker.search(suite.dataset, "attributes.status = 'FINISHED' AND tags.role = 'student'")
     return [r for r in runs if r.data.tags.get("config_hash") in hashes]
 

@@ -38,7 +38,7 @@ def bench_cmd(suite, dry_run, jobs, tracking_uri):
 
     s = bench.load_suite(suite)
     tracker = _tracker(tracking_uri)
-    cells = bench.plan_cells(s)
+    cells = bench.plan_cells(s, uri=tracker.uri)
     done = bench.finished_hashes(tracker, s)
     todo = bench.pending(cells, done)
     if dry_run:
@@ -46,7 +46,11 @@ def bench_cmd(suite, dry_run, jobs, tracking_uri):
                    f"{len(cells)} cells; {len(cells) - len(todo)} finished, {len(todo)} would run")
         for c in cells:
             state = "done" if c.config_hash in done else ("ERROR " + c.plan_error if c.plan_error else "run")
-            tune = f" (tune {c.method.tune_trials} trials: not yet tuned)" if c.method.tune_trials else ""
+            tune = ""
+            if c.method.tune_trials:
+                tuned = c.config.tags.get("tuned") == "true"
+                tune = (f" (tuned by study {c.config.tags['study']})" if tuned
+                        else f" (to be tuned first: {c.method.tune_trials} trials)")
             click.echo(f"  {state:<5} {c.key:<44} {c.config_hash or '-'}{tune}")
         return
     t0 = time.time()

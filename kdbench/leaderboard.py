@@ -188,8 +188,8 @@ def footer(metric: str, suite=None) -> list[str]:
     if suite is not None:
         untuned = [f"{m.name} ({m.tune_trials} trials)" for m in suite.methods if m.tune_trials]
         if untuned:
-            lines.append("† meant to be tuned, " + ", ".join(untuned) + ": not yet tuned (kdbench has no "
-                         "tuner on this branch), run with the listed params.")
+            lines.append("† tuned on the validation split with kdbench tune before their cells ran, "
+                         + ", ".join(untuned) + "; runs tagged tuned=false ran with the listed params.")
         if suite.published:
             lines.append("paper % = published number " + (f"({suite.published_note})" if suite.published_note else "")
                          + "; Δ vs paper = ours − paper, in points.")

@@ -80,6 +80,7 @@ def test_plan_cells_and_hashes(suite, env):
 
 
 def test_bench_runs_resumes_after_a_kill_and_records_failures(suite, env, monkeypatch):
+    suite.write_text(suite.read_text().replace(", tune_trials = 7", ""))  # tuning: its own test
     # first attempt: the 4th cell is interrupted mid-training (Ctrl-C): the run is KILLED
     real, calls = engine.run_student, []
 
@@ -104,14 +105,13 @@ def test_bench_runs_resumes_after_a_kill_and_records_failures(suite, env, monkey
     monkeypatch.setattr(engine, "run_student", real)
 
     dry = invoke("bench", str(suite), "--dry-run")
-    assert dry.exit_code == 0 and "3 finished, 3 would run" in dry.output and "not yet tuned" in dry.output
+    assert dry.exit_code == 0 and "3 finished, 3 would run" in dry.output
     result = invoke("bench", str(suite), "--jobs", "2")
     assert result.exit_code == 0, result.output
     assert "ran 3 cells" in result.output and "3 finished, 0 failed" in result.output
     finished = [r for r in student_runs(env) if r.info.status == "FINISHED"]
     assert sorted(r.data.tags["config_hash"] for r in finished) == sorted(c.config_hash for c in cells)
     assert all(r.data.tags["leaderboard"] == "tiny" for r in finished)
-    assert all(r.data.tags.get("tune_trials") == "7" for r in finished if r.data.tags["method"] == "kd")
     # a finished suite is a no-op
     again = invoke("bench", str(suite))
     assert again.exit_code == 0 and "6 already finished, 0 to run" in again.output
@@ -120,7 +120,7 @@ def test_bench_runs_resumes_after_a_kill_and_records_failures(suite, env, monkey
     # rendering the suite: its runs only, markdown with the tuning note; a summary run with plots
     board = invoke("leaderboard", str(suite), "--format", "markdown")
     assert board.exit_code == 0, board.output
-    assert "# Leaderboard: tiny" in board.output and "| kd" in board.output and "not yet tuned" in board.output
+    assert "# Leaderboard: tiny" in board.output and "| kd" in board.output
     (summary,) = client.search_runs([client.get_experiment_by_name("kdbench/mnist1d").experiment_id],
                                     "tags.role = 'summary' AND tags.leaderboard = 'tiny'")
     names = {a.path for a in client.list_artifacts(summary.info.run_id, "leaderboard")}
@@ -134,3 +134,23 @@ def test_bench_runs_resumes_after_a_kill_and_records_failures(suite, env, monkey
     assert "FAILED cnn1d_4x32->cnn1d_2x16/kd/s0: KdbenchError: hyperparameter alpha=1.5 must be <= 1.0" in result.output
     failed = [r for r in student_runs(env, leaderboard="tiny") if r.info.status == "FAILED"]
     assert len(failed) == 3 and all("alpha=1.5" in r.data.tags["failure_reason"] for r in failed)
+
+
+def test_methods_to_tune_are_tuned_on_validation_before_their_cells(suite, env):
+    suite.write_text(suite.read_text().replace("tune_trials = 7", "tune_trials = 2"))
+    dry = invoke("bench", str(suite), "--dry-run")
+    assert "(to be tuned first: 2 trials)" in dry.output
+    result = invoke("bench", str(suite))
+    assert result.exit_code == 0, result.output
+    assert "tuning kd for cnn1d_4x32->cnn1d_2x16: 2 trials on validation" in result.output
+    from kdbench.tune import best_params
+
+    best = best_params("tiny-cnn1d_4x32->cnn1d_2x16-kd", None, f"sqlite:///{env}/mlflow.db")
+    kd_runs = student_runs(env, method="kd", leaderboard="tiny")
+    assert len(kd_runs) == 3
+    for r in kd_runs:
+        assert r.data.tags["tuned"] == "true" and r.data.tags["study"] == "tiny-cnn1d_4x32->cnn1d_2x16-kd"
+        assert float(r.data.params["hp.alpha"]) == pytest.approx(best["hparams"]["alpha"])
+        assert r.data.params["hp.T"] == "2.0"  # the suite's fixed params stay on top
+    again = invoke("bench", str(suite), "--dry-run")
+    assert "6 finished, 0 would run" in again.output and "(tuned by study tiny-" in again.output
