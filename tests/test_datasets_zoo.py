@@ -204,7 +204,8 @@ def server(tmp_path):
     httpd.server_close()
 
 
-def test_fetch_end_to_end(tmp_path, monkeypatch, server):
+def serve_tiny_cifar100(monkeypatch, server) -> str:
+    """Serve a tiny cifar100 archive and make its md5 (and its files') the expected ones."""
     www, base = server
     files = tiny_files("cifar100")
     archive = tar_gz("cifar100", files)
@@ -212,6 +213,11 @@ def test_fetch_end_to_end(tmp_path, monkeypatch, server):
     use_tiny_checksums(monkeypatch, "cifar100", files)
     url, _, sub = cifar.ARCHIVES["cifar100"]
     monkeypatch.setitem(cifar.ARCHIVES, "cifar100", (url, hashlib.md5(archive).hexdigest(), sub))
+    return base
+
+
+def test_fetch_end_to_end(tmp_path, monkeypatch, server):
+    base = serve_tiny_cifar100(monkeypatch, server)
     dest = tmp_path / "data"
     folder = cifar.fetch("cifar100", dest, base_url=base)
     assert folder == dest / "cifar-100-python"
@@ -353,13 +359,7 @@ def test_data_download_command_through_the_cli(tmp_path, monkeypatch, server):
     from kdbench import plugins
     from kdbench.cli import main
 
-    www, base = server
-    files = tiny_files("cifar100")
-    archive = tar_gz("cifar100", files)
-    (www / "cifar-100-python.tar.gz").write_bytes(archive)
-    use_tiny_checksums(monkeypatch, "cifar100", files)
-    url, _, sub = cifar.ARCHIVES["cifar100"]
-    monkeypatch.setitem(cifar.ARCHIVES, "cifar100", (url, hashlib.md5(archive).hexdigest(), sub))
+    base = serve_tiny_cifar100(monkeypatch, server)
     plugins.reset()
     dest = tmp_path / "data"
     result = CliRunner().invoke(main, ["data", "download", "cifar100", "--data-dir", str(dest), "--base-url", base])

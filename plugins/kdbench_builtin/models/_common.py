@@ -1,7 +1,10 @@
 """Shared helpers for the image models (a module starting with ``_`` is not scanned for MODELS)."""
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
+
+from torch import nn
 
 from kdbench.errors import KdbenchError
 
@@ -22,3 +25,22 @@ def stage_taps(prefix: str, count: int, first: int = 1) -> dict:
     from kdbench.contracts import Tap
 
     return {f"stage{i + 1}": Tap(f"{prefix}{first + i}") for i in range(count)}
+
+
+def he_init(net: nn.Module, linear_std: float | None = 0.01) -> None:
+    """The reference CIFAR initialisation: convs normal(0, sqrt(2 / (k·k·out))) with zero bias,
+    BN weight 1 / bias 0, linear weights normal(0, ``linear_std``) (None: left at PyTorch's
+    default) with zero bias. Modules are visited in ``modules()`` order, so draws match the reference."""
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            fan = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            if linear_std is not None:
+                nn.init.normal_(m.weight, 0, linear_std)
+            nn.init.zeros_(m.bias)

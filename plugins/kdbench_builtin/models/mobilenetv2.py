@@ -9,13 +9,12 @@ Taps follow the reference's feature list: ``stem`` = conv1, ``stage1..4`` = outp
 linearly (no activation), so ``stageI_pre`` is the same tensor as ``stageI`` (the reference's
 ``get_bn_before_relu`` also points at those blocks' last BN). ``pool`` = the classifier input.
 """
-import math
 
 from torch import nn
 
 from kdbench.contracts import Model, Tap
 
-from ._common import check_image
+from ._common import check_image, he_init
 
 # expansion t, channels c, repeats n, first stride s
 SETTING = [(1, 16, 1, 1), (None, 24, 2, 1), (None, 32, 3, 2), (None, 64, 4, 2),
@@ -63,16 +62,7 @@ class MobileNetV2(nn.Module):
         self.conv2 = conv_bn_relu(c, self.last_channel, 1, 1)
         self.avgpool = nn.AvgPool2d(input_shape[1] // 16, ceil_mode=True)
         self.classifier = nn.Sequential(nn.Linear(self.last_channel, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        he_init(self)
 
     def forward(self, x):
         out = self.conv1(x)

@@ -8,13 +8,12 @@ The reference applies each block's final ReLU functionally; here they are parame
 relu1..relu4 outputs, ``stageI_pre`` = their inputs (the block's last BN), ``pool`` = the
 classifier input. 32x32 inputs (64x64 too: the reference then pools once more before block4).
 """
-import math
 
 from torch import nn
 
 from kdbench.contracts import Model, Tap
 
-from ._common import check_image
+from ._common import check_image, he_init
 
 CFG = {
     "vgg8": [[64], [128], [256], [512], [512]],
@@ -47,17 +46,7 @@ class VGG(nn.Module):
             setattr(self, f"pool{i}", nn.MaxPool2d(2, 2))
         self.pool4 = nn.AdaptiveAvgPool2d((1, 1))
         self.classifier = nn.Linear(512, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan))
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        he_init(self)
 
     def forward(self, x):
         x = self.pool0(self.relu0(self.block0(x)))

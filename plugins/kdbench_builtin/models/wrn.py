@@ -7,14 +7,13 @@ Taps follow the reference's feature list: ``stem`` = conv1 output, ``stageI`` = 
 the next ReLU (input of block I+1's first ``relu1``, or of the final ``relu``), as the reference's
 ``preact`` features are.
 """
-import math
 
 import torch
 from torch import nn
 
 from kdbench.contracts import Model, Tap
 
-from ._common import cifar_only
+from ._common import cifar_only, he_init
 
 
 class BasicBlock(nn.Module):
@@ -62,15 +61,7 @@ class WideResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.avgpool = nn.AvgPool2d(8)
         self.fc = nn.Linear(ch[3], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        he_init(self, linear_std=None)
 
     def forward(self, x):
         out = self.block3(self.block2(self.block1(self.conv1(x))))
