@@ -100,12 +100,17 @@ def _teacher_run(tracker: Tracker, plan: Plan, teacher_id: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def _log_teacher(tracker, plan, device, teacher_id, source, tmetrics, curve=()) -> str:
+def _start_teacher_run(tracker, plan, device, teacher_id: str, source: str) -> str:
+    """A teacher's own MLflow run: tagged with its cache key or checkpoint id and its source."""
     tags = {**base_tags(plan, device), "role": "teacher", "teacher_key": teacher_id,
             "model": plan.teacher_obj.name, "teacher": plan.teacher_obj.name,
             "plugin.model": plan.teacher.source, "source": source, "seed": plan.config.teacher_seed}
     params = {f"recipe.{k}": v for k, v in plan.teacher_recipe.as_dict().items()}
-    run_id = tracker.start(plan.dataset_obj.name, f"teacher-{plan.teacher_obj.name}", tags, params)
+    return tracker.start(plan.dataset_obj.name, f"teacher-{plan.teacher_obj.name}", tags, params)
+
+
+def _log_teacher(tracker, plan, device, teacher_id, source, tmetrics, curve=()) -> str:
+    run_id = _start_teacher_run(tracker, plan, device, teacher_id, source)
     for i, acc in enumerate(curve):
         tracker.log_metrics(run_id, {"val_top1": acc}, step=i + 1)
     tracker.log_metrics(run_id, tmetrics)
@@ -152,11 +157,7 @@ def obtain_teacher(plan: Plan, device, tracker: Tracker, on_epoch, with_test: bo
             run_id = _log_teacher(tracker, plan, device, key, "cache", tmetrics, blob.get("curve", []))
         return Teacher(net, key, run_id, tmetrics)
 
-    tags = {**base_tags(plan, device), "role": "teacher", "teacher_key": key,
-            "model": plan.teacher_obj.name, "teacher": plan.teacher_obj.name,
-            "plugin.model": plan.teacher.source, "source": "trained", "seed": plan.config.teacher_seed}
-    params = {f"recipe.{k}": v for k, v in plan.teacher_recipe.as_dict().items()}
-    run_id = tracker.start(ds.name, f"teacher-{plan.teacher_obj.name}", tags, params)
+    run_id = _start_teacher_run(tracker, plan, device, key, "trained")
 
     def log(e: EpochLog):
         tracker.log_metrics(run_id, e.metrics, step=e.epoch)
