@@ -109,10 +109,8 @@ class Cell:
 
 
 def _load_named_recipe(name: str, student: str | None, suite_path: Path):
-    try:
-        from kdbench_builtin.recipes import load_recipe
-    except ImportError as exc:  # pragma: no cover - the built-ins are always installed
-        raise KdbenchError(f"recipe {name!r}: the built-in recipes are not importable ({exc})") from None
+    from .recipes import load_recipe
+
     if name.endswith(".toml") and not Path(name).is_absolute():
         name = str((suite_path.parent / name).resolve())
     return load_recipe(name, student)

@@ -84,6 +84,9 @@ def list_cmd(kind):
                 taps = obj.taps if not callable(obj.taps) else ["(dynamic)"]
                 extra = f" [{obj.citation}; taps: {', '.join(taps) or 'logits'}; {defaults or 'no hparams'}]"
             click.echo(f"  {name:<16} {obj.description}{extra}  ({entry.source})")
+        if k == "models":
+            for prefix, entry in sorted(reg.model_sources.items()):
+                click.echo(f"  {prefix + ':NAME':<16} {entry.obj.description}  ({entry.source})")
     _echo_failures(reg)
 
 
@@ -147,13 +150,21 @@ def show_cmd(kind, name):
 # --------------------------------------------------------------------------- run
 
 
-def _parse_sets(pairs) -> dict:
+def _parse_sets(pairs, option: str = "--set") -> dict:
     out = {}
     for pair in pairs:
         if "=" not in pair:
-            raise KdbenchError(f"--set expects key=value, got {pair!r}")
+            raise KdbenchError(f"{option} expects key=value, got {pair!r}")
         key, value = pair.split("=", 1)
         out[key.strip()] = value.strip()
+    return out
+
+
+def data_options(data_dir, pairs) -> dict:
+    """``--data-dir`` and ``--data-option KEY=VALUE`` as the dataset's load options."""
+    out = _parse_sets(pairs, "--data-option")
+    if data_dir:
+        out["data_dir"] = data_dir
     return out
 
 
@@ -198,12 +209,17 @@ class Progress:
               help="Load the teacher from {'model': state_dict} or a bare state dict.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Method hyperparameter (repeatable).")
 @click.option("--data-dir", default=None, help="Where the dataset's files are (datasets that read files).")
+@click.option("--data-option", "data_opts", multiple=True, metavar="KEY=VALUE",
+              help="A dataset option (repeatable), e.g. size=64 for image_folder.")
+@click.option("--recipe", "recipe_name", default=None, metavar="NAME|FILE.toml",
+              help="Train the student with this recipe instead of the dataset's (e.g. cifar100-fast).")
 @click.option("--params-from", "params_from", default=None, metavar="STUDY",
               help="Use the best params of a `kdbench tune` study (--set still wins).")
 @click.option("--storage", default=None, help="Optuna storage of --params-from [default: as kdbench tune].")
 @tracking_option
 def run_cmd(method, dataset, teacher, student, epochs, seed, teacher_seed, device,
-            teacher_checkpoint, sets, data_dir, params_from, storage, tracking_uri, teachers):
+            teacher_checkpoint, sets, data_dir, data_opts, recipe_name, params_from, storage, tracking_uri,
+            teachers):
     """Train a student with a distillation method and record it in MLflow."""
     from .plan import RunConfig
     from .runner import run
@@ -226,8 +242,9 @@ def run_cmd(method, dataset, teacher, student, epochs, seed, teacher_seed, devic
         hparams=hparams, recipe=recipe,
         seed=seed, teacher_seed=teacher_seed, device=device,
         teacher_checkpoint=teacher_checkpoint,
-        data_options={"data_dir": data_dir} if data_dir else {},
+        data_options=data_options(data_dir, data_opts),
         teachers=tuple(t.strip() for t in teachers.split(",") if t.strip()),
+        recipe_name=recipe_name,
     )
     tracker = _tracker(tracking_uri)
     progress = Progress()

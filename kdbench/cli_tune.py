@@ -30,14 +30,20 @@ from .errors import KdbenchError
 @click.option("--device", default=None)
 @click.option("--teacher-checkpoint", type=click.Path(dir_okay=False), default=None,
               help="Load the teacher from a checkpoint instead of the cache.")
+@click.option("--data-dir", default=None, help="Where the dataset's files are (datasets that read files).")
+@click.option("--data-option", "data_opts", multiple=True, metavar="KEY=VALUE", help="A dataset option (repeatable).")
+@click.option("--recipe", "recipe_name", default=None, metavar="NAME|FILE.toml",
+              help="Tune with this recipe instead of the dataset's (e.g. cifar100-fast).")
 @click.option("--show", "show_study", default=None, metavar="STUDY",
               help="Print a study's best params, trials and importances, and exit.")
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
               help="MLflow tracking URI [default: sqlite:///mlflow.db in the working directory].")
 def tune_cmd(method, dataset, teacher, student, trials, epochs, tune_recipe, objective, pruner,
-             storage, study_name, retrain, seeds, heartbeat, device, teacher_checkpoint, show_study, tracking_uri):
+             storage, study_name, retrain, seeds, heartbeat, device, teacher_checkpoint, data_dir, data_opts, recipe_name,
+             show_study, tracking_uri):
     """Tune a method's hyperparameters on the validation split with Optuna."""
     from . import tune
+    from .cli import data_options
 
     if show_study:
         click.echo(tune.show(show_study, storage, tracking_uri))
@@ -52,6 +58,7 @@ def tune_cmd(method, dataset, teacher, student, trials, epochs, tune_recipe, obj
         trials=trials, recipe={"epochs": epochs} if epochs else {}, tune_recipe=tune_recipe,
         objective=objective.replace(" ", ""), pruner=pruner, storage=storage, study=study_name,
         seeds=seeds, retrain=retrain, device=device, teacher_checkpoint=teacher_checkpoint, tracking_uri=tracking_uri, heartbeat=heartbeat,
+        data_options=data_options(data_dir, data_opts), recipe_name=recipe_name,
     )
     result = tune.run_study(cfg, echo=lambda s: click.echo(s, err=True))
     click.echo(result.report)

@@ -189,6 +189,21 @@ class Model:
         return {k: v if isinstance(v, Tap) else Tap(v) for k, v in taps.items()}
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """A family of models named ``PREFIX:NAME`` that exists outside kdbench (e.g. ``timm:resnet18``
+    when timm is installed), registered with ``register(...)`` in ``register_models`` like a Model.
+
+    ``resolve(name) -> Model`` builds the :class:`Model` for ``NAME`` on first use (raise
+    :class:`KdbenchError` when the package is missing or the name unknown); ``available()`` lists
+    the names it offers (for ``kdbench list``), or raises KdbenchError when it cannot."""
+
+    prefix: str
+    resolve: Callable[[str], Model]
+    description: str = ""
+    available: Callable[[], Sequence[str]] | None = None
+
+
 # --------------------------------------------------------------------------- datasets and recipes
 
 
@@ -221,6 +236,15 @@ class Recipe:
     milestones: tuple[int, ...] = ()  # epochs at which lr *= gamma (multistep)
     gamma: float = 0.1
     eval_batch_size: int = 1024
+    #: ``((model, lr), …)``: a learning rate per network that replaces ``lr`` (the reference trains
+    #: MobileNetV2/ShuffleNet with a lower one); applied by :meth:`for_model` when a plan is made.
+    model_lr: tuple[tuple[str, float], ...] = ()
+
+    def for_model(self, name: str) -> "Recipe":
+        """The recipe that trains network ``name``: its ``model_lr`` entry (if any) replaces
+        ``lr``, and the table is dropped (what is recorded is the lr actually used)."""
+        table = dict(self.model_lr)
+        return replace(self, lr=float(table.get(name, self.lr)), model_lr=())
 
     def with_(self, **changes) -> "Recipe":
         """A copy with ``changes``; ``epochs`` rescales multistep milestones proportionally."""
@@ -234,7 +258,10 @@ class Recipe:
         return replace(self, **changes)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if not out["model_lr"]:
+            del out["model_lr"]  # a recipe without the table hashes as it did before it existed
+        return out
 
 
 @dataclass(frozen=True)
@@ -271,6 +298,10 @@ class Dataset:
     #: ``download(data_dir, base_url=None)`` fetches and verifies the files ``load`` reads
     #: (``kdbench data download NAME``); ``base_url`` replaces the official host (a mirror).
     download: Callable[..., Any] | None = None
+    #: ``resolve(**data_options) -> Dataset``: for a dataset whose classes or input shape depend
+    #: on its files (a user's image folder), the concrete Dataset for these options; called when
+    #: a run is planned, before anything is loaded. Raise :class:`KdbenchError` when unusable.
+    resolve: Callable[..., "Dataset"] | None = None
 
 
 # --------------------------------------------------------------------------- methods

@@ -33,6 +33,7 @@ class RunConfig:
     data_options: dict[str, Any] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     teachers: tuple[str, ...] = ()  # extra teachers beyond ``teacher``, for methods that use them
+    recipe_name: str | None = None  # a named recipe (kdbench/recipes) or .toml path replacing the dataset's
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,9 @@ class Plan:
         """This plan with ``entry`` as its (only) teacher: how an extra teacher is obtained and
         cached exactly like the main one (no checkpoint: that file is the main teacher's)."""
         config = replace(self.config, teacher=entry.obj.name, teacher_checkpoint=None, teachers=())
-        return replace(self, config=config, teacher=entry, extra_teachers=())
+        ds = self.dataset_obj
+        teacher_recipe = (ds.teacher_recipe or ds.recipe).for_model(entry.obj.name)
+        return replace(self, config=config, teacher=entry, extra_teachers=(), teacher_recipe=teacher_recipe)
 
     def teacher_key(self) -> str:
         """Cache key of the trained teacher: dataset, model, recipe, seed, recipe version."""
@@ -123,6 +126,8 @@ def make_plan(config: RunConfig, reg: Registry) -> Plan:
     """Resolve names against the registry and check the hyperparameters; errors are one line."""
     method = resolve_method(config.method, reg)
     dataset = reg.entry("datasets", config.dataset or default_dataset(reg))
+    if dataset.obj.resolve is not None:
+        dataset = replace(dataset, obj=resolve_dataset(dataset.obj, config.data_options))
     ds: Dataset = dataset.obj
     student_name = config.student or ds.default_student
     if not student_name:
@@ -139,11 +144,31 @@ def make_plan(config: RunConfig, reg: Registry) -> Plan:
         raise KdbenchError(f"method {method.obj.name!r} uses one teacher; --teachers is for methods that "
                            "read several (e.g. multi_teacher)")
     hp = resolve_hparams(method.obj.hparams, config.hparams, f"method {method.obj.name!r}")
-    recipe = ds.recipe.with_(**config.recipe)
-    teacher_recipe = ds.teacher_recipe or ds.recipe  # student overrides never touch the teacher
+    base = ds.recipe
+    if config.recipe_name:
+        from .recipes import load_recipe
+
+        base = load_recipe(config.recipe_name)
+    # a recipe's per-model lr (e.g. 0.01 for MobileNetV2/ShuffleNet) applies to the network it trains
+    recipe = base.for_model(student.obj.name).with_(**config.recipe)
+    # student overrides and --recipe never touch the teacher: it is trained with the dataset's own
+    teacher_recipe = (ds.teacher_recipe or ds.recipe).for_model(teacher.obj.name if teacher else "")
     if recipe.epochs < 1:
         raise KdbenchError(f"epochs must be at least 1, got {recipe.epochs}")
     return Plan(config, method, dataset, teacher, student, hp, recipe, teacher_recipe, extra)
+
+
+def resolve_dataset(ds: Dataset, options: dict) -> Dataset:
+    """The concrete Dataset of a dataset that depends on its files (``Dataset.resolve``)."""
+    try:
+        concrete = ds.resolve(**options)
+    except KdbenchError:
+        raise
+    except TypeError as exc:
+        raise KdbenchError(f"dataset {ds.name!r}: bad data option ({exc})") from None
+    if not isinstance(concrete, Dataset):
+        raise KdbenchError(f"dataset {ds.name!r}: resolve() returned {type(concrete).__name__}, not a Dataset")
+    return concrete
 
 
 # --------------------------------------------------------------------------- combined methods

@@ -18,7 +18,9 @@ from importlib.metadata import EntryPoint, entry_points
 import pluggy
 
 from . import API_VERSION, hookspecs
-from .contracts import Dataset, Method, Model
+from dataclasses import replace
+
+from .contracts import Dataset, Method, Model, ModelSource
 from .errors import KdbenchError, closest
 
 GROUP = "kdbench"
@@ -68,9 +70,12 @@ class Registry:
     datasets: dict[str, Entry] = field(default_factory=dict)
     failures: list[Failure] = field(default_factory=list)
     plugins: list[PluginInfo] = field(default_factory=list)
+    model_sources: dict[str, Entry] = field(default_factory=dict)  # prefix -> ModelSource entry
 
     def entry(self, kind: str, name: str) -> Entry:
         table: dict[str, Entry] = getattr(self, kind)
+        if name not in table and kind == "models" and ":" in name:
+            return self._from_source(name)
         if name not in table:
             singular = kind[:-1]
             hint = closest(name, table)
@@ -78,6 +83,26 @@ class Registry:
                 f"unknown {singular} {name!r}{hint} (see `kdbench list {kind}`)"
             )
         return table[name]
+
+    def _from_source(self, name: str) -> Entry:
+        """``PREFIX:NAME`` from a registered :class:`ModelSource`, resolved once and kept."""
+        prefix, rest = name.split(":", 1)
+        if prefix not in self.model_sources:
+            known = ", ".join(f"{p}:NAME" for p in self.model_sources) or "none registered"
+            raise KdbenchError(f"unknown model source {prefix!r} in {name!r} (model sources: {known})")
+        src = self.model_sources[prefix]
+        try:
+            model = src.obj.resolve(rest)
+        except KdbenchError:
+            raise
+        except Exception as exc:
+            raise KdbenchError(f"model {name!r} could not be resolved by {src.source}: "
+                               f"{type(exc).__name__}: {exc}") from None
+        if not isinstance(model, Model):
+            raise KdbenchError(f"model source {prefix!r} returned {type(model).__name__} for {name!r}, not a Model")
+        entry = Entry(replace(model, name=name), src.plugin, src.dist, src.version)
+        self.models[name] = entry
+        return entry
 
     def method(self, name: str) -> Method:
         return self.entry("methods", name).obj
@@ -182,8 +207,9 @@ def _load_one(pm, ep, reg: Registry, dist: str, version: str) -> tuple[str | Non
         except Exception as exc:
             errors.append(f"register_{kind} raised {type(exc).__name__}: {exc}")
             continue
-        table = getattr(reg, kind)
         for name, obj in staged.items():
+            table = reg.model_sources if isinstance(obj, ModelSource) else getattr(reg, kind)
+            name = name.removesuffix(":*")
             if name in table:
                 other = table[name]
                 errors.append(
@@ -197,13 +223,20 @@ def _load_one(pm, ep, reg: Registry, dist: str, version: str) -> tuple[str | Non
 
 def _register(reg: Registry, kind: str, obj, staged: dict, dist: str) -> None:
     expected = KINDS[kind]
-    if not isinstance(obj, expected):
-        raise TypeError(f"register() expects a kdbench.contracts.{expected.__name__}, got {obj!r}")
+    if isinstance(obj, ModelSource) and kind == "models":
+        if not obj.prefix.isidentifier():
+            raise ValueError(f"model source prefix {obj.prefix!r} is not an identifier")
+        key = obj.prefix + ":*"
+    elif isinstance(obj, expected):
+        key = obj.name
+    else:
+        extra = " or ModelSource" if kind == "models" else ""
+        raise TypeError(f"register() expects a kdbench.contracts.{expected.__name__}{extra}, got {obj!r}")
     if isinstance(obj, Method):
         obj.validate_declaration()
-    if obj.name in staged:
-        raise ValueError(f"{kind[:-1]} {obj.name!r} registered twice by {dist}")
-    staged[obj.name] = obj
+    if key in staged:
+        raise ValueError(f"{kind[:-1]} {key!r} registered twice by {dist}")
+    staged[key] = obj
 
 
 _REGISTRY: Registry | None = None

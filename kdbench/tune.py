@@ -262,6 +262,8 @@ class TuneConfig:
     tracking_uri: str | None = None
     heartbeat: int = 30  # seconds; a RUNNING trial silent for 2× this is failed
     sampler_seed: int | None = None
+    data_options: dict[str, Any] = field(default_factory=dict)  # the dataset's load options
+    recipe_name: str | None = None  # a named recipe replacing the dataset's (RunConfig.recipe_name)
 
 
 @dataclass
@@ -404,7 +406,8 @@ def run_study(cfg: TuneConfig, echo: Callable[[str], None] = print, on_epoch=lam
     students = tuple(cfg.students)
     base = RunConfig(method=cfg.method, dataset=cfg.dataset, teacher=cfg.teacher,
                      student=students[0] if students else None, recipe=dict(cfg.recipe),
-                     device=cfg.device, teacher_checkpoint=cfg.teacher_checkpoint)
+                     device=cfg.device, teacher_checkpoint=cfg.teacher_checkpoint,
+                     data_options=dict(cfg.data_options), recipe_name=cfg.recipe_name)
     plan = make_plan(base, reg)  # bad names and recipes fail here, before any study exists
     for s in students[1:]:
         reg.entry("models", s)

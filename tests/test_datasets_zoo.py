@@ -17,7 +17,7 @@ from kdbench.contracts import Recipe
 from kdbench.data import load_split
 from kdbench.errors import KdbenchError
 from kdbench_builtin.datasets import cifar, image_folder
-from kdbench_builtin.recipes import load_recipe, names as recipe_names, student_lr
+from kdbench.recipes import load_recipe, names as recipe_names, student_lr
 
 N_TRAIN, N_TEST = 20, 10
 

@@ -23,7 +23,7 @@ from kdbench.data import carve_validation
 from kdbench.errors import KdbenchError
 from kdbench.paths import cache_dir
 
-from ..recipes import load_recipe
+from kdbench.recipes import load_recipe
 
 BASE_URL = "https://www.cs.toronto.edu/~kriz"
 
