@@ -44,7 +44,7 @@ class DeviceSplit:
     def batches(self, batch_size: int):
         """In order, no augmentation (evaluation)."""
         for i in range(0, len(self), batch_size):
-            yield self.prepare(self.x[i : i + batch_size]), self.y[i : i + batch_size]
+            yield model_layout(self.prepare(self.x[i : i + batch_size])), self.y[i : i + batch_size]
 
     def shuffled(self, batch_size: int, generator: torch.Generator, augment: Augment):
         """One epoch of shuffled, augmented ``(x, y, index)`` batches; the last partial batch is dropped when the
@@ -54,7 +54,15 @@ class DeviceSplit:
         stop = n - n % batch_size if n > batch_size else n
         for i in range(0, stop, batch_size):
             idx = perm[i : i + batch_size]
-            yield augment_batch(self.prepare(self.x[idx]), augment, generator), self.y[idx], idx
+            yield model_layout(augment_batch(self.prepare(self.x[idx]), augment, generator)), self.y[idx], idx
+
+
+def model_layout(x: torch.Tensor, cuda: bool | None = None) -> torch.Tensor:
+    """Image batches in the layout of the models: channels_last on CUDA (where
+    :func:`kdbench.engine.build_model` converts image models to it), unchanged elsewhere."""
+    if (x.is_cuda if cuda is None else cuda) and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 class _Indexed(torch.utils.data.Dataset):
@@ -99,7 +107,7 @@ class LoaderSplit(DeviceSplit):
     def batches(self, batch_size: int):
         for x, y, i in self._loader(batch_size):
             x, y, _ = self._to_device(x, y, i)
-            yield self.prepare(x), y
+            yield model_layout(self.prepare(x)), y
 
     def shuffled(self, batch_size: int, generator: torch.Generator, augment: Augment):
         n = len(self)
@@ -107,7 +115,7 @@ class LoaderSplit(DeviceSplit):
         order = torch.randperm(n, generator=generator, device=generator.device).cpu().tolist()
         for x, y, i in self._loader(batch_size, sampler=order, drop_last=n > batch_size):
             x, y, i = self._to_device(x, y, i)
-            yield augment_batch(self.prepare(x), augment, generator), y, i
+            yield model_layout(augment_batch(self.prepare(x), augment, generator)), y, i
 
 
 def load_split(dataset: Dataset, split: str, device: torch.device, options: dict) -> DeviceSplit:

@@ -77,3 +77,15 @@ def test_loader_path_draws_exactly_the_device_paths_batches():
     evals = [torch.cat([xb for xb, _ in s.batches(32)]) for s in (dev, loader)]
     torch.testing.assert_close(evals[0], evals[1])
     torch.testing.assert_close(evals[0], (x.float() / 255 - 0.5) / 0.25)
+
+
+def test_model_layout_is_channels_last_for_cuda_image_batches_only():
+    from kdbench.data import model_layout
+
+    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5)
+    cl = model_layout(x, cuda=True)
+    assert cl.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(cl, x) and cl.stride() == (60, 1, 15, 3)  # same values, NHWC strides
+    assert model_layout(x, cuda=False) is x and model_layout(x) is x  # CPU tensors stay as they are
+    seq = torch.zeros(2, 1, 40)
+    assert model_layout(seq, cuda=True) is seq  # 1-D signals have no channels_last
