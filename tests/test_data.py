@@ -1,4 +1,5 @@
 """The device-resident augmentation against a per-sample reference."""
+import pytest
 import torch
 
 from kdbench.contracts import Augment
@@ -89,3 +90,31 @@ def test_model_layout_is_channels_last_for_cuda_image_batches_only():
     assert model_layout(x, cuda=False) is x and model_layout(x) is x  # CPU tensors stay as they are
     seq = torch.zeros(2, 1, 40)
     assert model_layout(seq, cuda=True) is seq  # 1-D signals have no channels_last
+
+
+def test_cifar_epoch_benchmark_runs_and_reports_a_ratio(tmp_path):
+    """The GPU epoch benchmark (tests/benchmarks/cifar_epoch.py) at smoke size on CPU: both paths
+    train the same step and the report holds each path's rate and their ratio."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "benchmarks" / "cifar_epoch.py"
+    out = tmp_path / "r.json"
+    env = {**os.environ, "KDBENCH_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [sys.executable, str(script), "--device", "cpu", "--samples", "256", "--teacher", "resnet8",
+         "--student", "resnet8", "--batch-sizes", "128", "--workers", "0", "--warmup-steps", "1",
+         "--json", str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    r = report["batch_128"]
+    assert report["samples"] == 256 and report["data"].startswith("synthetic")
+    for path in ("harness", "plain"):
+        assert r[path]["samples_per_s"] > 0
+        # 240 epochs of the 45000-sample train split at the measured rate
+        assert r[path]["hours_240_epochs"] == pytest.approx(240 * 45000 / r[path]["samples_per_s"] / 3600)
+    assert r["ratio_harness_over_plain"] == pytest.approx(r["harness"]["samples_per_s"] / r["plain"]["samples_per_s"])
+    assert "ratio" in proc.stdout
