@@ -79,41 +79,64 @@ class _Indexed(torch.utils.data.Dataset):
         return torch.as_tensor(x), torch.as_tensor(y).long(), i
 
 
+class _EpochOrder(torch.utils.data.Sampler):
+    """The sample order of the current epoch, set by the main process before each epoch (the
+    sampler lives there, so one DataLoader with persistent workers serves every epoch)."""
+
+    def __init__(self, n: int):
+        self.order = list(range(n))
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self):
+        return len(self.order)
+
+
 class LoaderSplit(DeviceSplit):
-    """A split too large for the device: a DataLoader (worker processes, pinned memory) reads
-    the samples; each batch is moved to the device and normalised and augmented there by the
-    same batched code as :class:`DeviceSplit`, so both paths draw the same augmentations."""
+    """A split too large for the device: a DataLoader (worker processes kept across epochs,
+    pinned memory on CUDA) reads the samples; each batch is moved to the device and normalised
+    and augmented there by the same batched code as :class:`DeviceSplit`, so both paths draw the
+    same augmentations."""
 
     def __init__(self, source, device, mean, std, workers: int | None = None):
         super().__init__(None, None, mean, std)
         self.source = _Indexed(source)
         self.device = device
         self.workers = min(4, os.cpu_count() or 1) if workers is None else workers
+        self._loaders: dict = {}
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def _loader(self, batch_size, sampler=None, drop_last=False):
-        return torch.utils.data.DataLoader(
-            self.source, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-            num_workers=self.workers, pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
-        )
+    def _loader(self, batch_size, shuffled: bool):
+        key = (batch_size, shuffled)
+        if key not in self._loaders:
+            n = len(self)
+            sampler = _EpochOrder(n)
+            loader = torch.utils.data.DataLoader(
+                self.source, batch_size=batch_size, sampler=sampler,
+                drop_last=shuffled and n > batch_size, num_workers=self.workers,
+                pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0,
+            )
+            self._loaders[key] = (loader, sampler)
+        return self._loaders[key]
 
     def _to_device(self, x, y, i):
         nb = self.device.type == "cuda"
         return x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb), i.to(self.device)
 
     def batches(self, batch_size: int):
-        for x, y, i in self._loader(batch_size):
+        loader, _ = self._loader(batch_size, shuffled=False)
+        for x, y, i in loader:
             x, y, _ = self._to_device(x, y, i)
             yield model_layout(self.prepare(x)), y
 
     def shuffled(self, batch_size: int, generator: torch.Generator, augment: Augment):
-        n = len(self)
+        loader, sampler = self._loader(batch_size, shuffled=True)
         # the order comes from the run's generator, as on the device path
-        order = torch.randperm(n, generator=generator, device=generator.device).cpu().tolist()
-        for x, y, i in self._loader(batch_size, sampler=order, drop_last=n > batch_size):
+        sampler.order = torch.randperm(len(self), generator=generator, device=generator.device).cpu().tolist()
+        for x, y, i in loader:
             x, y, i = self._to_device(x, y, i)
             yield model_layout(augment_batch(self.prepare(x), augment, generator)), y, i
 

@@ -118,3 +118,32 @@ def test_cifar_epoch_benchmark_runs_and_reports_a_ratio(tmp_path):
         assert r[path]["hours_240_epochs"] == pytest.approx(240 * 45000 / r[path]["samples_per_s"] / 3600)
     assert r["ratio_harness_over_plain"] == pytest.approx(r["harness"]["samples_per_s"] / r["plain"]["samples_per_s"])
     assert "ratio" in proc.stdout
+
+
+def test_loader_path_keeps_its_workers_and_reshuffles_each_epoch():
+    """Two epochs through one LoaderSplit: each epoch matches the device path's epoch from the
+    same generator (a new order each time), and the same worker processes read both."""
+    import os
+
+    from kdbench.data import DeviceSplit, LoaderSplit
+
+    class Pids(torch.utils.data.Dataset):  # y is the pid of the process that read the sample
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, i):
+            return torch.full((1, 4), float(i)), os.getpid()
+
+    loader = LoaderSplit(Pids(), torch.device("cpu"), None, None, workers=2)
+    dev = DeviceSplit(torch.arange(40.0)[:, None, None].expand(40, 1, 4).clone(), torch.zeros(40), None, None)
+    g_dev, g_load = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    epochs, pids = [], []
+    for _ in range(2):
+        a = list(dev.shuffled(8, g_dev, Augment()))
+        b = list(loader.shuffled(8, g_load, Augment()))
+        assert [i.tolist() for _, _, i in a] == [i.tolist() for _, _, i in b]
+        assert all(torch.equal(xa, xb) for (xa, _, _), (xb, _, _) in zip(a, b))
+        epochs.append(torch.cat([i for _, _, i in b]).tolist())
+        pids.append({int(p) for _, y, _ in b for p in y})
+    assert epochs[0] != epochs[1] and sorted(epochs[0]) == sorted(epochs[1]) == list(range(40))
+    assert pids[0] == pids[1] and os.getpid() not in pids[0] and len(pids[0]) == 2
