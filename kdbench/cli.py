@@ -70,10 +70,14 @@ tracking_option = click.option(
 
 
 @main.command("list")
-@click.argument("kind", required=False, type=click.Choice(KINDS))
+@click.argument("kind", required=False, type=click.Choice(KINDS + ("recipes",)))
 def list_cmd(kind):
-    """List registered methods, models and datasets, and broken plugins."""
+    """List registered methods, models and datasets, the named recipes, and broken plugins."""
     reg = _registry()
+    if kind == "recipes" or kind is None:
+        _echo_recipes()
+        if kind == "recipes":
+            return
     for k in [kind] if kind else KINDS:
         click.echo(f"{k}:")
         for name, entry in sorted(getattr(reg, k).items()):
@@ -88,6 +92,17 @@ def list_cmd(kind):
             for prefix, entry in sorted(reg.model_sources.items()):
                 click.echo(f"  {prefix + ':NAME':<16} {entry.obj.description}  ({entry.source})")
     _echo_failures(reg)
+
+
+def _echo_recipes():
+    from . import recipes
+
+    click.echo("recipes (kdbench run --recipe NAME):")
+    for name in recipes.names():
+        r = recipes.load_recipe(name)
+        lrs = ", ".join(f"{m} {lr}" for m, lr in r.model_lr)
+        click.echo(f"  {name:<18} {recipes.read(name).get('description', '')}"
+                   + (f" [lr per model: {lrs}]" if lrs else ""))
 
 
 def _echo_failures(reg):

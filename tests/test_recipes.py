@@ -71,3 +71,19 @@ def test_run_with_a_recipe_file_is_recorded_in_mlflow(env):
     assert run.data.metrics["throughput"] == pytest.approx(3600 / run.data.metrics["train_seconds"])
     bad = CliRunner().invoke(main, ["run", "--recipe", str(env / "missing.toml")])
     assert bad.exit_code == 1 and bad.output.strip().count("\n") == 0 and "does not exist" in bad.output
+
+
+def test_embedded_recipe_is_data_and_unchanged():
+    # the embedded leaderboard resumes by config hash: the recipe moved to a file, its values did not
+    from kdbench_builtin.datasets.mnist1d import DATASETS
+
+    literal = Recipe(epochs=20, batch_size=64, lr=0.01, optimizer="adam", weight_decay=0.0, schedule="cosine")
+    assert load_recipe("mnist1d-embedded") == literal and DATASETS[0].recipe == literal
+    assert load_recipe("mnist1d-embedded").as_dict() == literal.as_dict()
+
+
+def test_list_recipes_shows_each_with_its_per_model_lr(env):
+    out = CliRunner().invoke(main, ["list", "recipes"]).output
+    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert set(lines) == {"cifar100-fast", "cifar100-standard", "mnist1d-embedded"}
+    assert "mobilenetv2 0.01" in lines["cifar100-standard"] and "mobilenetv2 0.04" in lines["cifar100-fast"]

@@ -4,9 +4,10 @@ carved from train."""
 import numpy as np
 import torch
 
-from kdbench.contracts import Augment, Dataset, Recipe
+from kdbench.contracts import Augment, Dataset
 from kdbench.data import carve_validation
 from kdbench.paths import cache_dir
+from kdbench.recipes import load_recipe
 
 GENERATOR_VERSION = "mnist1d-default-args-seed42"
 
@@ -41,8 +42,7 @@ DATASETS = [
         load=load,
         num_classes=10,
         input_shape=(1, 40),
-        recipe=Recipe(epochs=20, batch_size=64, lr=0.01, optimizer="adam", weight_decay=0.0,
-                      schedule="cosine"),
+        recipe=load_recipe("mnist1d-embedded"),
         augment=Augment(),
         default_teacher="cnn1d_4x32",
         default_student="cnn1d_2x16",
