@@ -237,7 +237,8 @@ class Recipe:
     gamma: float = 0.1
     eval_batch_size: int = 1024
     #: ``((model, lr), …)``: a learning rate per network that replaces ``lr`` (the reference trains
-    #: MobileNetV2/ShuffleNet with a lower one); applied by :meth:`for_model` when a plan is made.
+    #: MobileNetV2/ShuffleNet students with a lower one); applied by :meth:`for_model` when a plan
+    #: is made (to the student; to a teacher only from a dataset's own ``teacher_recipe``).
     model_lr: tuple[tuple[str, float], ...] = ()
 
     def for_model(self, name: str) -> "Recipe":

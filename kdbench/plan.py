@@ -68,8 +68,7 @@ class Plan:
         """This plan with ``entry`` as its (only) teacher: how an extra teacher is obtained and
         cached exactly like the main one (no checkpoint: that file is the main teacher's)."""
         config = replace(self.config, teacher=entry.obj.name, teacher_checkpoint=None, teachers=())
-        ds = self.dataset_obj
-        teacher_recipe = (ds.teacher_recipe or ds.recipe).for_model(entry.obj.name)
+        teacher_recipe = teacher_recipe_of(self.dataset_obj, entry.obj.name)
         return replace(self, config=config, teacher=entry, extra_teachers=(), teacher_recipe=teacher_recipe)
 
     def teacher_key(self) -> str:
@@ -152,10 +151,19 @@ def make_plan(config: RunConfig, reg: Registry) -> Plan:
     # a recipe's per-model lr (e.g. 0.01 for MobileNetV2/ShuffleNet) applies to the network it trains
     recipe = base.for_model(student.obj.name).with_(**config.recipe)
     # student overrides and --recipe never touch the teacher: it is trained with the dataset's own
-    teacher_recipe = (ds.teacher_recipe or ds.recipe).for_model(teacher.obj.name if teacher else "")
+    teacher_recipe = teacher_recipe_of(ds, teacher.obj.name if teacher else "")
     if recipe.epochs < 1:
         raise KdbenchError(f"epochs must be at least 1, got {recipe.epochs}")
     return Plan(config, method, dataset, teacher, student, hp, recipe, teacher_recipe, extra)
+
+
+def teacher_recipe_of(ds: Dataset, teacher: str) -> Recipe:
+    """How ``teacher`` is trained: the dataset's ``teacher_recipe`` (its per-model lr applied), or
+    else its student recipe without the per-model lr table, which is for students (RepDistiller
+    trains every teacher at 0.05 and only MobileNetV2/ShuffleNet *students* at 0.01)."""
+    if ds.teacher_recipe is not None:
+        return ds.teacher_recipe.for_model(teacher)
+    return replace(ds.recipe, model_lr=())
 
 
 def resolve_dataset(ds: Dataset, options: dict) -> Dataset:

@@ -2,7 +2,8 @@
 
 Each file has a ``description``, a ``[recipe]`` table whose keys are :class:`kdbench.contracts.Recipe`
 fields, and optionally a ``[student_lr]`` table: a learning rate per model name that replaces the
-recipe's (the reference trains MobileNetV2/ShuffleNet with a lower lr). The table travels in the
+recipe's for that student (the reference trains MobileNetV2/ShuffleNet students at 0.01, every
+teacher at 0.05). The table travels in the
 Recipe (``model_lr``) and is applied when a run is planned (:meth:`Recipe.for_model`), so
 ``kdbench run --dataset cifar100 --student mobilenetv2`` trains at 0.01 like the reference.
 
