@@ -155,8 +155,9 @@ def show_cmd(kind, name):
                     "inf)" if h.high is None else f"{h.high}]")
             click.echo(f"  {h.name:<12} default {h.default!r:<10} valid {rng:<14} search {h.describe_space():<22} {h.help}")
     elif kind == "dataset":
-        click.echo(f"classes {obj.num_classes}, input {obj.input_shape}, default pair "
-                   f"{obj.default_teacher} → {obj.default_student}")
+        shape = (f"classes {obj.num_classes}, input {obj.input_shape}" if obj.resolve is None else
+                 "classes and input shape read from its files (--data-dir, --data-option)")
+        click.echo(f"{shape}, default pair {obj.default_teacher} → {obj.default_student}")
         click.echo(f"recipe: {obj.recipe}")
     else:
         click.echo(f"kwargs: {dict(obj.kwargs)}")

@@ -41,9 +41,12 @@ def new_cmd(name, kind, directory):
 @click.argument("name")
 @click.option("--trials", type=int, default=50, show_default=True, help="Optuna trials sampled from a method's search space.")
 @click.option("--data-dir", default=None, help="Where a dataset's files are.")
-def check_cmd(kind, name, trials, data_dir):
+@click.option("--data-option", "data_opts", multiple=True, metavar="KEY=VALUE",
+              help="A dataset option (repeatable), e.g. size=64 for image_folder.")
+def check_cmd(kind, name, trials, data_dir, data_opts):
     """Run the conformance kit (kdbench.testing) on an installed method, model or dataset."""
     from . import testing
+    from .cli import data_options
 
     try:
         if kind == "method":
@@ -51,7 +54,7 @@ def check_cmd(kind, name, trials, data_dir):
         elif kind == "model":
             testing.check_model(name)
         else:
-            testing.check_dataset(name, options={"data_dir": data_dir} if data_dir else None)
+            testing.check_dataset(name, options=data_options(data_dir, data_opts))
     except AssertionError as exc:
         raise KdbenchError(f"does not conform: {exc}") from None
     click.echo(f"ok: {kind} {name!r} conforms to the kdbench plugin contract")

@@ -606,6 +606,40 @@ def _row_hashes(x: torch.Tensor) -> set[bytes]:
     return {hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in data}
 
 
+#: How many samples of a streamed split (a ``torch.utils.data.Dataset``) the kit decodes.
+_MAX_SAMPLES = 256
+
+
+def _kwargs(options: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in options.items())
+
+
+def _sampled(fail, what: str, source, picks: torch.Tensor | None = None):
+    """(indices, x, y) of up to :data:`_MAX_SAMPLES` samples of a streamed split, evenly spaced
+    over it, stacked as a tensor split would be."""
+    import pickle
+
+    n = len(source)
+    fail.require(n > 0, f"{what} is empty")
+    if picks is None:
+        picks = torch.linspace(0, n - 1, min(n, _MAX_SAMPLES)).round().long().unique()
+        try:
+            pickle.loads(pickle.dumps(source))
+        except Exception as exc:
+            raise fail(f"{what}: the dataset cannot be pickled ({type(exc).__name__}: {exc}) — DataLoader "
+                       "workers started with 'spawn' (macOS, Windows) need a picklable dataset") from None
+    xs, ys = [], []
+    for i in picks.tolist():
+        sample = source[i]
+        fail.require(isinstance(sample, (tuple, list)) and len(sample) == 2, f"{what}: sample {i} is not an (x, y) pair")
+        x, y = torch.as_tensor(sample[0]), torch.as_tensor(sample[1])
+        fail.require(y.dim() == 0, f"{what}: sample {i} has a label of shape {tuple(y.shape)}; give one integer")
+        fail.require(not xs or x.shape == xs[0].shape, f"{what}: sample {i} has shape {tuple(x.shape)}, sample {int(picks[0])} {tuple(xs[0].shape) if xs else ()}")
+        xs.append(x)
+        ys.append(y)
+    return picks, torch.stack(xs), torch.stack(ys)
+
+
 def _check_recipe(fail, label: str, r: Recipe) -> None:
     fail.require(isinstance(r, Recipe), f"{label} must be a kdbench.contracts.Recipe, got {type(r).__name__}")
     fail.require(isinstance(r.epochs, int) and r.epochs >= 1, f"{label}.epochs={r.epochs!r} must be an int >= 1")
@@ -625,12 +659,27 @@ def check_dataset(name: str | Dataset, *, options: Mapping[str, Any] | None = No
     ``[N, *input_shape]`` (uint8 or float, finite) and y integer labels in ``[0, num_classes)``;
     train holds every class; no validation sample is also a training sample; loading is
     deterministic; normalisation, augmentation and recipes are valid; default models exist and
-    build for the input shape.
+    build for the input shape. A split returned as a ``torch.utils.data.Dataset`` (streamed by
+    a DataLoader) must be picklable; up to 256 of its samples, evenly spaced, are decoded and
+    checked (its ``targets``, when it has them, give every label). A dataset with ``resolve``
+    is first resolved with ``options``, as a run is planned, and the concrete Dataset checked.
     """
     reg = plugins.registry()
     ds = name if isinstance(name, Dataset) else _find("datasets", name, reg)[0].obj
     fail = _Fail(f"dataset {ds.name!r}")
     fail.require(isinstance(ds, Dataset), f"registered {type(ds).__name__}, expected kdbench.contracts.Dataset")
+    options = dict(options or {})
+    if ds.resolve is not None:
+        # a dataset shaped by its files: check the concrete Dataset for these options, as a run does
+        try:
+            concrete = ds.resolve(**options)
+        except KdbenchError as exc:
+            hint = "" if options else " — pass check_dataset(..., options={'data_dir': ...})"
+            raise fail(f"resolve({_kwargs(options)}) raised: {exc}{hint}") from None
+        except Exception as exc:
+            raise fail(f"resolve({_kwargs(options)}) raised {type(exc).__name__}: {exc}; raise KdbenchError for unusable options") from exc
+        fail.require(isinstance(concrete, Dataset), f"resolve() returned {type(concrete).__name__}, not a kdbench.contracts.Dataset")
+        ds = concrete
     shape = tuple(ds.input_shape)
     fail.require(len(shape) >= 1 and all(isinstance(d, int) and d > 0 for d in shape), f"input_shape {shape} must be positive ints (channels first)")
     fail.require(isinstance(ds.num_classes, int) and ds.num_classes >= 2, f"num_classes={ds.num_classes!r} must be an int >= 2")
@@ -641,17 +690,22 @@ def check_dataset(name: str | Dataset, *, options: Mapping[str, Any] | None = No
     _check_recipe(fail, "recipe", ds.recipe)
     if ds.teacher_recipe is not None:
         _check_recipe(fail, "teacher_recipe", ds.teacher_recipe)
-    options = dict(options or {})
     loaded = {}
     for split in splits:
+        what = f"split {split!r}"
         try:
-            x, y = ds.load(split, **options)
+            source = ds.load(split, **options)
+            if isinstance(source, torch.utils.data.Dataset):
+                picks, x, y = _sampled(fail, what, source)
+            else:
+                picks, (x, y) = None, source
+        except AssertionError:
+            raise
         except FileNotFoundError as exc:
             raise fail(f"split {split!r} is missing its files ({exc}) — pass check_dataset(..., options={{'data_dir': ...}})") from None
         except Exception as exc:
             raise fail(f"load({split!r}) raised {type(exc).__name__}: {exc}") from exc
         x, y = torch.as_tensor(x), torch.as_tensor(y)
-        what = f"split {split!r}"
         fail.require(len(x) > 0, f"{what} is empty")
         fail.require(tuple(x.shape[1:]) == shape, f"{what} has samples of shape {tuple(x.shape[1:])}, input_shape declares {shape}")
         fail.require(x.dtype == torch.uint8 or x.is_floating_point(), f"{what}: x has dtype {x.dtype}; use uint8 (scaled by 1/255) or float")
@@ -665,12 +719,27 @@ def check_dataset(name: str | Dataset, *, options: Mapping[str, Any] | None = No
             f"{what}: labels span {lo}..{hi} but num_classes={ds.num_classes} — labels must be 0..num_classes-1",
         )
         again = ds.load(split, **options)
+        if picks is not None:
+            fail.require(isinstance(again, torch.utils.data.Dataset) and len(again) == len(source),
+                         f"{what} differs between two loads — list and carve the samples in a fixed order")
+            again = _sampled(fail, what, again, picks)[1:]
         fail.require(
             torch.equal(torch.as_tensor(again[0]), x) and torch.equal(torch.as_tensor(again[1]), y),
             f"{what} differs between two loads — generate/carve with a fixed seed",
         )
+        if picks is not None:
+            # every label when the source lists them (``targets``, as torchvision's datasets do)
+            targets = getattr(source, "targets", None)
+            if targets is not None and len(targets) == len(source):
+                targets = torch.as_tensor(targets)
+                fail.require(torch.equal(targets[picks].long(), y.long()), f"{what}: targets disagree with the labels of the samples")
+                fail.require(int(targets.min()) >= 0 and int(targets.max()) < ds.num_classes,
+                             f"{what}: targets span {int(targets.min())}..{int(targets.max())} but num_classes={ds.num_classes}")
+                y = targets
+            elif len(picks) < len(source):
+                y = None  # the class coverage below needs every label
         loaded[split] = (x, y)
-    if "train" in loaded:
+    if "train" in loaded and loaded["train"][1] is not None:
         present = torch.unique(loaded["train"][1]).numel()
         fail.require(
             present == ds.num_classes,
@@ -686,7 +755,7 @@ def check_dataset(name: str | Dataset, *, options: Mapping[str, Any] | None = No
         from .data import augment_batch, load_split
 
         split = load_split(ds, "train", torch.device("cpu"), options)
-        x = split.prepare(split.x[:8])
+        x = next(iter(split.batches(8)))[0]
         out = augment_batch(x, ds.augment, torch.Generator().manual_seed(0))
         fail.require(out.shape == x.shape, f"augmentation {ds.augment} changes the batch shape {tuple(x.shape)} → {tuple(out.shape)}")
         fail.require(bool(torch.isfinite(out).all()), "normalised, augmented inputs hold NaN or inf — check mean/std")

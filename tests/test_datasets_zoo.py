@@ -273,17 +273,26 @@ def write_images(root: Path, classes=("cat", "dog", "eel"), per_class=10, size=(
             Image.fromarray(pixels).save(root / c / f"{i}.png")
 
 
+def stack(source):
+    """A streamed split (torch Dataset of (x, y) samples) as (x, y) tensors."""
+    xs, ys = zip(*(source[i] for i in range(len(source))))
+    return torch.stack(xs), torch.stack(ys)
+
+
 def test_image_folder_flat_layout(tmp_path):
     write_images(tmp_path / "imgs")
     ds = image_folder.image_folder_dataset(tmp_path / "imgs", size=16)
     assert ds.num_classes == 3 and ds.input_shape == (3, 16, 16)
-    x_tr, y_tr = ds.load("train")
-    x_val, _ = ds.load("val")
-    x_te, _ = ds.load("test")
-    assert x_tr.dtype == torch.uint8 and x_tr.shape[1:] == (3, 16, 16)
-    assert len(x_tr) + len(x_val) + len(x_te) == 30 and len(x_te) == 3 and len(x_val) == 3
-    assert set(y_tr.tolist()) <= {0, 1, 2}
-    assert torch.equal(ds.load("test")[0], x_te)  # deterministic
+    splits = {s: ds.load(s) for s in ("train", "val", "test")}
+    assert all(isinstance(v, torch.utils.data.Dataset) for v in splits.values())  # streamed, not decoded
+    x_tr, y_tr = stack(splits["train"])
+    x_te, _ = stack(splits["test"])
+    assert x_tr.dtype == torch.uint8 and x_tr.shape == (24, 3, 16, 16)
+    assert (len(splits["train"]), len(splits["val"]), len(splits["test"])) == (24, 3, 3)
+    assert set(y_tr.tolist()) == {0, 1, 2}
+    assert torch.equal(stack(ds.load("test"))[0], x_te)  # deterministic
+    split = load_split(ds, "train", torch.device("cpu"), {})
+    assert type(split).__name__ == "LoaderSplit" and len(split) == 24
 
 
 def test_image_folder_split_layout_and_labels(tmp_path):
@@ -292,10 +301,10 @@ def test_image_folder_split_layout_and_labels(tmp_path):
     write_images(tmp_path / "d" / "train", classes=("b", "a"), per_class=5)
     (tmp_path / "d" / "test" / "a").mkdir(parents=True)
     Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "d" / "test" / "a" / "red.png")
-    x, y = image_folder.load("test", data_dir=tmp_path / "d", size=32)
+    x, y = stack(image_folder.load("test", data_dir=tmp_path / "d", size=32))
     assert y.tolist() == [0]  # classes sorted: a=0, b=1
     assert x[0, 0].min() == 255 and x[0, 1].max() == 0
-    x_tr, _ = image_folder.load("train", data_dir=tmp_path / "d", size=8)
+    x_tr, _ = stack(image_folder.load("train", data_dir=tmp_path / "d", size=8))
     assert x_tr.shape == (9, 3, 8, 8)
 
 
@@ -305,21 +314,28 @@ def test_image_folder_errors(tmp_path):
     with pytest.raises(KdbenchError, match="no class sub-folders") as info:
         image_folder.load("train", data_dir=tmp_path / "empty")
     assert "\n" not in str(info.value)
-    with pytest.raises(KdbenchError, match="needs the data_dir option"):
+    with pytest.raises(KdbenchError, match="pass --data-dir"):
         image_folder.load("train")
     with pytest.raises(KdbenchError, match="does not exist"):
         image_folder.image_folder_dataset(tmp_path / "nope")
 
 
-def test_image_folder_env_registration(tmp_path, monkeypatch):
-    write_images(tmp_path / "imgs", per_class=2)
-    monkeypatch.setenv("KDBENCH_IMAGE_FOLDER", str(tmp_path / "imgs"))
-    (ds,) = image_folder._from_env()
-    assert ds.name == "image_folder" and ds.num_classes == 3
-    monkeypatch.setenv("KDBENCH_IMAGE_FOLDER", str(tmp_path / "missing"))
-    (bad,) = image_folder._from_env()
-    with pytest.raises(KdbenchError, match="unusable"):
-        bad.load("train")
+def test_image_folder_is_always_registered_and_resolved_per_folder(tmp_path, monkeypatch):
+    from kdbench import plugins
+
+    monkeypatch.delenv("KDBENCH_IMAGE_FOLDER", raising=False)
+    plugins.reset()
+    try:
+        registered = plugins.registry().datasets["image_folder"].obj
+    finally:
+        plugins.reset()
+    write_images(tmp_path / "three", per_class=10)
+    write_images(tmp_path / "two", classes=("x", "y"), per_class=10)
+    three = registered.resolve(data_dir=str(tmp_path / "three"))
+    two = registered.resolve(data_dir=str(tmp_path / "two"), size="64")
+    assert (three.num_classes, three.input_shape) == (3, (3, 32, 32))
+    assert (two.num_classes, two.input_shape) == (2, (3, 64, 64))
+    assert three.version != two.version and len(three.load("test")) == 3
 
 
 # --------------------------------------------------------------------------- recipes
