@@ -128,7 +128,7 @@ class LoaderSplit(DeviceSplit):
 
     def batches(self, batch_size: int):
         loader, _ = self._loader(batch_size, shuffled=False)
-        for x, y, i in loader:
+        for x, y, i in _from_workers(loader):
             x, y, _ = self._to_device(x, y, i)
             yield model_layout(self.prepare(x)), y
 
@@ -136,9 +136,31 @@ class LoaderSplit(DeviceSplit):
         loader, sampler = self._loader(batch_size, shuffled=True)
         # the order comes from the run's generator, as on the device path
         sampler.order = torch.randperm(len(self), generator=generator, device=generator.device).cpu().tolist()
-        for x, y, i in loader:
+        for x, y, i in _from_workers(loader):
             x, y, i = self._to_device(x, y, i)
             yield model_layout(augment_batch(self.prepare(x), augment, generator)), y, i
+
+
+def _from_workers(loader):
+    """Iterate a DataLoader; an error raised while a worker read a sample (torch re-raises it in
+    this process with the worker's traceback in its message) becomes a one-line KdbenchError
+    carrying the original last line, e.g. the plugin's own 'image x could not be read'."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except Exception as exc:
+            text = str(exc)
+            if "\nOriginal Traceback" not in text:
+                raise
+            last = text.rstrip().splitlines()[-1]
+            name = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+            if isinstance(exc, KdbenchError) and last.startswith(name):
+                raise KdbenchError(last[len(name):]) from None
+            raise KdbenchError(f"reading a sample failed in a DataLoader worker: {last}") from None
+        yield batch
 
 
 def load_split(dataset: Dataset, split: str, device: torch.device, options: dict) -> DeviceSplit:

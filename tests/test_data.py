@@ -147,3 +147,22 @@ def test_loader_path_keeps_its_workers_and_reshuffles_each_epoch():
         pids.append({int(p) for _, y, _ in b for p in y})
     assert epochs[0] != epochs[1] and sorted(epochs[0]) == sorted(epochs[1]) == list(range(40))
     assert pids[0] == pids[1] and os.getpid() not in pids[0] and len(pids[0]) == 2
+
+
+def test_a_sample_that_fails_in_a_worker_is_one_line_naming_the_cause():
+    from kdbench.data import LoaderSplit
+    from kdbench.errors import KdbenchError
+
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            if i == 5:
+                raise ValueError("sample 5 is truncated")
+            return torch.zeros(1, 4), 0
+
+    split = LoaderSplit(Broken(), torch.device("cpu"), None, None, workers=1)
+    with pytest.raises(KdbenchError) as info:
+        list(split.batches(4))
+    assert str(info.value) == "reading a sample failed in a DataLoader worker: ValueError: sample 5 is truncated"
