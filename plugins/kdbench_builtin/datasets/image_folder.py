@@ -44,18 +44,8 @@ VERSION_FORMAT = "1"
 
 
 class UnreadableImage(KdbenchError):
-    """An image file that Pillow cannot decode.
-
-    Raised in a DataLoader worker, torch re-raises it in the main process as
-    ``UnreadableImage("Caught UnreadableImage in DataLoader worker process 0.\\nOriginal
-    Traceback …")``; the constructor keeps only the original one-line message."""
-
-    def __init__(self, message: str):
-        if "\nOriginal Traceback" in message:
-            last = message.rstrip().splitlines()[-1]
-            prefix = f"{type(self).__module__}.{type(self).__qualname__}: "
-            message = last[len(prefix):] if last.startswith(prefix) else last
-        super().__init__(message)
+    """An image file that Pillow cannot decode (raised in a DataLoader worker, it reaches the
+    user as one line through :func:`kdbench.data._from_workers`)."""
 
 
 # --------------------------------------------------------------------------- the folder
