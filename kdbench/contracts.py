@@ -195,13 +195,11 @@ class ModelSource:
     when timm is installed), registered with ``register(...)`` in ``register_models`` like a Model.
 
     ``resolve(name) -> Model`` builds the :class:`Model` for ``NAME`` on first use (raise
-    :class:`KdbenchError` when the package is missing or the name unknown); ``available()`` lists
-    the names it offers (for ``kdbench list``), or raises KdbenchError when it cannot."""
+    :class:`KdbenchError` when the package is missing or the name unknown)."""
 
     prefix: str
     resolve: Callable[[str], Model]
     description: str = ""
-    available: Callable[[], Sequence[str]] | None = None
 
 
 # --------------------------------------------------------------------------- datasets and recipes

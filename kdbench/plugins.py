@@ -12,14 +12,12 @@ Environment:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import EntryPoint, entry_points
 
 import pluggy
 
 from . import API_VERSION, hookspecs
-from dataclasses import replace
-
 from .contracts import Dataset, Method, Model, ModelSource
 from .errors import KdbenchError, closest
 

@@ -52,7 +52,7 @@ def load_recipe(name: str, student: str | None = None) -> Recipe:
         raise KdbenchError(f"recipe {name!r} has unknown field {bad[0]!r} (Recipe fields: {', '.join(sorted(known))})")
     if "milestones" in table:
         table["milestones"] = tuple(int(m) for m in table["milestones"])
-    table["model_lr"] = tuple(sorted(student_lr(name).items()))
+    table["model_lr"] = tuple(sorted(_student_lr(name, doc).items()))
     try:
         recipe = Recipe(**table)
     except TypeError as exc:
@@ -62,7 +62,11 @@ def load_recipe(name: str, student: str | None = None) -> Recipe:
 
 def student_lr(name: str) -> dict[str, float]:
     """Per-model learning rates of recipe ``name`` (model name -> lr)."""
+    return _student_lr(name, read(name))
+
+
+def _student_lr(name: str, doc: dict) -> dict[str, float]:
     try:
-        return {k: float(v) for k, v in read(name).get("student_lr", {}).items()}
+        return {k: float(v) for k, v in doc.get("student_lr", {}).items()}
     except (TypeError, ValueError) as exc:
         raise KdbenchError(f"recipe {name!r}: [student_lr] must map model names to numbers ({exc})") from None

@@ -50,11 +50,6 @@ def _line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else "no message"
 
 
-def available() -> list[str]:
-    """Every architecture name timm offers (raises KdbenchError without timm)."""
-    return list(_timm().list_models())
-
-
 def _unknown(timm, name: str) -> KdbenchError:
     base = name.split(".", 1)[0]
     hint = ""
@@ -192,7 +187,6 @@ MODELS = [
     ModelSource(
         prefix="timm",
         resolve=resolve,
-        available=available,
         description="any timm model by name, e.g. timm:resnet18 (random init, nothing downloaded; "
                     "needs pip install timm)",
     )
