@@ -1,4 +1,4 @@
 """`python -m kdbench` is the `kdbench` command."""
-from .cli import main
+from kdbench.cli import main
 
 main()

@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .errors import KdbenchError
+from kdbench.errors import KdbenchError
 
 # --------------------------------------------------------------------------- hyperparameters
 
@@ -140,7 +140,7 @@ def resolve_hparams(hparams: Sequence[HParam], overrides: Mapping[str, Any], own
     values = {h.name: h.default for h in hparams}
     for key, raw in overrides.items():
         if key not in known:
-            from .errors import closest
+            from kdbench.errors import closest
 
             names = ", ".join(known) or "none"
             raise KdbenchError(

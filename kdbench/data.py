@@ -1,16 +1,35 @@
-"""Device-resident data: a whole split lives on the device; batches are sliced by a device
-permutation and augmented batched (pad + random crop/shift, flip, noise) with no per-sample Python."""
+"""Helpers for dataset plugins (public API): where to cache files, how to download and verify an
+archive, how to carve a validation split.
+
+Downloads leave nothing half-done: an archive is streamed to ``NAME.part`` and renamed only once its
+md5 matches; it is extracted into a temporary folder next to the destination and its top-level
+entries are moved into place only when extraction succeeded.
+"""
 from __future__ import annotations
 
+import hashlib
 import os
-from dataclasses import dataclass
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable
 
 import torch
 
-from .contracts import Augment, Dataset
-from .errors import KdbenchError
+from kdbench.errors import KdbenchError
 
-SPLITS = ("train", "val", "test")
+CHUNK = 1 << 20
+
+
+def cache_dir() -> Path:
+    """``$KDBENCH_CACHE_DIR``, else ``~/.cache/kdbench``; created on first use."""
+    root = os.environ.get("KDBENCH_CACHE_DIR") or Path.home() / ".cache" / "kdbench"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def carve_validation(x: torch.Tensor, y: torch.Tensor, fraction: float = 0.1, seed: int = 0):
@@ -22,211 +41,96 @@ def carve_validation(x: torch.Tensor, y: torch.Tensor, fraction: float = 0.1, se
     return (x[train], y[train]), (x[val], y[val])
 
 
-@dataclass
-class DeviceSplit:
-    """One split on the device: raw x (uint8 or float), y, and how to turn x into model input."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-    mean: torch.Tensor | None
-    std: torch.Tensor | None
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 → [0, 1] floats, then per-channel normalisation."""
-        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-        if self.mean is not None:
-            x = (x - self.mean) / self.std
-        return x
-
-    def batches(self, batch_size: int):
-        """In order, no augmentation (evaluation)."""
-        for i in range(0, len(self), batch_size):
-            yield model_layout(self.prepare(self.x[i : i + batch_size])), self.y[i : i + batch_size]
-
-    def shuffled(self, batch_size: int, generator: torch.Generator, augment: Augment):
-        """One epoch of shuffled, augmented ``(x, y, index)`` batches; the last partial batch is dropped when the
-        split holds more than one batch (keeps batch statistics and step shapes stable)."""
-        n = len(self)
-        perm = torch.randperm(n, generator=generator, device=generator.device)
-        stop = n - n % batch_size if n > batch_size else n
-        for i in range(0, stop, batch_size):
-            idx = perm[i : i + batch_size]
-            yield model_layout(augment_batch(self.prepare(self.x[idx]), augment, generator)), self.y[idx], idx
+def file_digest(path: str | Path, algorithm: str = "sha256", chunk: int = CHUNK) -> str:
+    """Hex digest of a file (``hashlib`` algorithm name), read in chunks."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def model_layout(x: torch.Tensor, cuda: bool | None = None) -> torch.Tensor:
-    """Image batches in the layout of the models: channels_last on CUDA (where
-    :func:`kdbench.engine.build_model` converts image models to it), unchanged elsewhere."""
-    if (x.is_cuda if cuda is None else cuda) and x.dim() == 4:
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
+def md5sum(path: str | Path, chunk: int = CHUNK) -> str:
+    """Hex md5 of a file, read in chunks."""
+    return file_digest(path, "md5", chunk)
 
 
-class _Indexed(torch.utils.data.Dataset):
-    """(x, y) samples of a source dataset, with their index."""
-
-    def __init__(self, source):
-        self.source = source
-
-    def __len__(self):
-        return len(self.source)
-
-    def __getitem__(self, i):
-        x, y = self.source[i]
-        return torch.as_tensor(x), torch.as_tensor(y).long(), i
-
-
-class _EpochOrder(torch.utils.data.Sampler):
-    """The sample order of the current epoch, set by the main process before each epoch (the
-    sampler lives there, so one DataLoader with persistent workers serves every epoch)."""
-
-    def __init__(self, n: int):
-        self.order = list(range(n))
-
-    def __iter__(self):
-        return iter(self.order)
-
-    def __len__(self):
-        return len(self.order)
-
-
-class LoaderSplit(DeviceSplit):
-    """A split too large for the device: a DataLoader (worker processes kept across epochs,
-    pinned memory on CUDA) reads the samples; each batch is moved to the device and normalised
-    and augmented there by the same batched code as :class:`DeviceSplit`, so both paths draw the
-    same augmentations."""
-
-    def __init__(self, source, device, mean, std, workers: int | None = None):
-        super().__init__(None, None, mean, std)
-        self.source = _Indexed(source)
-        self.device = device
-        self.workers = min(4, os.cpu_count() or 1) if workers is None else workers
-        self._loaders: dict = {}
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def _loader(self, batch_size, shuffled: bool):
-        key = (batch_size, shuffled)
-        if key not in self._loaders:
-            n = len(self)
-            sampler = _EpochOrder(n)
-            loader = torch.utils.data.DataLoader(
-                self.source, batch_size=batch_size, sampler=sampler,
-                drop_last=shuffled and n > batch_size, num_workers=self.workers,
-                pin_memory=self.device.type == "cuda", persistent_workers=self.workers > 0,
-            )
-            self._loaders[key] = (loader, sampler)
-        return self._loaders[key]
-
-    def _to_device(self, x, y, i):
-        nb = self.device.type == "cuda"
-        return x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb), i.to(self.device)
-
-    def batches(self, batch_size: int):
-        loader, _ = self._loader(batch_size, shuffled=False)
-        for x, y, i in _from_workers(loader):
-            x, y, _ = self._to_device(x, y, i)
-            yield model_layout(self.prepare(x)), y
-
-    def shuffled(self, batch_size: int, generator: torch.Generator, augment: Augment):
-        loader, sampler = self._loader(batch_size, shuffled=True)
-        # the order comes from the run's generator, as on the device path
-        sampler.order = torch.randperm(len(self), generator=generator, device=generator.device).cpu().tolist()
-        for x, y, i in _from_workers(loader):
-            x, y, i = self._to_device(x, y, i)
-            yield model_layout(augment_batch(self.prepare(x), augment, generator)), y, i
-
-
-def _from_workers(loader):
-    """Iterate a DataLoader; an error raised while a worker read a sample (torch re-raises it in
-    this process with the worker's traceback in its message) becomes a one-line KdbenchError
-    carrying the original last line, e.g. the plugin's own 'image x could not be read'."""
-    it = iter(loader)
-    while True:
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        except Exception as exc:
-            text = str(exc)
-            if "\nOriginal Traceback" not in text:
-                raise
-            last = text.rstrip().splitlines()[-1]
-            name = f"{type(exc).__module__}.{type(exc).__qualname__}: "
-            if isinstance(exc, KdbenchError) and last.startswith(name):
-                raise KdbenchError(last[len(name):]) from None
-            raise KdbenchError(f"reading a sample failed in a DataLoader worker: {last}") from None
-        yield batch
-
-
-def load_split(dataset: Dataset, split: str, device: torch.device, options: dict) -> DeviceSplit:
-    """Load one split through the dataset plugin: tensors move to ``device`` whole; a
-    ``torch.utils.data.Dataset`` (data too large for the device) is streamed by a DataLoader."""
+def fetch_url(url: str, path: Path, progress: Callable[[int, int | None], None] | None = None,
+              timeout: float = 60.0) -> str:
+    """Stream ``url`` to ``path``; return the md5 of what was written."""
+    digest = hashlib.md5()
     try:
-        loaded = dataset.load(split, **options)
-    except KdbenchError:
-        raise
-    except FileNotFoundError as exc:
-        raise KdbenchError(f"dataset {dataset.name!r}: missing data: {exc}") from None
-    shape = (1, -1) + (1,) * (len(dataset.input_shape) - 1)
-    mean = torch.tensor(dataset.mean, device=device).view(shape) if dataset.mean else None
-    std = torch.tensor(dataset.std, device=device).view(shape) if dataset.std else None
-    if isinstance(loaded, torch.utils.data.Dataset):
-        sample_shape = tuple(torch.as_tensor(loaded[0][0]).shape) if len(loaded) else tuple(dataset.input_shape)
-        _check_shape(dataset, split, sample_shape)
-        return LoaderSplit(loaded, device, mean, std)
-    x, y = loaded
-    x, y = torch.as_tensor(x), torch.as_tensor(y).long()
-    _check_shape(dataset, split, tuple(x.shape[1:]))
-    return DeviceSplit(x.to(device), y.to(device), mean, std)
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(path, "wb") as out:
+            total = response.headers.get("Content-Length")
+            total = int(total) if total and total.isdigit() else None
+            done = 0
+            while block := response.read(CHUNK):
+                out.write(block)
+                digest.update(block)
+                done += len(block)
+                if progress is not None:
+                    progress(done, total)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        path.unlink(missing_ok=True)
+        reason = getattr(exc, "reason", None) or exc
+        raise KdbenchError(f"could not download {url}: {reason}") from None
+    return digest.hexdigest()
 
 
-def _check_shape(dataset: Dataset, split: str, shape: tuple) -> None:
-    if shape != tuple(dataset.input_shape):
-        raise KdbenchError(
-            f"dataset {dataset.name!r} split {split!r} has samples of shape {shape}, "
-            f"it declares {tuple(dataset.input_shape)}"
-        )
+def extract(archive: Path, dest: Path) -> list[Path]:
+    """Extract a tar(.gz) archive into ``dest``; returns the top-level paths put there.
+
+    Members are extracted with tarfile's ``data`` filter (no absolute paths, no escaping links)
+    into a temporary folder inside ``dest``; existing top-level entries of the same name are
+    replaced only after the whole archive extracted."""
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".kdbench-extract-", dir=dest))
+    try:
+        try:
+            with tarfile.open(archive, "r:*") as tar:
+                tar.extractall(tmp, filter="data")
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise KdbenchError(f"could not extract {archive}: {exc}") from None
+        placed = []
+        for entry in sorted(tmp.iterdir()):
+            target = dest / entry.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+            entry.rename(target)
+            placed.append(target)
+        return placed
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def augment_batch(x: torch.Tensor, aug: Augment, generator: torch.Generator) -> torch.Tensor:
-    """Apply ``aug`` to a batch ``[B, C, *spatial]`` (1-D or 2-D spatial), batched on its device.
+def download(url: str, dest: str | Path, md5: str | None, *, extract_archive: bool = True,
+             keep_archive: bool = False,
+             progress: Callable[[int, int | None], None] | None = None) -> Path:
+    """Download ``url`` into the folder ``dest``, check its ``md5``, and extract it there.
 
-    Random crop (zero-pad by ``crop_pad``, crop at a uniform offset in ``[0, 2·pad]`` per axis and
-    sample) and horizontal flip (last axis, probability ½) are folded into one index, so the batch
-    is read with a single gather."""
-    spatial = x.shape[2:]
-    if len(spatial) not in (1, 2):
-        raise KdbenchError(f"augmentation supports 1-D and 2-D inputs, got {len(spatial)}-D")
-    b, c, dev = len(x), x.shape[1], x.device
-    pad = aug.crop_pad
-    if pad or aug.flip:
-        if pad:
-            x = torch.nn.functional.pad(x, (pad, pad) * len(spatial))
-            offsets = torch.randint(0, 2 * pad + 1, (len(spatial), b), generator=generator, device=dev)
-        else:
-            offsets = torch.zeros((len(spatial), b), dtype=torch.long, device=dev)
-        width = spatial[-1]
-        cols = offsets[-1][:, None] + torch.arange(width, device=dev)  # [B, W]
-        if aug.flip:
-            flip = torch.rand(b, generator=generator, device=dev) < 0.5
-            cols = torch.where(flip[:, None], cols.flip(1), cols)
-        if len(spatial) == 1:
-            index = cols
-        else:
-            rows = offsets[0][:, None] + torch.arange(spatial[0], device=dev)  # [B, H]
-            index = (rows[:, :, None] * x.shape[-1] + cols[:, None, :]).flatten(1)  # [B, H·W]
-        x = x.flatten(2).gather(2, index[:, None, :].expand(-1, c, -1)).view(b, c, *spatial)
-    if aug.noise:
-        x = x + aug.noise * torch.randn(x.shape, generator=generator, device=dev)
-    return x
-
-
-def random_crop(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
-    """Zero-pad each spatial side by ``pad`` and crop the original size at a per-sample random
-    offset in ``[0, 2·pad]`` (uniform, independently per spatial axis)."""
-    return augment_batch(x, Augment(crop_pad=pad), generator)
+    An archive already in ``dest`` with the right md5 is not downloaded again. A wrong md5 is a
+    :class:`KdbenchError` naming both sums; the bad download is deleted and nothing is extracted.
+    Returns ``dest``."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    name = Path(urllib.request.url2pathname(url.rstrip("/").rsplit("/", 1)[-1])).name or "download"
+    archive = dest / name
+    if archive.exists() and md5 is not None and md5sum(archive) == md5:
+        got = md5
+    else:
+        part = dest / (name + ".part")
+        got = fetch_url(url, part, progress)
+        if md5 is not None and got != md5:
+            part.unlink(missing_ok=True)
+            raise KdbenchError(
+                f"download of {url} is corrupt: md5 {got}, expected {md5}; nothing was extracted "
+                "(try again, or fetch the file by hand and put it in " + str(dest) + ")"
+            )
+        part.replace(archive)
+    if extract_archive:
+        extract(archive, dest)
+        if not keep_archive:
+            archive.unlink(missing_ok=True)
+    return dest

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from kdbench import plugins
+from kdbench.core import plugins
 
 
 def make_dist(root: Path, name: str, version: str, entry_points: dict, modules: dict) -> Path:

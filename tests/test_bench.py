@@ -8,10 +8,11 @@ import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from kdbench import bench, engine, plugins
+from kdbench.workflows import bench
+from kdbench.core import engine, plugins
 from kdbench.cli import main
 from kdbench.errors import KdbenchError
-from kdbench.plan import RunConfig, make_plan
+from kdbench.core.plan import RunConfig, make_plan
 
 SUITE = """
 name = "tiny"
@@ -143,7 +144,7 @@ def test_methods_to_tune_are_tuned_on_validation_before_their_cells(suite, env):
     result = invoke("bench", str(suite))
     assert result.exit_code == 0, result.output
     assert "tuning kd for cnn1d_4x32->cnn1d_2x16: 2 trials on validation" in result.output
-    from kdbench.tune import best_params
+    from kdbench.workflows.tune import best_params
 
     best = best_params("tiny-cnn1d_4x32->cnn1d_2x16-kd", None, f"sqlite:///{env}/mlflow.db")
     kd_runs = student_runs(env, method="kd", leaderboard="tiny")

@@ -6,7 +6,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from kdbench.cli import main
-from kdbench.paths import cache_dir
+from kdbench.data import cache_dir
 
 FAILING = """
 from kdbench import hookimpl
@@ -75,8 +75,8 @@ def test_run_records_everything_in_mlflow(env):
 
 def test_teacher_checkpoint_is_loaded_and_linked(env):
     torch.manual_seed(0)
-    from kdbench import engine, plugins
-    from kdbench.plan import RunConfig, make_plan
+    from kdbench.core import engine, plugins
+    from kdbench.core.plan import RunConfig, make_plan
 
     net = engine.build_teacher(make_plan(RunConfig(), plugins.registry()), torch.device("cpu"))
     torch.save({"model": net.state_dict()}, env / "t.pt")

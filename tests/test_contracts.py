@@ -3,11 +3,11 @@ import pytest
 import torch
 from torch import nn
 
-from kdbench import plugins
+from kdbench.core import plugins
 from kdbench.contracts import HParam, Recipe, Tap, resolve_hparams
-from kdbench.data import load_split
+from kdbench.core.splits import load_split
 from kdbench.errors import KdbenchError
-from kdbench.taps import Tapped, expand
+from kdbench.core.taps import Tapped, expand
 
 
 def test_hparam_parse_and_ranges():

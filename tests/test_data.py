@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from kdbench.contracts import Augment
-from kdbench.data import augment_batch, carve_validation, random_crop
+from kdbench.core.splits import augment_batch, random_crop
+from kdbench.data import carve_validation
 
 
 def _offsets_1d(out, padded):
@@ -61,7 +62,7 @@ def test_loader_path_draws_exactly_the_device_paths_batches():
     from the same generator: same order, same crops, same flips."""
     from torch.utils.data import TensorDataset
 
-    from kdbench.data import DeviceSplit, LoaderSplit
+    from kdbench.core.splits import DeviceSplit, LoaderSplit
 
     x = torch.randint(0, 256, (70, 3, 8, 8), dtype=torch.uint8)
     y = torch.arange(70) % 7
@@ -81,7 +82,7 @@ def test_loader_path_draws_exactly_the_device_paths_batches():
 
 
 def test_model_layout_is_channels_last_for_cuda_image_batches_only():
-    from kdbench.data import model_layout
+    from kdbench.core.splits import model_layout
 
     x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5)
     cl = model_layout(x, cuda=True)
@@ -125,7 +126,7 @@ def test_loader_path_keeps_its_workers_and_reshuffles_each_epoch():
     same generator (a new order each time), and the same worker processes read both."""
     import os
 
-    from kdbench.data import DeviceSplit, LoaderSplit
+    from kdbench.core.splits import DeviceSplit, LoaderSplit
 
     class Pids(torch.utils.data.Dataset):  # y is the pid of the process that read the sample
         def __len__(self):
@@ -150,7 +151,7 @@ def test_loader_path_keeps_its_workers_and_reshuffles_each_epoch():
 
 
 def test_a_sample_that_fails_in_a_worker_is_one_line_naming_the_cause():
-    from kdbench.data import LoaderSplit
+    from kdbench.core.splits import LoaderSplit
     from kdbench.errors import KdbenchError
 
     class Broken(torch.utils.data.Dataset):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kdbench.contracts import Recipe
-from kdbench.data import load_split
+from kdbench.core.splits import load_split
 from kdbench.errors import KdbenchError
 from kdbench_builtin.datasets import cifar, image_folder
 from kdbench.recipes import load_recipe, names as recipe_names, student_lr
@@ -245,7 +245,7 @@ def test_fetch_unreachable_is_one_line(tmp_path, server):
 
 
 def test_extract_refuses_escaping_members(tmp_path):
-    from kdbench.download import extract
+    from kdbench.data import extract
 
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
@@ -321,7 +321,7 @@ def test_image_folder_errors(tmp_path):
 
 
 def test_image_folder_is_always_registered_and_resolved_per_folder(tmp_path, monkeypatch):
-    from kdbench import plugins
+    from kdbench.core import plugins
 
     monkeypatch.delenv("KDBENCH_IMAGE_FOLDER", raising=False)
     plugins.reset()
@@ -372,7 +372,7 @@ def test_recipe_errors(tmp_path):
 def test_data_download_command_through_the_cli(tmp_path, monkeypatch, server):
     from click.testing import CliRunner
 
-    from kdbench import plugins
+    from kdbench.core import plugins
     from kdbench.cli import main
 
     base = serve_tiny_cifar100(monkeypatch, server)

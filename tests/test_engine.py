@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdbench import engine, plugins
+from kdbench.core import engine, plugins
 from kdbench.contracts import HParam, Method, Recipe, Stage
 from kdbench.errors import KdbenchError, NonFiniteLoss
-from kdbench.plan import RunConfig, make_plan
-from kdbench.plugins import Entry
+from kdbench.core.plan import RunConfig, make_plan
+from kdbench.core.plugins import Entry
 
 CPU = torch.device("cpu")
 
@@ -147,7 +147,7 @@ def test_a_streamed_dataset_trains_through_the_loader_path(env, teacher):
 
     from torch.utils.data import TensorDataset
 
-    from kdbench.data import LoaderSplit
+    from kdbench.core.splits import LoaderSplit
 
     reg = plugins.registry()
     base = reg.dataset("mnist1d")

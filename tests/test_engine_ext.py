@@ -7,10 +7,11 @@ import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from kdbench import engine, plugins, runner
+from kdbench.core import engine, plugins
+from kdbench.workflows import run as runner
 from kdbench.cli import main
-from kdbench.plan import RunConfig, make_plan
-from kdbench.tracking import Tracker
+from kdbench.core.plan import RunConfig, make_plan
+from kdbench.workflows.tracking import Tracker
 
 
 def _runs(env, method):

@@ -11,12 +11,13 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from kdbench import plugins
+from kdbench.core import plugins
 from kdbench.cli import main
 from kdbench.contracts import Augment, Dataset, Recipe
-from kdbench.data import DeviceSplit, LoaderSplit, carve_validation, load_split
+from kdbench.core.splits import DeviceSplit, LoaderSplit, load_split
+from kdbench.data import carve_validation
 from kdbench.errors import KdbenchError
-from kdbench.plan import RunConfig, make_plan, resolve_dataset
+from kdbench.core.plan import RunConfig, make_plan, resolve_dataset
 from kdbench.testing import check_dataset
 from kdbench_builtin.datasets import image_folder
 

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from scipy import stats
 
 from kdbench.cli import main
-from kdbench.leaderboard import aggregate, runs_frame, welch_p
+from kdbench.workflows.leaderboard import aggregate, runs_frame, welch_p
 
 TEACHER = 0.90
 # method -> per-seed test top-1 (last epoch)
@@ -54,7 +54,7 @@ def store(env):
 
 
 def test_aggregate_against_hand_computed_numbers(store):
-    from kdbench.tracking import Tracker
+    from kdbench.workflows.tracking import Tracker
 
     runs = Tracker(store).search("mnist1d", "attributes.status = 'FINISHED'")
     (table,) = aggregate(runs_frame(runs)).values()
@@ -99,7 +99,7 @@ def test_duplicate_hash_counts_once_and_welch_edge_cases(env):
     uri = f"sqlite:///{env}/mlflow.db"
     fabricate(uri)
     fabricate(uri, {"kd": [0.5]})  # a second FINISHED run of hash kd0 (later): it replaces the first
-    from kdbench.tracking import Tracker
+    from kdbench.workflows.tracking import Tracker
 
     df = runs_frame(Tracker(uri).search("mnist1d"))
     assert len(df) == 12 and df.set_index("config_hash").loc["kd0", "test_top1"] == 0.5

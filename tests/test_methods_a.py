@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdbench import plugins
+from kdbench.core import plugins
 from kdbench.contracts import Outputs, Probe, Step
 from kdbench.errors import KdbenchError
 from kdbench_builtin.methods import at, at_grad
@@ -545,7 +545,7 @@ def test_gradients_reach_student_and_modules_not_teacher(name, shape_kind):
         ft["stage1"] = rnd(b, 6, 8, 8, seed=40)
     z_s, z_t = rnd(b, k, seed=50), rnd(b, k, seed=51)
     m = method(name)
-    from kdbench.taps import expand
+    from kdbench.core.taps import expand
     fs = {n: fs[n] for n in (expand(m.taps, list(fs)) if m.taps else [])}
     ft = {n: ft[n] for n in (expand(m.taps, list(ft)) if m.taps else [])}
     pr = probe_of(name, {n: tuple(v.shape[1:]) for n, v in fs.items()}, {n: tuple(v.shape[1:]) for n, v in ft.items()})

@@ -130,7 +130,7 @@ def test_search_space_samples_only_valid_values(name):
 
 
 def test_declarations_load():
-    from kdbench import plugins
+    from kdbench.core import plugins
 
     reg = plugins.registry()
     assert not reg.failures

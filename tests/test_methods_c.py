@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdbench import plugins
+from kdbench.core import plugins
 from kdbench.contracts import Outputs, Probe, Step
-from kdbench.plan import RunConfig, make_plan
+from kdbench.core.plan import RunConfig, make_plan
 from kdbench_builtin.methods import datafree, dml, multi_teacher
 
 

@@ -3,7 +3,7 @@ import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from kdbench import plugins
+from kdbench.core import plugins
 from kdbench.cli import main
 
 METHODS = sorted(plugins.load().methods)

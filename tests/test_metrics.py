@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdbench import metrics
+from kdbench.core import metrics
 
 
 def test_topk_correct():

@@ -3,11 +3,11 @@ count, taps, wrong input shapes, and RepDistiller-format checkpoints."""
 import pytest
 import torch
 
-from kdbench import metrics
-from kdbench.engine import load_checkpoint
+from kdbench.core import metrics
+from kdbench.core.engine import load_checkpoint
 from kdbench.errors import KdbenchError
-from kdbench.plugins import load as load_plugins
-from kdbench.taps import Tapped
+from kdbench.core.plugins import load as load_plugins
+from kdbench.core.taps import Tapped
 
 CIFAR = (3, 32, 32)
 

@@ -1,7 +1,7 @@
 """Plugin discovery through entry points: built-ins, broken plugins, collisions, env vars."""
 from click.testing import CliRunner
 
-from kdbench import plugins
+from kdbench.core import plugins
 from kdbench.cli import main
 
 GOOD = """

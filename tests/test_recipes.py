@@ -5,11 +5,11 @@ import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from kdbench import plugins
+from kdbench.core import plugins
 from kdbench.cli import main
 from kdbench.contracts import Recipe
 from kdbench.errors import KdbenchError
-from kdbench.plan import RunConfig, make_plan
+from kdbench.core.plan import RunConfig, make_plan
 from kdbench.recipes import load_recipe
 
 
@@ -42,7 +42,7 @@ def test_per_model_lr_reaches_the_plan_like_the_reference(env):
 def test_a_datasets_teacher_recipe_gets_its_own_per_model_lr(env):
     from dataclasses import replace
 
-    from kdbench.plan import teacher_recipe_of
+    from kdbench.core.plan import teacher_recipe_of
 
     ds = plugins.registry().dataset("cifar100")
     teacher_table = Recipe(epochs=3, batch_size=32, lr=0.1, model_lr=(("vgg13", 0.02),))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import make_dist
-from kdbench import plugins
+from kdbench.core import plugins
 from kdbench.contracts import Dataset, HParam, Method, Model, Recipe, Tap
 from kdbench.errors import KdbenchError
 from kdbench.testing import check_dataset, check_method, check_model

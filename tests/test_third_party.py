@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from conftest import make_dist
-from kdbench import plugins
+from kdbench.core import plugins
 from kdbench.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -228,8 +228,8 @@ def test_pip_installed_plugin_is_listed_run_and_tagged(fresh_venv, tmp_path):
     # an untrained teacher from a checkpoint: the run's subject is the student side, and this
     # keeps the test from training a 20-epoch teacher
     torch.manual_seed(0)
-    from kdbench import engine
-    from kdbench.plan import RunConfig, make_plan
+    from kdbench.core import engine
+    from kdbench.core.plan import RunConfig, make_plan
 
     plan = make_plan(RunConfig(method="kd"), plugins.load())
     torch.save({"model": engine.build_teacher(plan, torch.device("cpu")).state_dict()}, tmp_path / "t.pt")

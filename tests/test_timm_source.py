@@ -37,11 +37,11 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from kdbench import plugins
+from kdbench.core import plugins
 from kdbench.cli import main
 from kdbench.contracts import Model, Tap
 from kdbench.errors import KdbenchError
-from kdbench.taps import Tapped
+from kdbench.core.taps import Tapped
 
 # --------------------------------------------------------------------------- the fake timm
 
@@ -223,7 +223,7 @@ def run_tapped(model: Model, net: nn.Module, shape=(3, 32, 32)):
 
 
 def test_loading_kdbench_does_not_import_timm():
-    code = ("import sys; from kdbench import plugins; reg = plugins.load(); "
+    code = ("import sys; from kdbench.core import plugins; reg = plugins.load(); "
             "assert 'timm' in reg.model_sources, reg.model_sources; "
             "assert 'timm' not in sys.modules, 'timm imported at load'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -15,10 +15,11 @@ import torch
 from click.testing import CliRunner
 from optuna.trial import TrialState
 
-from kdbench import plugins, runner, tune
+from kdbench.core import plugins
+from kdbench.workflows import run as runner, tune
 from kdbench.cli import main
-from kdbench.engine import EpochLog
-from kdbench.tracking import Tracker
+from kdbench.core.engine import EpochLog
+from kdbench.workflows.tracking import Tracker
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_URL_FILE = Path(os.environ.get("KDBENCH_PG_URL_FILE", "/tmp/kdbench-postgres.url"))
@@ -141,7 +142,7 @@ def test_pruning_stops_a_clearly_worse_curve():
 
 
 def test_pruned_run_ends_killed_not_failed(env):
-    from kdbench.plan import RunConfig
+    from kdbench.core.plan import RunConfig
 
     def prune(e):
         if e.role == "student" and e.stage == "main":

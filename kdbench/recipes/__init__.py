@@ -16,8 +16,8 @@ import tomllib
 from dataclasses import fields
 from pathlib import Path
 
-from ..contracts import Recipe
-from ..errors import KdbenchError, closest
+from kdbench.contracts import Recipe
+from kdbench.errors import KdbenchError, closest
 
 HERE = Path(__file__).parent
 

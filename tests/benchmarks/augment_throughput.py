@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from kdbench.contracts import Augment
-from kdbench.data import DeviceSplit
+from kdbench.core.splits import DeviceSplit
 
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 

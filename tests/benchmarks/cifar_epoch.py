@@ -2,7 +2,7 @@
 path vs the same step written as a plain PyTorch loop fed by a CPU DataLoader.
 
 Harness: the whole split lives on the device as uint8; normalisation, pad-4 random crop and flip
-are batched on the device; shuffling is a device permutation; kdbench.engine.train_stage runs the
+are batched on the device; shuffling is a device permutation; kdbench.core.engine.train_stage runs the
 KD step (taps, named loss terms, bf16 autocast and channels_last on CUDA).
 Plain loop: the same models and loss, fed by a torch DataLoader whose workers crop, flip and
 normalise each sample on the CPU (the usual torchvision-style pipeline, written with numpy since
@@ -30,11 +30,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdbench import engine, plugins
+from kdbench.core import engine, plugins
 from kdbench.contracts import Augment, Dataset, Recipe
-from kdbench.engine import Stage
-from kdbench.plan import RunConfig, make_plan
-from kdbench.plugins import Entry
+from kdbench.core.engine import Stage
+from kdbench.core.plan import RunConfig, make_plan
+from kdbench.core.plugins import Entry
 
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 

@@ -2,7 +2,7 @@
 
 Both do the same KD step (teacher forward under no_grad, student forward, (1-α)·CE + α·T²·KL,
 backward, SGD step) on the same models, the same batches and the same device; the harness goes
-through kdbench.engine.train_stage (taps, named loss terms, on-device accumulation, one host read
+through kdbench.core.engine.train_stage (taps, named loss terms, on-device accumulation, one host read
 per epoch). Prints samples/s of each and the ratio harness / hand (target >= 0.97).
 
     python tests/benchmarks/step_throughput.py [--method kd] [--device cpu] [--epochs 3] [--repeats 5]
@@ -15,9 +15,9 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from kdbench import engine, plugins
+from kdbench.core import engine, plugins
 from kdbench.contracts import Augment
-from kdbench.plan import RunConfig, make_plan
+from kdbench.core.plan import RunConfig, make_plan
 
 
 def hand_loop(student, teacher, batches, lr, T, alpha):

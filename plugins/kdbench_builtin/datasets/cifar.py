@@ -21,7 +21,7 @@ import torch
 from kdbench.contracts import Augment, Dataset
 from kdbench.data import carve_validation
 from kdbench.errors import KdbenchError
-from kdbench.paths import cache_dir
+from kdbench.data import cache_dir
 
 from kdbench.recipes import load_recipe
 
@@ -82,7 +82,7 @@ def _missing_message(name: str, folder: Path, what: str) -> str:
 
 
 def _check(name: str, folder: Path, files) -> None:
-    from kdbench.download import md5sum
+    from kdbench.data import md5sum
 
     if not folder.is_dir():
         raise KdbenchError(_missing_message(name, folder, "no such folder"))
@@ -153,7 +153,7 @@ def fetch(name: str, data_dir=None, base_url: str | None = None, progress=None) 
     """Download and extract the official archive of ``name`` into the data folder; returns the
     extracted folder, whose files are then checked. ``base_url`` replaces the official host
     (a mirror, or a local server in tests)."""
-    from kdbench.download import download
+    from kdbench.data import download
 
     if name not in ARCHIVES:
         raise KdbenchError(f"no download for {name!r} (known: {', '.join(ARCHIVES)})")

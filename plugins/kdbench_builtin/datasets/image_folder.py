@@ -45,7 +45,7 @@ VERSION_FORMAT = "1"
 
 class UnreadableImage(KdbenchError):
     """An image file that Pillow cannot decode (raised in a DataLoader worker, it reaches the
-    user as one line through :func:`kdbench.data._from_workers`)."""
+    user as one line through :func:`kdbench.core.splits._from_workers`)."""
 
 
 # --------------------------------------------------------------------------- the folder

@@ -6,7 +6,7 @@ import torch
 
 from kdbench.contracts import Augment, Dataset
 from kdbench.data import carve_validation
-from kdbench.paths import cache_dir
+from kdbench.data import cache_dir
 from kdbench.recipes import load_recipe
 
 GENERATOR_VERSION = "mnist1d-default-args-seed42"

@@ -94,7 +94,7 @@ def _key(teacher, hp, input_shape, num_classes):
 
 def synthesize(probe, teacher, device):
     """The synthetic training set ``(x, ŷ)``, from the cache when it was made before."""
-    from kdbench.paths import cache_dir
+    from kdbench.data import cache_dir
 
     hp = probe.hp
     if teacher is None or not bn_layers(teacher):

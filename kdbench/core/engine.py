@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import metrics
-from .contracts import Dataset, Method, Model, Probe, Recipe, Stage, Step
-from .data import DeviceSplit, load_split
-from .errors import KdbenchError, NonFiniteLoss
-from .taps import Tapped, expand
+from kdbench.core import metrics
+from kdbench.contracts import Dataset, Method, Model, Probe, Recipe, Stage, Step
+from kdbench.core.splits import DeviceSplit, load_split
+from kdbench.errors import KdbenchError, NonFiniteLoss
+from kdbench.core.taps import Tapped, expand
 
 
 @dataclass

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any
 
-from . import API_VERSION
-from .contracts import Dataset, Method, Model, Probe, Recipe, Stage, resolve_hparams
-from .errors import KdbenchError
-from .plugins import Entry, Registry
+from kdbench import API_VERSION
+from kdbench.contracts import Dataset, Method, Model, Probe, Recipe, Stage, resolve_hparams
+from kdbench.errors import KdbenchError
+from kdbench.core.plugins import Entry, Registry
 
 #: Bump when the way teachers are trained changes: cached teachers are then retrained.
 TEACHER_RECIPE_VERSION = 1
@@ -145,7 +145,7 @@ def make_plan(config: RunConfig, reg: Registry) -> Plan:
     hp = resolve_hparams(method.obj.hparams, config.hparams, f"method {method.obj.name!r}")
     base = ds.recipe
     if config.recipe_name:
-        from .recipes import load_recipe
+        from kdbench.recipes import load_recipe
 
         base = load_recipe(config.recipe_name)
     # a recipe's per-model lr (e.g. 0.01 for MobileNetV2/ShuffleNet) applies to the network it trains
@@ -203,7 +203,7 @@ def _sub_hp(hp: SimpleNamespace, prefix: str) -> SimpleNamespace:
 
 
 def _sub_wanted(m: Method, hp, s_taps: list[str], t_taps: list[str] | None) -> tuple[list[str], list[str]]:
-    from .taps import expand  # same rules as the engine's
+    from kdbench.core.taps import expand  # same rules as the engine's
 
     if callable(m.taps):
         names = list(m.taps(hp, s_taps, t_taps))

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import KdbenchError
+from kdbench.errors import KdbenchError
 
 OBJECTIVES = ("acc", "acc,flops", "acc,time")
 PRUNERS = ("median", "hyperband", "none")
@@ -299,7 +299,7 @@ def validate(cfg: TuneConfig, reg) -> None:
     if cfg.method not in reg.methods:
         broken = [f.line() for f in reg.failures]
         hint = f"; broken plugins: {'; '.join(broken)}" if broken else ""
-        from .errors import closest
+        from kdbench.errors import closest
 
         raise KdbenchError(
             f"unknown method {cfg.method!r}{closest(cfg.method, reg.methods)} "
@@ -394,11 +394,11 @@ def run_study(cfg: TuneConfig, echo: Callable[[str], None] = print, on_epoch=lam
     import optuna
     from optuna.trial import TrialState
 
-    from . import engine, plugins
-    from .paths import default_tracking_uri
-    from .plan import RunConfig, make_plan
-    from .runner import obtain_teacher, run
-    from .tracking import Tracker
+    from kdbench.core import engine, plugins
+    from kdbench.workflows.tracking import default_tracking_uri
+    from kdbench.core.plan import RunConfig, make_plan
+    from kdbench.workflows.run import obtain_teacher, run
+    from kdbench.workflows.tracking import Tracker
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     reg = plugins.registry()

@@ -16,13 +16,14 @@ from typing import Callable
 
 import torch
 
-from . import __version__, engine, metrics, plugins
-from .data import load_split
-from .engine import EpochLog
-from .errors import KdbenchError
-from .paths import cache_dir
-from .plan import Plan, RunConfig, make_plan
-from .tracking import Tracker
+from kdbench import __version__
+from kdbench.core import engine, metrics, plugins
+from kdbench.core.splits import load_split
+from kdbench.core.engine import EpochLog
+from kdbench.errors import KdbenchError
+from kdbench.data import cache_dir
+from kdbench.core.plan import Plan, RunConfig, make_plan
+from kdbench.workflows.tracking import Tracker
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """`kdbench data …`: fetch and verify the files of datasets that read them."""
 import click
 
-from .errors import KdbenchError
+from kdbench.errors import KdbenchError
 
 
 @click.group("data")
@@ -15,7 +15,7 @@ def data_cmd():
 @click.option("--base-url", default=None, help="A mirror to fetch from instead of the official host.")
 def download_cmd(name, data_dir, base_url):
     """Download, checksum and extract the files of dataset NAME."""
-    from . import plugins
+    from kdbench.core import plugins
 
     dataset = plugins.registry().dataset(name)
     if dataset.download is None:

@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from . import __version__
-from .errors import KdbenchError
+from kdbench import __version__
+from kdbench.errors import KdbenchError
 
 KINDS = ("methods", "models", "datasets")
 
@@ -48,14 +48,14 @@ def main(ctx, debug):
 
 
 def _registry():
-    from . import plugins
+    from kdbench.core import plugins
 
     return plugins.registry()
 
 
 def _tracker(uri):
-    from .paths import default_tracking_uri
-    from .tracking import Tracker
+    from kdbench.workflows.tracking import default_tracking_uri
+    from kdbench.workflows.tracking import Tracker
 
     return Tracker(uri or default_tracking_uri())
 
@@ -95,7 +95,7 @@ def list_cmd(kind):
 
 
 def _echo_recipes():
-    from . import recipes
+    from kdbench import recipes
 
     click.echo("recipes (kdbench run --recipe NAME):")
     for name in recipes.names():
@@ -120,7 +120,7 @@ def _echo_failures(reg):
               help="Load only kdbench's own plugins. For every command: KDBENCH_PLUGINS= (empty).")
 def plugins_cmd(disable, no_third_party):
     """Installed plugin entry points: distribution, version, status, hooks; then load failures."""
-    from . import plugins
+    from kdbench.core import plugins
 
     reg = plugins.load(disable=disable, only=set() if no_third_party else None) if (
         disable or no_third_party) else _registry()
@@ -237,12 +237,12 @@ def run_cmd(method, dataset, teacher, student, epochs, seed, teacher_seed, devic
             teacher_checkpoint, sets, data_dir, data_opts, recipe_name, params_from, storage, tracking_uri,
             teachers):
     """Train a student with a distillation method and record it in MLflow."""
-    from .plan import RunConfig
-    from .runner import run
+    from kdbench.core.plan import RunConfig
+    from kdbench.workflows.run import run
 
     hparams, recipe = {}, {}
     if params_from:
-        from .tune import best_params
+        from kdbench.workflows.tune import best_params
 
         best = best_params(params_from, storage, tracking_uri)
         if best["method"] and best["method"] != method:
@@ -319,8 +319,8 @@ def leaderboard_cmd(name, dataset, fmt, output, no_summary, tracking_uri):
 
     With NAME (leaderboards/NAME.toml or a path): only that suite's runs, ranked by its metric,
     with published numbers where it has them; the figures are logged on its summary run."""
-    from . import bench
-    from .leaderboard import aggregate, plots, render, runs_frame
+    from kdbench.workflows import bench
+    from kdbench.workflows.leaderboard import aggregate, plots, render, runs_frame
 
     tracker = _tracker(tracking_uri)
     suite = None
@@ -356,7 +356,7 @@ def leaderboard_cmd(name, dataset, fmt, output, no_summary, tracking_uri):
 
 
 def _add_area_commands() -> None:
-    from . import cli_bench, cli_data, cli_plugin, cli_tune
+    from kdbench.cli import bench as cli_bench, data as cli_data, plugin as cli_plugin, tune as cli_tune
 
     for module in (cli_tune, cli_bench, cli_plugin, cli_data):
         for command in module.COMMANDS:

@@ -3,7 +3,7 @@ contract (the conformance kit of :mod:`kdbench.testing`). ``COMMANDS`` is added 
 by kdbench.cli."""
 import click
 
-from .errors import KdbenchError
+from kdbench.errors import KdbenchError
 
 KIND = click.Choice(["method", "model", "dataset"])
 
@@ -23,7 +23,8 @@ def new_cmd(name, kind, directory):
 
     It holds a pyproject.toml with the `kdbench` entry point, one module declaring KDBENCH_API, a
     conformance test (kdbench.testing) and a README; `pip install -e .` and `pytest` work as is."""
-    from . import plugins, scaffold
+    from kdbench.core import plugins
+    from kdbench.workflows import scaffold
 
     root, files = scaffold.create(name, kind, directory, registry=plugins.registry())
     n = scaffold.names(name)
@@ -45,8 +46,8 @@ def new_cmd(name, kind, directory):
               help="A dataset option (repeatable), e.g. size=64 for image_folder.")
 def check_cmd(kind, name, trials, data_dir, data_opts):
     """Run the conformance kit (kdbench.testing) on an installed method, model or dataset."""
-    from . import testing
-    from .cli import data_options
+    from kdbench import testing
+    from kdbench.cli import data_options
 
     try:
         if kind == "method":

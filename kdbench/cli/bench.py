@@ -9,12 +9,12 @@ import time
 
 import click
 
-from .errors import KdbenchError
+from kdbench.errors import KdbenchError
 
 
 def _tracker(uri):
-    from .paths import default_tracking_uri
-    from .tracking import Tracker
+    from kdbench.workflows.tracking import default_tracking_uri
+    from kdbench.workflows.tracking import Tracker
 
     return Tracker(uri or default_tracking_uri())
 
@@ -34,7 +34,7 @@ tracking_option = click.option(
 def bench_cmd(suite, dry_run, jobs, tracking_uri):
     """Run a leaderboard suite (leaderboards/NAME.toml or a path): every (pair, method, seed)
     cell without a FINISHED MLflow run of the same config hash."""
-    from . import bench
+    from kdbench.workflows import bench
 
     s = bench.load_suite(suite)
     tracker = _tracker(tracking_uri)
@@ -91,7 +91,7 @@ def wait_for_port(host: str, port: int, timeout: float, proc=None) -> bool:
 def ui_cmd(port, host, tracking_uri):
     """Start the MLflow UI on the tracking store and print its URL (Ctrl-C stops it).
     Filter a leaderboard's runs with  tags.leaderboard = 'NAME'."""
-    from .paths import default_tracking_uri
+    from kdbench.workflows.tracking import default_tracking_uri
 
     uri = tracking_uri or default_tracking_uri()
     port = port or free_port(host)

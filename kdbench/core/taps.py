@@ -7,8 +7,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from .contracts import Outputs, Tap
-from .errors import KdbenchError
+from kdbench.contracts import Outputs, Tap
+from kdbench.errors import KdbenchError
 
 
 def expand(patterns: Iterable[str], available: Sequence[str]) -> list[str]:

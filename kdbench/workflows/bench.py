@@ -38,8 +38,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import KdbenchError
-from .plan import RunConfig, make_plan
+from kdbench.errors import KdbenchError
+from kdbench.core.plan import RunConfig, make_plan
 
 MIN_SEEDS = 3
 METRICS = ("test_top1", "test_top1_bestval")
@@ -109,7 +109,7 @@ class Cell:
 
 
 def _load_named_recipe(name: str, student: str | None, suite_path: Path):
-    from .recipes import load_recipe
+    from kdbench.recipes import load_recipe
 
     if name.endswith(".toml") and not Path(name).is_absolute():
         name = str((suite_path.parent / name).resolve())
@@ -143,7 +143,7 @@ def load_suite(name_or_path: str, reg=None) -> Suite:
     except tomllib.TOMLDecodeError as exc:
         raise KdbenchError(f"leaderboard {path} is not valid TOML: {exc}") from None
     if reg is None:
-        from . import plugins
+        from kdbench.core import plugins
 
         reg = plugins.registry()
     where = f"leaderboard {path.name}"
@@ -257,7 +257,7 @@ def tuned_params(suite: Suite, pair: Pair, method: MethodSpec, uri: str | None) 
     """The best hyperparameters of the method's tuning study for this pair, or None (no study yet)."""
     if not method.tune_trials or uri is None:
         return None
-    from .tune import best_params
+    from kdbench.workflows.tune import best_params
 
     try:
         return best_params(study_name(suite, pair, method), None, uri)["hparams"]
@@ -267,7 +267,7 @@ def tuned_params(suite: Suite, pair: Pair, method: MethodSpec, uri: str | None) 
 
 def tune_methods(suite: Suite, uri: str, echo: Callable[[str], None] = lambda s: None) -> None:
     """Run (or resume) the tuning study of every method with ``tune_trials`` for every pair."""
-    from .tune import TuneConfig, run_study
+    from kdbench.workflows.tune import TuneConfig, run_study
 
     for pair in suite.pairs:
         recipe = suite.recipe_for(pair.student)
@@ -284,7 +284,7 @@ def plan_cells(suite: Suite, reg=None, uri: str | None = None) -> list[Cell]:
     """Every (pair, method, seed) cell with its config hash, vanilla cells first. With the
     tracking ``uri``, methods to be tuned take their study's best parameters."""
     if reg is None:
-        from . import plugins
+        from kdbench.core import plugins
 
         reg = plugins.registry()
     cells = []
@@ -381,8 +381,8 @@ def _record_failure(tracker, cell: Cell, reason: str, started: float) -> str:
 
 def run_cell(cell: Cell, uri: str, threads: int | None = None) -> CellResult:
     """Run one cell (in this process); failures are recorded, never raised (except Ctrl-C)."""
-    from . import runner
-    from .tracking import Tracker
+    from kdbench.workflows import run as runner
+    from kdbench.workflows.tracking import Tracker
 
     if threads:
         import torch
@@ -405,8 +405,9 @@ def run_cell(cell: Cell, uri: str, threads: int | None = None) -> CellResult:
 
 def prepare_teachers(cells: list[Cell], uri: str, echo=lambda s: None) -> dict[str, str]:
     """Train (or load) each distinct teacher once, before fanning out; returns failures by id."""
-    from . import engine, plugins, runner
-    from .tracking import Tracker
+    from kdbench.core import engine, plugins
+    from kdbench.workflows import run as runner
+    from kdbench.workflows.tracking import Tracker
 
     tracker = Tracker(uri)
     failures, seen = {}, set()
@@ -434,7 +435,7 @@ def run_suite(
     cells: list[Cell] | None = None,
 ) -> list[CellResult]:
     """Run the suite's pending cells; return one result per cell run (failures included)."""
-    from .tracking import Tracker
+    from kdbench.workflows.tracking import Tracker
 
     tracker = Tracker(uri)
     if any(m.tune_trials for m in suite.methods):

@@ -9,8 +9,8 @@
 
 Each ``check_*`` loads the installed plugins (your package must be installed, e.g. ``pip install
 -e .``), finds the thing by name and exercises its contract for real: declarations, real forward
-and backward passes through the harness's own code paths (:func:`kdbench.engine.setup_student`,
-:class:`kdbench.taps.Tapped`), a short training run and determinism under a seed. A violation
+and backward passes through the harness's own code paths (:func:`kdbench.core.engine.setup_student`,
+:class:`kdbench.core.taps.Tapped`), a short training run and determinism under a seed. A violation
 raises :class:`AssertionError` whose message says what is wrong and what to change. The checks
 run on the CPU on a subset of the training data, so they take seconds, not a benchmark run.
 """
@@ -27,10 +27,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from . import engine, metrics, plugins
-from .contracts import Augment, Dataset, HParam, Method, Model, Recipe, Stage, Step
-from .errors import KdbenchError
-from .taps import Tapped
+from kdbench.core import engine, metrics, plugins
+from kdbench.contracts import Augment, Dataset, HParam, Method, Model, Recipe, Stage, Step
+from kdbench.errors import KdbenchError
+from kdbench.core.taps import Tapped
 
 __all__ = ["check_method", "check_model", "check_dataset"]
 
@@ -270,7 +270,7 @@ def check_method(
       nothing with the student or the teacher, and each receives a gradient in some stage; the
       loss uses no trainable tensor outside the student and these modules;
     * ``run``: a one-epoch run (plus the method's stages) on ``samples`` training samples through
-      :func:`kdbench.engine.run_student`, twice with the same seed: metrics must be identical.
+      :func:`kdbench.core.engine.run_student`, twice with the same seed: metrics must be identical.
     """
     reg = plugins.registry()
     if isinstance(name, Method):
@@ -287,7 +287,7 @@ def check_method(
         _check_hparam(fail, h)
     sampled = _sample_hparams(fail, method, trials, seed)
 
-    from .plan import RunConfig, make_plan
+    from kdbench.core.plan import RunConfig, make_plan
 
     def plan_for(hp: Mapping[str, Any]):
         config = RunConfig(method=method.name, dataset=dataset, teacher=teacher, student=student,
@@ -486,7 +486,7 @@ def check_model(
     for. Default: the input shape of every registered dataset — the model must build for at least
     one and refuse the others with :class:`KdbenchError`. For each shape: logits ``[B,
     num_classes]``; every tap names a module of the built network and fires in a forward pass
-    (read by forward hooks through :class:`kdbench.taps.Tapped`); tap names follow the convention
+    (read by forward hooks through :class:`kdbench.core.taps.Tapped`); tap names follow the convention
     (``stem``, ``stage1..N`` numbered without gaps, ``stageK_pre``, ``pool`` a ``[B, D]`` vector)
     and include ``require_taps``; forward/backward give every parameter a finite gradient;
     building is deterministic under a seed; FLOPs are countable.
@@ -752,7 +752,7 @@ def check_dataset(name: str | Dataset, *, options: Mapping[str, Any] | None = No
                 f"{len(overlap)} validation sample(s) also appear in 'train' — carve val from train with "
                 "kdbench.data.carve_validation and return only the rest for 'train'",
             )
-        from .data import augment_batch, load_split
+        from kdbench.core.splits import augment_batch, load_split
 
         split = load_split(ds, "train", torch.device("cpu"), options)
         x = next(iter(split.batches(8)))[0]

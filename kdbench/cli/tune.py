@@ -1,7 +1,7 @@
-"""`kdbench tune`: an Optuna study over a method's search space (see kdbench.tune)."""
+"""`kdbench tune`: an Optuna study over a method's search space (see kdbench.workflows.tune)."""
 import click
 
-from .errors import KdbenchError
+from kdbench.errors import KdbenchError
 
 
 @click.command("tune")
@@ -42,8 +42,8 @@ def tune_cmd(method, dataset, teacher, student, trials, epochs, tune_recipe, obj
              storage, study_name, retrain, seeds, heartbeat, device, teacher_checkpoint, data_dir, data_opts, recipe_name,
              show_study, tracking_uri):
     """Tune a method's hyperparameters on the validation split with Optuna."""
-    from . import tune
-    from .cli import data_options
+    from kdbench.workflows import tune
+    from kdbench.cli import data_options
 
     if show_study:
         click.echo(tune.show(show_study, storage, tracking_uri))

@@ -17,9 +17,9 @@ from importlib.metadata import EntryPoint, entry_points
 
 import pluggy
 
-from . import API_VERSION, hookspecs
-from .contracts import Dataset, Method, Model, ModelSource
-from .errors import KdbenchError, closest
+from kdbench import API_VERSION, hookspecs
+from kdbench.contracts import Dataset, Method, Model, ModelSource
+from kdbench.errors import KdbenchError, closest
 
 GROUP = "kdbench"
 CORE_DIST = "kdbench"

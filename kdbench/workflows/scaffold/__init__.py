@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from string import Template
 
-from ..errors import KdbenchError
+from kdbench.errors import KdbenchError
 
 KINDS = ("method", "model", "dataset")
 TEMPLATES = Path(__file__).parent / "templates"
