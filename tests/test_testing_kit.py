@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import make_dist
+from helpers import make_dist
 from kdbench.core import plugins
 from kdbench.contracts import Dataset, HParam, Method, Model, Recipe, Tap
 from kdbench.errors import KdbenchError

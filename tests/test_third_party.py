@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from conftest import make_dist
+from helpers import make_dist
 from kdbench.core import plugins
 from kdbench.cli import main
 
