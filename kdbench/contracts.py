@@ -308,7 +308,12 @@ class Dataset:
 
 @dataclass
 class Outputs:
-    """A network's outputs for one batch: logits and the requested feature taps, by name."""
+    """A network's outputs for one batch.
+
+    * ``logits``: ``[B, num_classes]``.
+    * ``feats``: the feature taps the method asked for (``Method.taps``), by tap name, each
+      ``[B, *shape]`` as the tapped module produced it.
+    """
 
     logits: torch.Tensor
     feats: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -316,7 +321,21 @@ class Outputs:
 
 @dataclass
 class Step:
-    """What a method's loss sees for one training batch."""
+    """What a method's loss sees for one training batch.
+
+    * ``x``, ``y``: the batch as the networks get it (normalised, augmented) and its labels.
+    * ``student``: the student's :class:`Outputs` (with the graph: the loss trains through it).
+    * ``teacher``: the frozen teacher's :class:`Outputs` (no graph); None without a teacher.
+    * ``hp``: the method's hyperparameters, by name (``step.hp.T``).
+    * ``modules``: what the method's ``build`` returned (trained with the student), or None.
+    * ``epoch``: 0-based, within the current stage; ``epochs``: that stage's epoch count.
+    * ``stage``: the current stage's name (``"main"``, or a pre-stage's :attr:`Stage.name`).
+    * ``index``: the batch's sample indices in the training split (e.g. for a memory bank).
+    * ``student_net``: the student as ``x -> Outputs`` (same taps), for methods that re-run it.
+    * ``teacher_net``: the frozen teacher as ``x -> Outputs``; None without a teacher.
+    * ``teachers``: the :class:`Outputs` of the run's extra teachers (``RunConfig.teachers``),
+      same taps as ``teacher``; None when the run has none (the main teacher stays ``teacher``).
+    """
 
     x: torch.Tensor
     y: torch.Tensor
@@ -324,32 +343,40 @@ class Step:
     teacher: Outputs | None
     hp: SimpleNamespace
     modules: nn.Module | None
-    epoch: int  # 0-based, within the current stage
-    epochs: int  # of the current stage
+    epoch: int
+    epochs: int
     stage: str
-    index: torch.Tensor | None = None  # the batch's sample indices in the training split
-    student_net: nn.Module | None = None  # x -> Outputs (same taps), for methods that re-run it
-    teacher_net: nn.Module | None = None  # frozen; x -> Outputs
-    # outputs of the run's extra teachers (``RunConfig.teachers``), same taps as ``teacher``;
-    # None when the run has none (the main teacher stays ``teacher``)
+    index: torch.Tensor | None = None
+    student_net: nn.Module | None = None
+    teacher_net: nn.Module | None = None
     teachers: list[Outputs] | None = None
 
 
 @dataclass
 class Probe:
-    """What a method's ``build``/``check`` see before training: shapes of the taps it asked for
-    (per sample, no batch axis), the classes, and a way to make fresh students (for peers)."""
+    """What a method's ``build``/``check`` (and ``train_data``) see before training.
+
+    * ``hp``: the method's hyperparameters, by name.
+    * ``num_classes``, ``input_shape``: the dataset's (``input_shape`` per sample, no batch axis).
+    * ``student_shapes``, ``teacher_shapes``: per-sample shapes (no batch axis) of the taps the
+      method asked for, by tap name; ``teacher_shapes`` is empty without a teacher.
+    * ``student_taps``, ``teacher_taps``: every tap each model offers (asked for or not).
+    * ``new_student()``: a freshly initialised student network (each call a new seed), e.g. for
+      the peers of mutual learning.
+    * ``num_train``: samples in the training split (e.g. to size a memory bank).
+    * ``num_teachers``: frozen teachers of the run, the main one plus the extra ones.
+    """
 
     hp: SimpleNamespace
     num_classes: int
     input_shape: tuple[int, ...]
     student_shapes: dict[str, tuple[int, ...]]
     teacher_shapes: dict[str, tuple[int, ...]]
-    student_taps: list[str]  # every tap the student model offers
+    student_taps: list[str]
     teacher_taps: list[str]
     new_student: Callable[[], nn.Module]
-    num_train: int = 0  # samples in the training split (e.g. to size a memory bank)
-    num_teachers: int = 0  # frozen teachers of the run: the main one plus the extra ones
+    num_train: int = 0
+    num_teachers: int = 0
 
 
 LossFn = Callable[[Step], Mapping[str, torch.Tensor]]

@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdbench.contracts import Augment, Dataset, LossFn, Method, Model, Outputs, Probe, Recipe, Stage, Step
 from kdbench.core import metrics
-from kdbench.contracts import Dataset, Method, Model, Probe, Recipe, Stage, Step
 from kdbench.core.splits import DeviceSplit, load_split
+from kdbench.core.taps import Tapped, wanted_taps
 from kdbench.errors import KdbenchError, NonFiniteLoss
-from kdbench.core.taps import Tapped, expand
 
 
 @dataclass
@@ -72,7 +72,7 @@ def autocast(device: torch.device):
 def lr_at(recipe: Recipe, epoch: int) -> float:
     """Learning rate for 0-based ``epoch`` under the recipe's schedule."""
     if recipe.schedule == "multistep":
-        return recipe.lr * recipe.gamma ** sum(epoch >= m for m in recipe.milestones)
+        return recipe.lr * recipe.gamma ** sum(epoch >= milestone for milestone in recipe.milestones)
     if recipe.schedule == "cosine":
         return 0.5 * recipe.lr * (1 + math.cos(math.pi * epoch / recipe.epochs))
     if recipe.schedule == "constant":
@@ -173,78 +173,120 @@ class Trainee:
     peers: list[nn.Module] = field(default_factory=list)  # extra evaluated networks (Method.peers)
 
 
+def _stage_optimizer(trainee: Trainee, stage: Stage, recipe: Recipe) -> torch.optim.Optimizer:
+    """The optimizer of a stage: the method's modules, and the student when the stage trains it."""
+    params = list(trainee.modules.parameters()) if trainee.modules is not None else []
+    if stage.train_student:
+        params = list(trainee.student.parameters()) + params
+    if not params:
+        raise KdbenchError(f"stage {stage.name!r} has no parameters to train")
+    return make_optimizer(params, recipe)
+
+
+def _forward(trainee: Trainee, x: torch.Tensor) -> tuple[Outputs, Outputs | None, list[Outputs] | None]:
+    """The student's outputs for a batch, and the frozen teachers' (computed without a graph)."""
+    teacher = None
+    if trainee.teacher is not None:
+        with torch.no_grad():
+            teacher = trainee.teacher(x)
+    teachers = None
+    if trainee.teachers:
+        with torch.no_grad():
+            teachers = [net(x) for net in trainee.teachers]
+    return trainee.student(x), teacher, teachers
+
+
+def _batch_loss(trainee: Trainee, stage: Stage, epoch: int, epochs: int, x: torch.Tensor, y: torch.Tensor,
+                index: torch.Tensor | None) -> tuple[Outputs, dict[str, torch.Tensor], torch.Tensor]:
+    """One batch through the networks and the stage's loss: the student's outputs, the named
+    loss terms and their sum."""
+    student, teacher, teachers = _forward(trainee, x)
+    step = Step(
+        x=x, y=y, student=student, teacher=teacher, hp=trainee.hp, modules=trainee.modules,
+        epoch=epoch, epochs=epochs, stage=stage.name, index=index,
+        student_net=trainee.student, teacher_net=trainee.teacher, teachers=teachers,
+    )
+    terms = stage.loss(step)
+    return student, terms, functools.reduce(operator.add, list(terms.values()))
+
+
+class _EpochTotals:
+    """One epoch's loss terms (weighted by batch size) and correct predictions, summed on the
+    device; read once, at the end of the epoch."""
+
+    def __init__(self, device: torch.device):
+        self.names: list[str] = []
+        self.sums: torch.Tensor | None = None
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.seen = 0
+
+    def add(self, terms: dict[str, torch.Tensor], logits: torch.Tensor, y: torch.Tensor) -> None:
+        batch_terms = torch.stack([v.detach().float() for v in terms.values()])
+        if self.sums is None:
+            self.names, self.sums = list(terms), batch_terms * len(y)
+        else:
+            self.sums.add_(batch_terms, alpha=len(y))
+        self.correct.add_((logits.detach().argmax(1) == y).sum())
+        self.seen += len(y)
+
+    def means(self) -> list[float]:
+        """Each term's mean over the epoch's samples: the epoch's one host sync."""
+        return (self.sums / max(self.seen, 1)).tolist()
+
+    def metrics(self, means: list[float], lr: float, start: float) -> dict[str, float]:
+        """``loss_NAME`` per term, ``loss``, ``train_top1``, ``lr``, ``epoch_seconds``."""
+        out = {f"loss_{n}": v for n, v in zip(self.names, means)}
+        out["loss"] = sum(means)
+        out["train_top1"] = self.correct.item() / max(self.seen, 1)
+        out["lr"] = lr
+        out["epoch_seconds"] = time.perf_counter() - start
+        return out
+
+
+def _check_finite(names: list[str], means: list[float], stage: Stage, epoch: int) -> None:
+    if not all(math.isfinite(v) for v in means):
+        detail = ", ".join(f"{n}={v:.4g}" for n, v in zip(names, means))
+        raise NonFiniteLoss(
+            f"loss became non-finite in stage {stage.name!r} epoch {epoch + 1} ({detail}); "
+            "lower the lr or the method's weights"
+        )
+
+
 def train_stage(
-    t: Trainee,
+    trainee: Trainee,
     stage: Stage,
     epochs: int,
     recipe: Recipe,
     train: DeviceSplit,
     generator: torch.Generator,
-    augment,
+    augment: Augment,
     device: torch.device,
     after_epoch: Callable[[int, dict], None],
     scheduled: bool,
 ) -> float:
     """Run one stage; returns its training seconds. ``after_epoch(epoch0, metrics)`` is called
     with the epoch's mean loss terms and training accuracy (one host read per epoch)."""
-    params = list(t.modules.parameters()) if t.modules is not None else []
-    if stage.train_student:
-        params = list(t.student.parameters()) + params
-    if not params:
-        raise KdbenchError(f"stage {stage.name!r} has no parameters to train")
-    opt = make_optimizer(params, recipe)
-    loss_fn = stage.loss
+    opt = _stage_optimizer(trainee, stage, recipe)
     total_seconds = 0.0
-    t.student.train()
-    if t.modules is not None:
-        t.modules.train()
+    trainee.student.train()
+    if trainee.modules is not None:
+        trainee.modules.train()
     for epoch in range(epochs):
         lr = lr_at(recipe, epoch) if scheduled else recipe.lr
         for group in opt.param_groups:
             group["lr"] = lr
         start = time.perf_counter()
-        sums: torch.Tensor | None = None
-        names: list[str] = []
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
+        totals = _EpochTotals(device)
         for x, y, index in train.shuffled(recipe.batch_size, generator, augment):
             with autocast(device):
-                if t.teacher is not None:
-                    with torch.no_grad():
-                        t_out = t.teacher(x)
-                else:
-                    t_out = None
-                extra = None
-                if t.teachers:
-                    with torch.no_grad():
-                        extra = [net(x) for net in t.teachers]
-                s_out = t.student(x)
-                terms = loss_fn(Step(x, y, s_out, t_out, t.hp, t.modules, epoch, epochs, stage.name,
-                                     index, t.student, t.teacher, extra))
-                values = list(terms.values())
-                loss = functools.reduce(operator.add, values)
+                student, terms, loss = _batch_loss(trainee, stage, epoch, epochs, x, y, index)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            batch_terms = torch.stack([v.detach().float() for v in values])
-            if sums is None:
-                names, sums = list(terms), batch_terms * len(y)
-            else:
-                sums.add_(batch_terms, alpha=len(y))
-            correct.add_((s_out.logits.detach().argmax(1) == y).sum())
-            seen += len(y)
-        values = (sums / max(seen, 1)).tolist()  # the epoch's one host sync
-        epoch_metrics = {f"loss_{n}": v for n, v in zip(names, values)}
-        epoch_metrics["loss"] = sum(values)
-        epoch_metrics["train_top1"] = correct.item() / max(seen, 1)
-        epoch_metrics["lr"] = lr
-        epoch_metrics["epoch_seconds"] = time.perf_counter() - start
-        if not all(math.isfinite(v) for v in values):
-            detail = ", ".join(f"{n}={v:.4g}" for n, v in zip(names, values))
-            raise NonFiniteLoss(
-                f"loss became non-finite in stage {stage.name!r} epoch {epoch + 1} ({detail}); "
-                "lower the lr or the method's weights"
-            )
+            totals.add(terms, student.logits, y)
+        means = totals.means()
+        epoch_metrics = totals.metrics(means, lr, start)
+        _check_finite(totals.names, means, stage, epoch)
         total_seconds += epoch_metrics["epoch_seconds"]
         after_epoch(epoch, epoch_metrics)
     return total_seconds
@@ -261,81 +303,129 @@ def _snapshot(net: nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
-def fit(
-    t: Trainee,
-    pre_stages: list[tuple[Stage, int]],
-    main_loss,
-    recipe: Recipe,
-    dataset: Dataset,
-    splits: dict[str, DeviceSplit],
-    device: torch.device,
-    seed: int,
-    role: str,
-    on_epoch: OnEpoch,
-    load_test: Callable[[], DeviceSplit] | None,
-) -> FitResult:
+# --------------------------------------------------------------------------- one training run
+
+
+@dataclass
+class FitJob:
+    """What :func:`fit` trains: who, with which loss and recipe, on which data."""
+
+    trainee: Trainee
+    role: str  # "teacher" | "student": EpochLog.role
+    main_loss: LossFn  # the main stage's loss
+    recipe: Recipe
+    splits: dict[str, DeviceSplit]  # "train" and "val"
+    augment: Augment  # training augmentation (the dataset's)
+    seed: int  # of the generator that shuffles and augments
+    pre_stages: list[tuple[Stage, int]] = field(default_factory=list)  # (stage, epochs), run first in order
+    #: loads the test split; when given, the end of the run is tested (never during tuning)
+    load_test: Callable[[], DeviceSplit] | None = None
+
+
+class _Validation:
+    """The main stage's after-epoch step: validates the student (and the peers), keeps the curve,
+    the cumulative seconds and the best-on-validation weights, and reports the epoch."""
+
+    def __init__(self, job: FitJob, device: torch.device, on_epoch: OnEpoch, pre_seconds: float):
+        self.job, self.device, self.on_epoch, self.pre_seconds = job, device, on_epoch, pre_seconds
+        self.result = FitResult()
+        self.best_top1, self.best_epoch, self.best_state = -1.0, 0, None
+
+    def evaluate(self, net: nn.Module, split: DeviceSplit) -> dict:
+        return evaluate(net, split, self.job.recipe.eval_batch_size, self.device)
+
+    def __call__(self, epoch: int, epoch_metrics: dict) -> None:
+        result, student = self.result, self.job.trainee.student
+        result.seconds.append((result.seconds[-1] if result.seconds else self.pre_seconds) + epoch_metrics["epoch_seconds"])
+        val = self.evaluate(student, self.job.splits["val"])
+        result.curve.append(val["top1"])
+        if val["top1"] > self.best_top1:
+            self.best_top1, self.best_epoch, self.best_state = val["top1"], epoch + 1, _snapshot(student.model)
+        logged = {**epoch_metrics, "val_top1": val["top1"], "val_top5": val["top5"]}
+        self._add_peers(logged, val["top1"])
+        self.on_epoch(EpochLog(self.job.role, "main", epoch + 1, self.job.recipe.epochs, logged))
+
+    def _add_peers(self, logged: dict, student_top1: float) -> None:
+        peers = self.job.trainee.peers
+        if not peers:
+            return
+        logged["peer0_val_top1"] = student_top1
+        for i, peer in enumerate(peers, 1):
+            logged[f"peer{i}_val_top1"] = self.evaluate(peer, self.job.splits["val"])["top1"]
+        self.result.peer_val = {k: v for k, v in logged.items() if k.startswith("peer")}
+
+
+def fit(job: FitJob, device: torch.device, on_epoch: OnEpoch) -> FitResult:
     """Pre-stages, then the main stage with per-epoch validation; test at the end (last epoch
-    and best-on-validation weights) when ``load_test`` is given (never during tuning)."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-    result = FitResult()
+    and best-on-validation weights) when ``job.load_test`` is given."""
+    generator = torch.Generator(device=device).manual_seed(job.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    train, val = splits["train"], splits["val"]
-    pre_seconds = 0.0
-    for stage, epochs in pre_stages:
-        def log_pre(epoch, m, _stage=stage, _epochs=epochs):
-            named = {f"{_stage.name}/{k}": v for k, v in m.items()}
-            on_epoch(EpochLog(role, _stage.name, epoch + 1, _epochs, named))
-
-        pre_seconds += train_stage(
-            t, stage, epochs, recipe, train, generator, dataset.augment, device, log_pre, scheduled=False
-        )
-
-    best = {"top1": -1.0, "epoch": 0, "state": None}
-
-    def after_epoch(epoch: int, m: dict) -> None:
-        result.seconds.append((result.seconds[-1] if result.seconds else pre_seconds) + m["epoch_seconds"])
-        val_acc = evaluate(t.student, val, recipe.eval_batch_size, device)
-        result.curve.append(val_acc["top1"])
-        if val_acc["top1"] > best["top1"]:
-            best.update(top1=val_acc["top1"], epoch=epoch + 1, state=_snapshot(t.student.model))
-        m = {**m, "val_top1": val_acc["top1"], "val_top5": val_acc["top5"]}
-        if t.peers:
-            m["peer0_val_top1"] = val_acc["top1"]
-            for i, peer in enumerate(t.peers, 1):
-                m[f"peer{i}_val_top1"] = evaluate(peer, val, recipe.eval_batch_size, device)["top1"]
-            result.peer_val = {k: v for k, v in m.items() if k.startswith("peer")}
-        on_epoch(EpochLog(role, "main", epoch + 1, recipe.epochs, m))
-
-    main = Stage("main", recipe.epochs, main_loss, train_student=True)
-    train_stage(t, main, recipe.epochs, recipe, train, generator, dataset.augment, device, after_epoch, scheduled=True)
-
-    per_epoch = len(train) - len(train) % recipe.batch_size if len(train) > recipe.batch_size else len(train)
-    m = result.metrics
-    m["train_seconds"] = result.seconds[-1]
-    m["throughput"] = per_epoch * (recipe.epochs + sum(e for _, e in pre_stages)) / max(m["train_seconds"], 1e-9)
-    m["final_val_top1"] = result.curve[-1]
-    m["best_val_top1"] = best["top1"]
-    m["best_val_epoch"] = best["epoch"]
-    m.update(metrics.convergence(result.curve, result.seconds))
-    if load_test is not None:
-        test = load_test()
-        last = evaluate(t.student, test, recipe.eval_batch_size, device)
-        m["test_top1"], m["test_top5"] = last["top1"], last["top5"]
-        result.state_dict = _snapshot(t.student.model)
-        t.student.model.load_state_dict(best["state"])
-        at_best = evaluate(t.student, test, recipe.eval_batch_size, device)
-        m["test_top1_bestval"], m["test_top5_bestval"] = at_best["top1"], at_best["top5"]
-        t.student.model.load_state_dict(result.state_dict)
-        if t.peers:
-            m["peer0_test_top1"] = m["test_top1"]
-            for i, peer in enumerate(t.peers, 1):
-                m[f"peer{i}_test_top1"] = evaluate(peer, test, recipe.eval_batch_size, device)["top1"]
+    pre_seconds = _run_pre_stages(job, generator, device, on_epoch)
+    validation = _Validation(job, device, on_epoch, pre_seconds)
+    main = Stage("main", job.recipe.epochs, job.main_loss, train_student=True)
+    train_stage(job.trainee, main, job.recipe.epochs, job.recipe, job.splits["train"], generator, job.augment,
+                device, validation, scheduled=True)
+    result = validation.result
+    result.metrics.update(_summary(job, validation))
+    if job.load_test is not None:
+        result.metrics.update(_test(job, validation))
     else:
-        result.state_dict = _snapshot(t.student.model)
-    m.update(result.peer_val)  # last epoch's validation accuracy of each peer
-    m["peak_mem_mb"] = peak_memory_mb(device)[0]
+        result.state_dict = _snapshot(job.trainee.student.model)
+    result.metrics.update(result.peer_val)  # last epoch's validation accuracy of each peer
+    result.metrics["peak_mem_mb"] = peak_memory_mb(device)[0]
     return result
+
+
+def _run_pre_stages(job: FitJob, generator: torch.Generator, device: torch.device, on_epoch: OnEpoch) -> float:
+    """Train the pre-stages in order, at the recipe's base lr; returns their training seconds."""
+    seconds = 0.0
+    for stage, epochs in job.pre_stages:
+        log = _pre_stage_log(job.role, stage, epochs, on_epoch)
+        seconds += train_stage(job.trainee, stage, epochs, job.recipe, job.splits["train"], generator,
+                               job.augment, device, log, scheduled=False)
+    return seconds
+
+
+def _pre_stage_log(role: str, stage: Stage, epochs: int, on_epoch: OnEpoch) -> Callable[[int, dict], None]:
+    """A pre-stage's after-epoch step: report the epoch, its metrics named ``stage/metric``."""
+    def log(epoch: int, epoch_metrics: dict) -> None:
+        named = {f"{stage.name}/{k}": v for k, v in epoch_metrics.items()}
+        on_epoch(EpochLog(role, stage.name, epoch + 1, epochs, named))
+
+    return log
+
+
+def _summary(job: FitJob, validation: _Validation) -> dict[str, float]:
+    """Time, throughput, final and best validation accuracy, and convergence of a finished run."""
+    train, recipe, result = job.splits["train"], job.recipe, validation.result
+    per_epoch = len(train) - len(train) % recipe.batch_size if len(train) > recipe.batch_size else len(train)
+    out = {"train_seconds": result.seconds[-1]}
+    out["throughput"] = per_epoch * (recipe.epochs + sum(e for _, e in job.pre_stages)) / max(out["train_seconds"], 1e-9)
+    out["final_val_top1"] = result.curve[-1]
+    out["best_val_top1"] = validation.best_top1
+    out["best_val_epoch"] = validation.best_epoch
+    out.update(metrics.convergence(result.curve, result.seconds))
+    return out
+
+
+def _test(job: FitJob, validation: _Validation) -> dict[str, float]:
+    """Test accuracy of the last weights, of the best-on-validation ones and of each peer; the
+    student keeps (and the result records) its last weights."""
+    student, result = job.trainee.student, validation.result
+    test = job.load_test()
+    last = validation.evaluate(student, test)
+    out = {"test_top1": last["top1"], "test_top5": last["top5"]}
+    result.state_dict = _snapshot(student.model)
+    student.model.load_state_dict(validation.best_state)
+    at_best = validation.evaluate(student, test)
+    out["test_top1_bestval"], out["test_top5_bestval"] = at_best["top1"], at_best["top5"]
+    student.model.load_state_dict(result.state_dict)
+    if job.trainee.peers:
+        out["peer0_test_top1"] = out["test_top1"]
+        for i, peer in enumerate(job.trainee.peers, 1):
+            out[f"peer{i}_test_top1"] = validation.evaluate(peer, test)["top1"]
+    return out
 
 
 # --------------------------------------------------------------------------- teacher and student
@@ -345,17 +435,26 @@ def load_splits(dataset: Dataset, device: torch.device, options: dict, names=("t
     return {name: load_split(dataset, name, device, options) for name in names}
 
 
+def _test_loader(plan, device: torch.device) -> Callable[[], DeviceSplit]:
+    return lambda: load_split(plan.dataset_obj, "test", device, plan.config.data_options)
+
+
 def run_teacher(plan, device: torch.device, on_epoch: OnEpoch) -> tuple[nn.Module, FitResult]:
     """Train the plan's teacher with the teacher recipe (plain cross-entropy)."""
-    ds = plan.dataset_obj
+    dataset = plan.dataset_obj
     seed = plan.config.teacher_seed
-    net = build_model(plan.teacher_obj, ds, device, seed)
-    trainee = Trainee(Tapped(net, {}, [], "teacher"), None, None, SimpleNamespace())
-    splits = load_splits(ds, device, plan.config.data_options)
-    result = fit(
-        trainee, [], cross_entropy, plan.teacher_recipe, ds, splits, device, seed, "teacher",
-        on_epoch, lambda: load_split(ds, "test", device, plan.config.data_options),
+    net = build_model(plan.teacher_obj, dataset, device, seed)
+    job = FitJob(
+        trainee=Trainee(student=Tapped(net, {}, [], "teacher"), teacher=None, modules=None, hp=SimpleNamespace()),
+        role="teacher",
+        main_loss=cross_entropy,
+        recipe=plan.teacher_recipe,
+        splits=load_splits(dataset, device, plan.config.data_options),
+        augment=dataset.augment,
+        seed=seed,
+        load_test=_test_loader(plan, device),
     )
+    result = fit(job, device, on_epoch)
     net.eval().requires_grad_(False)
     return net, result
 
@@ -365,20 +464,111 @@ def build_teacher(plan, device: torch.device) -> nn.Module:
     return build_model(plan.teacher_obj, plan.dataset_obj, device, plan.config.teacher_seed)
 
 
-def _wanted(method: Method, hp, s_taps: list[str], t_taps: list[str]) -> tuple[list[str], list[str]]:
-    if callable(method.taps):
-        names = list(method.taps(hp, s_taps, t_taps))
-        return names, (names if t_taps is not None else [])
-    return expand(method.taps, s_taps), (expand(method.taps, t_taps) if t_taps is not None else [])
-
-
-def _shapes(tapped: Tapped, input_shape, device) -> dict[str, tuple[int, ...]]:
+def _tap_shapes(tapped: Tapped, input_shape, device) -> dict[str, tuple[int, ...]]:
+    """Per-sample shapes of the taps ``tapped`` reads (one forward pass in eval mode)."""
     was = tapped.training
     tapped.eval()
     with torch.no_grad():
         out = tapped(torch.zeros((2, *input_shape), device=device))
     tapped.train(was)
     return {k: tuple(v.shape[1:]) for k, v in out.feats.items()}
+
+
+@dataclass
+class _TappedNetworks:
+    """The run's networks with the method's taps attached, and the taps each model offers."""
+
+    student: Tapped
+    teacher: Tapped | None
+    extra: list[Tapped]  # the extra teachers
+    student_taps: list[str]
+    teacher_taps: list[str] | None  # None: no teacher
+
+
+def _tap_networks(plan, hp: SimpleNamespace, student_net: nn.Module, teacher_net: nn.Module | None,
+                  extra_nets) -> _TappedNetworks:
+    """Attach the taps the method reads; the teachers are frozen (eval mode, no gradients)."""
+    method: Method = plan.method_obj
+    student_taps = plan.student_obj.taps_of(student_net)
+    teacher_taps = plan.teacher_obj.taps_of(teacher_net) if teacher_net is not None else None
+    try:
+        student_wanted, teacher_wanted = wanted_taps(
+            method, hp, list(student_taps), list(teacher_taps) if teacher_taps is not None else None
+        )
+    except KdbenchError as exc:
+        raise KdbenchError(f"method {method.name!r} cannot use this pair: {exc}") from None
+    student = Tapped(student_net, student_taps, student_wanted, f"student {plan.student_obj.name!r}")
+    teacher = None
+    if teacher_net is not None:
+        teacher_net.eval().requires_grad_(False)
+        teacher = Tapped(teacher_net, teacher_taps, teacher_wanted, f"teacher {plan.teacher_obj.name!r}").eval()
+    extra = [_tap_extra_teacher(method, hp, entry.obj, net, list(student_taps))
+             for entry, net in zip(plan.extra_teachers, extra_nets)]
+    return _TappedNetworks(student, teacher, extra, list(student_taps),
+                           list(teacher_taps) if teacher_taps is not None else None)
+
+
+def _tap_extra_teacher(method: Method, hp: SimpleNamespace, model: Model, net: nn.Module,
+                       student_taps: list[str]) -> Tapped:
+    net.eval().requires_grad_(False)
+    taps = model.taps_of(net)
+    try:
+        _, wanted = wanted_taps(method, hp, student_taps, list(taps))
+    except KdbenchError as exc:
+        raise KdbenchError(f"method {method.name!r} cannot use teacher {model.name!r}: {exc}") from None
+    return Tapped(net, taps, wanted, f"teacher {model.name!r}").eval()
+
+
+def _probe(plan, hp: SimpleNamespace, networks: _TappedNetworks, device: torch.device, num_train: int) -> Probe:
+    """What the method's ``check``/``build`` see: tap shapes, classes, a maker of new students."""
+    dataset: Dataset = plan.dataset_obj
+    seeds = iter(range(plan.config.seed + 1, plan.config.seed + 1_000_000))  # each new student differs
+    return Probe(
+        hp=hp,
+        num_classes=dataset.num_classes,
+        input_shape=tuple(dataset.input_shape),
+        student_shapes=_tap_shapes(networks.student, dataset.input_shape, device),
+        teacher_shapes=_tap_shapes(networks.teacher, dataset.input_shape, device) if networks.teacher is not None else {},
+        student_taps=networks.student_taps,
+        teacher_taps=networks.teacher_taps or [],
+        new_student=lambda: build_model(plan.student_obj, dataset, device, next(seeds)),
+        num_train=num_train,
+        num_teachers=(networks.teacher is not None) + len(networks.extra),
+    )
+
+
+def _method_train_split(method: Method, probe: Probe, teacher_net: nn.Module | None, device: torch.device) -> DeviceSplit:
+    """The training split a method supplies itself (``Method.train_data``); ``probe.num_train`` follows."""
+    x, y = method.train_data(probe, teacher_net, device)
+    probe.num_train = len(y)
+    return DeviceSplit(x.detach().to(device), y.to(device).long(), None, None)
+
+
+def _pre_stages(method: Method, hp: SimpleNamespace) -> list[tuple[Stage, int]]:
+    """The method's stages with their epochs (an int, or the hyperparameter it names); 0 skips one."""
+    out = []
+    for stage in method.stages(hp) if method.stages is not None else []:
+        epochs = getattr(hp, stage.epochs) if isinstance(stage.epochs, str) else stage.epochs
+        if epochs > 0:
+            out.append((stage, int(epochs)))
+    return out
+
+
+def _cost_info(student_net: nn.Module, teacher_nets: list[nn.Module], modules: nn.Module | None,
+               dataset: Dataset, device: torch.device, own_data: bool, extra_teachers: bool) -> dict[str, float]:
+    """Parameters and FLOPs of the networks (all teachers summed), and whether train was loaded."""
+    info = {
+        "params_student": metrics.count_params(student_net),
+        "params_teacher": sum(metrics.count_params(n) for n in teacher_nets),  # all teachers
+        "params_extra": metrics.count_params(modules),
+        "flops_student": metrics.flops_per_sample(student_net, dataset.input_shape, device),
+        "train_split_loaded": 0 if own_data else 1,
+    }
+    if teacher_nets:
+        info["flops_teacher"] = sum(metrics.flops_per_sample(n, dataset.input_shape, device) for n in teacher_nets)
+    if extra_teachers:
+        info["num_teachers"] = len(teacher_nets)
+    return info
 
 
 @dataclass
@@ -398,83 +588,42 @@ def setup_student(plan, teacher_net: nn.Module | None, device: torch.device,
     method with ``train_data`` supplies the training inputs itself: the dataset's train split is
     then never loaded (``train_split_loaded`` = 0)."""
     method: Method = plan.method_obj
-    ds: Dataset = plan.dataset_obj
+    dataset: Dataset = plan.dataset_obj
     hp = SimpleNamespace(**plan.hp)
-    s_model = plan.student_obj
     own_data = method.train_data is not None
-    splits = load_splits(ds, device, plan.config.data_options, ("val",) if own_data else ("train", "val"))
-    student_net = build_model(s_model, ds, device, plan.config.seed)
-    s_taps = s_model.taps_of(student_net)
-    t_taps = plan.teacher_obj.taps_of(teacher_net) if teacher_net is not None else None
-    try:
-        s_wanted, t_wanted = _wanted(method, hp, list(s_taps), list(t_taps) if t_taps is not None else None)
-    except KdbenchError as exc:
-        raise KdbenchError(f"method {method.name!r} cannot use this pair: {exc}") from None
-    student = Tapped(student_net, s_taps, s_wanted, f"student {s_model.name!r}")
-    teacher = None
-    if teacher_net is not None:
-        teacher_net.eval().requires_grad_(False)
-        teacher = Tapped(teacher_net, t_taps, t_wanted, f"teacher {plan.teacher_obj.name!r}").eval()
-    extra = []
-    for entry, net in zip(plan.extra_teachers, extra_teachers):
-        net.eval().requires_grad_(False)
-        taps = entry.obj.taps_of(net)
-        try:
-            _, wanted = _wanted(method, hp, list(s_taps), list(taps))
-        except KdbenchError as exc:
-            raise KdbenchError(f"method {method.name!r} cannot use teacher {entry.obj.name!r}: {exc}") from None
-        extra.append(Tapped(net, taps, wanted, f"teacher {entry.obj.name!r}").eval())
-    seeds = iter(range(plan.config.seed + 1, plan.config.seed + 1_000_000))  # each new student differs
-    probe = Probe(
-        hp=hp,
-        num_classes=ds.num_classes,
-        input_shape=tuple(ds.input_shape),
-        student_shapes=_shapes(student, ds.input_shape, device),
-        teacher_shapes=_shapes(teacher, ds.input_shape, device) if teacher is not None else {},
-        student_taps=list(s_taps),
-        teacher_taps=list(t_taps or []),
-        new_student=lambda: build_model(s_model, ds, device, next(seeds)),
-        num_train=0 if own_data else len(splits["train"]),
-        num_teachers=(teacher is not None) + len(extra),
-    )
+    splits = load_splits(dataset, device, plan.config.data_options, ("val",) if own_data else ("train", "val"))
+    student_net = build_model(plan.student_obj, dataset, device, plan.config.seed)
+    networks = _tap_networks(plan, hp, student_net, teacher_net, extra_teachers)
+    probe = _probe(plan, hp, networks, device, num_train=0 if own_data else len(splits["train"]))
     if method.check is not None:
         method.check(probe)
     if own_data:
-        x, y = method.train_data(probe, teacher_net, device)
-        splits["train"] = DeviceSplit(x.detach().to(device), y.to(device).long(), None, None)
-        probe.num_train = len(y)
+        splits["train"] = _method_train_split(method, probe, teacher_net, device)
     modules = method.build(probe) if method.build is not None else None
     if modules is not None:
         modules = modules.to(device)
-    pre_stages = []
-    for stage in method.stages(hp) if method.stages is not None else []:
-        epochs = getattr(hp, stage.epochs) if isinstance(stage.epochs, str) else stage.epochs
-        if epochs > 0:
-            pre_stages.append((stage, int(epochs)))
+    pre_stages = _pre_stages(method, hp)
     peers = list(method.peers(modules)) if method.peers is not None and modules is not None else []
     teacher_nets = ([teacher_net] if teacher_net is not None else []) + list(extra_teachers)
-    info = {
-        "params_student": metrics.count_params(student_net),
-        "params_teacher": sum(metrics.count_params(n) for n in teacher_nets),  # all teachers
-        "params_extra": metrics.count_params(modules),
-        "flops_student": metrics.flops_per_sample(student_net, ds.input_shape, device),
-        "train_split_loaded": 0 if own_data else 1,
-    }
-    if teacher_nets:
-        info["flops_teacher"] = sum(metrics.flops_per_sample(n, ds.input_shape, device) for n in teacher_nets)
-    if extra:
-        info["num_teachers"] = len(teacher_nets)
-    trainee = Trainee(student, teacher, modules, hp, extra, peers)
+    info = _cost_info(student_net, teacher_nets, modules, dataset, device, own_data, bool(networks.extra))
+    trainee = Trainee(student=networks.student, teacher=networks.teacher, modules=modules, hp=hp,
+                      teachers=networks.extra, peers=peers)
     return StudentSetup(trainee, pre_stages, info, splits)
 
 
 def run_student(plan, setup: StudentSetup, device: torch.device, on_epoch: OnEpoch, with_test: bool = True) -> FitResult:
     """Train the student of ``setup`` with the plan's method; test only when ``with_test``."""
-    ds = plan.dataset_obj
-    load_test = (lambda: load_split(ds, "test", device, plan.config.data_options)) if with_test else None
-    result = fit(
-        setup.trainee, setup.pre_stages, plan.method_obj.loss, plan.recipe, ds, setup.splits, device,
-        plan.config.seed, "student", on_epoch, load_test,
+    job = FitJob(
+        trainee=setup.trainee,
+        role="student",
+        main_loss=plan.method_obj.loss,
+        recipe=plan.recipe,
+        splits=setup.splits,
+        augment=plan.dataset_obj.augment,
+        seed=plan.config.seed,
+        pre_stages=setup.pre_stages,
+        load_test=_test_loader(plan, device) if with_test else None,
     )
+    result = fit(job, device, on_epoch)
     result.metrics.update(setup.info)
     return result

@@ -26,12 +26,9 @@ CORE_DIST = "kdbench"
 KINDS = {"methods": Method, "models": Model, "datasets": Dataset}
 
 
-@dataclass(frozen=True)
-class Entry:
-    """A registered thing and where it came from."""
+class _FromDistribution:
+    """``source``: the distribution and version a record with ``dist`` and ``version`` came from."""
 
-    obj: object
-    plugin: str  # entry-point name
     dist: str
     version: str
 
@@ -41,21 +38,38 @@ class Entry:
 
 
 @dataclass(frozen=True)
-class Failure:
-    plugin: str
+class Entry(_FromDistribution):
+    """A registered thing and where it came from."""
+
+    obj: object
+    plugin: str  # entry-point name
     dist: str
     version: str
-    error: str
-
-    def line(self) -> str:
-        return f"{self.plugin} ({self.dist} {self.version}): {self.error}"
 
 
 @dataclass(frozen=True)
-class PluginInfo:
+class PluginRef(_FromDistribution):
+    """A plugin: its entry-point name and the distribution that provides it."""
+
     plugin: str
     dist: str
     version: str
+
+
+@dataclass(frozen=True)
+class Failure(PluginRef):
+    """A plugin that could not be loaded, and why."""
+
+    error: str
+
+    def line(self) -> str:
+        return f"{self.plugin} ({self.source}): {self.error}"
+
+
+@dataclass(frozen=True)
+class PluginInfo(PluginRef):
+    """A discovered plugin: its module, the hooks it implements, and whether it loaded."""
+
     module: str
     hooks: tuple[str, ...]
     status: str  # loaded | failed | disabled

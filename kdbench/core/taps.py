@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import fnmatch
+from types import SimpleNamespace
 from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from kdbench.contracts import Outputs, Tap
+from kdbench.contracts import Method, Outputs, Tap
 from kdbench.errors import KdbenchError
 
 
@@ -28,6 +29,20 @@ def expand(patterns: Iterable[str], available: Sequence[str]) -> list[str]:
             f"the model has no tap matching {patterns} (it has: {', '.join(available) or 'none'})"
         )
     return [n for n in available if n in out]
+
+
+def wanted_taps(method: Method, hp: SimpleNamespace, student_taps: list[str],
+                teacher_taps: list[str] | None) -> tuple[list[str], list[str]]:
+    """The taps ``method`` reads on the student and on the teacher, given the taps each model
+    offers (``teacher_taps`` None: the run has no teacher, and the teacher list is empty).
+
+    ``Method.taps`` is either patterns (expanded on each model by :func:`expand`) or a function
+    ``(hp, student_taps, teacher_taps) -> names`` whose names apply to both networks."""
+    if callable(method.taps):
+        names = list(method.taps(hp, student_taps, teacher_taps))
+        return names, (names if teacher_taps is not None else [])
+    student = expand(method.taps, student_taps)
+    return student, (expand(method.taps, teacher_taps) if teacher_taps is not None else [])
 
 
 class Tapped(nn.Module):

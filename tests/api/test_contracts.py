@@ -1,13 +1,10 @@
-"""Contracts: hyperparameters, recipes, taps, datasets, models."""
+"""Contracts: hyperparameters, recipes, models (taps: tests/core/test_taps.py; splits:
+tests/core/test_splits.py)."""
 import pytest
-import torch
-from torch import nn
 
+from kdbench.contracts import HParam, Recipe, resolve_hparams
 from kdbench.core import plugins
-from kdbench.contracts import HParam, Recipe, Tap, resolve_hparams
-from kdbench.core.splits import load_split
 from kdbench.errors import KdbenchError
-from kdbench.core.taps import Tapped, expand
 
 
 def test_hparam_parse_and_ranges():
@@ -53,57 +50,6 @@ def test_recipe_epochs_rescale_milestones():
     assert r.with_(epochs=24).milestones == (15, 18, 21)
     with pytest.raises(KdbenchError, match="recipe has no field"):
         r.with_(epoch=3)
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv1d(1, 2, 3, padding=1)
-        self.relu = nn.ReLU(inplace=True)
-        self.fc = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.fc(self.relu(self.conv(x)).flatten(1))
-
-
-def test_taps_read_outputs_inputs_and_pre_activation_of_inplace_relu():
-    torch.manual_seed(0)
-    net = Net()
-    taps = {"stage1": Tap("relu"), "stage1_pre": Tap("relu", input=True), "pool": Tap("fc", input=True)}
-    tapped = Tapped(net, taps, ["stage1", "stage1_pre", "pool"], "net")
-    x = torch.randn(5, 1, 4)
-    out = tapped(x)
-    pre = net.conv(x)
-    assert (pre < 0).any()  # the in-place ReLU would have destroyed these without the pre-hook copy
-    torch.testing.assert_close(out.feats["stage1_pre"], pre)
-    torch.testing.assert_close(out.feats["stage1"], pre.clamp(min=0))
-    torch.testing.assert_close(out.feats["pool"], pre.clamp(min=0).flatten(1))
-    torch.testing.assert_close(out.logits, net(x))
-    with pytest.raises(KdbenchError, match=r"net has no tap 'stage9' \(it has: stage1, stage1_pre, pool\)"):
-        Tapped(net, taps, ["stage9"], "net")
-
-
-def test_expand_patterns_keep_declared_order():
-    names = ["stem", "stage1", "stage2", "stage1_pre", "stage2_pre", "pool"]
-    assert expand(["stage[0-9]", "stage[0-9][0-9]"], names) == ["stage1", "stage2"]
-    assert expand(["pool", "stage1"], names) == ["stage1", "pool"]
-    with pytest.raises(KdbenchError, match="no tap 'stage3'"):
-        expand(["stage3"], names)
-    with pytest.raises(KdbenchError, match="no tap matching"):
-        expand(["block*"], names)
-
-
-def test_mnist1d_splits(env):
-    ds = plugins.registry().dataset("mnist1d")
-    splits = {s: load_split(ds, s, torch.device("cpu"), {}) for s in ("train", "val", "test")}
-    assert {s: len(v) for s, v in splits.items()} == {"train": 3600, "val": 400, "test": 1000}
-    assert splits["train"].x.shape[1:] == (1, 40) and splits["train"].x.dtype == torch.float32
-    assert sorted(splits["test"].y.unique().tolist()) == list(range(10))
-    again = load_split(ds, "val", torch.device("cpu"), {})
-    assert torch.equal(again.x, splits["val"].x)  # the validation carve is fixed
-    # validation samples are not in train
-    train_rows = {tuple(r.tolist()) for r in splits["train"].x[:, 0]}
-    assert not any(tuple(r.tolist()) in train_rows for r in splits["val"].x[:, 0])
 
 
 def test_model_refuses_an_input_shape_it_cannot_take(env):

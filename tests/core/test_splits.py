@@ -1,10 +1,11 @@
-"""The device-resident augmentation against a per-sample reference."""
+"""Device-resident data: loading a split, the batched augmentation against a per-sample
+reference, and the DataLoader path for data too large for the device."""
 import pytest
 import torch
 
 from kdbench.contracts import Augment
-from kdbench.core.splits import augment_batch, random_crop
-from kdbench.data import carve_validation
+from kdbench.core import plugins
+from kdbench.core.splits import augment_batch, load_split, random_crop
 
 
 def _offsets_1d(out, padded):
@@ -46,15 +47,6 @@ def test_flip_mirrors_about_half_the_batch():
     kept = torch.tensor([torch.equal(o, xi) for o, xi in zip(out, x)])
     assert bool((flipped | kept).all())
     assert 160 < int(flipped.sum()) < 240
-
-
-def test_carve_validation_is_a_fixed_disjoint_split():
-    x, y = torch.arange(100).float()[:, None], torch.arange(100)
-    (xt, yt), (xv, yv) = carve_validation(x, y, 0.1, seed=0)
-    assert len(yv) == 10 and len(yt) == 90
-    assert set(yv.tolist()).isdisjoint(yt.tolist())
-    (_, _), (_, yv2) = carve_validation(x, y, 0.1, seed=0)
-    assert torch.equal(yv, yv2)
 
 
 def test_loader_path_draws_exactly_the_device_paths_batches():
@@ -102,7 +94,7 @@ def test_cifar_epoch_benchmark_runs_and_reports_a_ratio(tmp_path):
     import sys
     from pathlib import Path
 
-    script = Path(__file__).parent / "benchmarks" / "cifar_epoch.py"
+    script = Path(__file__).parents[1] / "benchmarks" / "cifar_epoch.py"
     out = tmp_path / "r.json"
     env = {**os.environ, "KDBENCH_CACHE_DIR": str(tmp_path / "cache")}
     proc = subprocess.run(
@@ -167,3 +159,16 @@ def test_a_sample_that_fails_in_a_worker_is_one_line_naming_the_cause():
     with pytest.raises(KdbenchError) as info:
         list(split.batches(4))
     assert str(info.value) == "reading a sample failed in a DataLoader worker: ValueError: sample 5 is truncated"
+
+
+def test_mnist1d_splits(env):
+    ds = plugins.registry().dataset("mnist1d")
+    splits = {s: load_split(ds, s, torch.device("cpu"), {}) for s in ("train", "val", "test")}
+    assert {s: len(v) for s, v in splits.items()} == {"train": 3600, "val": 400, "test": 1000}
+    assert splits["train"].x.shape[1:] == (1, 40) and splits["train"].x.dtype == torch.float32
+    assert sorted(splits["test"].y.unique().tolist()) == list(range(10))
+    again = load_split(ds, "val", torch.device("cpu"), {})
+    assert torch.equal(again.x, splits["val"].x)  # the validation carve is fixed
+    # validation samples are not in train
+    train_rows = {tuple(r.tolist()) for r in splits["train"].x[:, 0]}
+    assert not any(tuple(r.tolist()) in train_rows for r in splits["val"].x[:, 0])
