@@ -10,10 +10,7 @@ from torch import nn
 
 from kdbench.contracts import HParam, Method, Stage
 from kdbench.errors import KdbenchError
-
-from ._common_b import bn, conv
-from .at import match_size
-from .kd import ce_plus_optional_kd
+from kdbench.losses import batch_norm, ce_plus_optional_kd, conv, frozen, match_size
 
 
 def pre_names(names):
@@ -21,32 +18,36 @@ def pre_names(names):
 
 
 def _pairs(probe):
-    s, t = pre_names(probe.student_shapes), pre_names(probe.teacher_shapes)
-    if not s or len(s) != len(t):
-        raise KdbenchError(f"ab needs the same number (>= 1) of pre-ReLU stage taps on both networks (student {s}, teacher {t})")
-    return s, t
+    s_names, t_names = pre_names(probe.student_shapes), pre_names(probe.teacher_shapes)
+    if not s_names or len(s_names) != len(t_names):
+        raise KdbenchError(f"ab needs the same number (>= 1) of pre-ReLU stage taps on both networks "
+                           f"(student {s_names}, teacher {t_names})")
+    return s_names, t_names
 
 
-def boundary_loss(s, t, margin):
+def boundary_loss(f_s, f_t, margin):
     """The AB margin loss summed over all elements (no batch division)."""
-    return ((s + margin) ** 2 * ((s > -margin) & (t <= 0)) + (s - margin) ** 2 * ((s <= margin) & (t > 0))).sum()
+    return ((f_s + margin) ** 2 * ((f_s > -margin) & (f_t <= 0))
+            + (f_s - margin) ** 2 * ((f_s <= margin) & (f_t > 0))).sum()
+
+
+def connector(s_shape, t_shape):
+    """1×1 conv + BN from the student's channels to the teacher's."""
+    dims = len(s_shape) - 1
+    return nn.Sequential(conv(dims, s_shape[0], t_shape[0]), batch_norm(dims, t_shape[0]))
 
 
 def build(probe):
-    s, t = _pairs(probe)
-    return nn.ModuleList(
-        nn.Sequential(conv(len(probe.student_shapes[a]) - 1, probe.student_shapes[a][0], probe.teacher_shapes[b][0]),
-                      bn(len(probe.student_shapes[a]) - 1, probe.teacher_shapes[b][0]))
-        for a, b in zip(s, t)
-    )
+    s_names, t_names = _pairs(probe)
+    return nn.ModuleList(connector(probe.student_shapes[s_name], probe.teacher_shapes[t_name])
+                         for s_name, t_name in zip(s_names, t_names))
 
 
 def ab_term(step):
-    s = pre_names(step.student.feats)
-    t = pre_names(step.teacher.feats)
-    n, total = len(s), 0
-    for i, (conn, a, b) in enumerate(zip(step.modules, s, t)):
-        f_s, f_t = match_size(conn(step.student.feats[a]), step.teacher.feats[b].detach().float())
+    s_names, t_names = pre_names(step.student.feats), pre_names(step.teacher.feats)
+    n, total = len(s_names), 0
+    for i, (conn, s_name, t_name) in enumerate(zip(step.modules, s_names, t_names)):
+        f_s, f_t = match_size(conn(step.student.feats[s_name]), frozen(step.teacher.feats[t_name]))
         total = total + 2.0 ** (i - n + 1) * boundary_loss(f_s, f_t, step.hp.margin)
     return total / len(step.y) * 3 / 1000
 

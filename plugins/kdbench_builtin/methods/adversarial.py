@@ -15,14 +15,7 @@ from torch import nn
 from torch.func import functional_call
 
 from kdbench.contracts import HParam, Method
-from kdbench.errors import KdbenchError
-
-from .kd import kd_term
-
-
-def check(probe):
-    if probe.num_classes < 2:
-        raise KdbenchError(f"adversarial needs >= 2 classes: with {probe.num_classes} the softmax is constant and D sees no logits")
+from kdbench.losses import ce_plus_optional_kd, check_classes, frozen
 
 
 def build(probe):
@@ -38,23 +31,19 @@ def disc_input(logits, y):
 
 def adversarial_terms(step):
     disc = step.modules["disc"]
-    x_s, x_t = disc_input(step.student.logits, step.y), disc_input(step.teacher.logits.detach(), step.y)
+    x_s, x_t = disc_input(step.student.logits, step.y), disc_input(frozen(step.teacher.logits), step.y)
     d_t, d_s = disc(x_t.detach()), disc(x_s.detach())
     d_loss = (F.binary_cross_entropy_with_logits(d_t, torch.ones_like(d_t))
               + F.binary_cross_entropy_with_logits(d_s, torch.zeros_like(d_s)))
-    frozen = {k: v.detach() for k, v in disc.named_parameters()}
-    g = functional_call(disc, frozen, (x_s,))
-    adv = F.binary_cross_entropy_with_logits(g, torch.ones_like(g))
+    fixed = {k: v.detach() for k, v in disc.named_parameters()}
+    d_fooled = functional_call(disc, fixed, (x_s,))
+    adv = F.binary_cross_entropy_with_logits(d_fooled, torch.ones_like(d_fooled))
     return adv, d_loss
 
 
 def loss(step):
-    hp = step.hp
     adv, d_loss = adversarial_terms(step)
-    terms = {"ce": F.cross_entropy(step.student.logits, step.y), "adv": hp.weight * adv, "disc": hp.d_weight * d_loss}
-    if hp.alpha > 0:
-        terms["kd"] = hp.alpha * kd_term(step.student.logits, step.teacher.logits.detach().float(), hp.T)
-    return terms
+    return ce_plus_optional_kd(step, adv=step.hp.weight * adv, disc=step.hp.d_weight * d_loss)
 
 
 METHODS = [
@@ -63,7 +52,7 @@ METHODS = [
         loss=loss,
         description="conditional adversarial KD: the student learns to fool a label-conditioned teacher/student discriminator",
         citation="Xu et al., ICLR-W 2018",
-        check=check,
+        check=lambda probe: check_classes(probe, "adversarial"),  # one class: a constant softmax for D
         build=build,
         hparams=(
             HParam("weight", 1.0, "weight of the student's adversarial (fool-D) term", low=0.0, space=(0.01, 10.0), log=True),

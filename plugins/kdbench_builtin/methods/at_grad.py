@@ -17,8 +17,7 @@ import torch.nn.functional as F
 
 from kdbench.contracts import HParam, Method, Step
 from kdbench.errors import KdbenchError
-
-from ._common import ce, ce_weight
+from kdbench.losses import ce, ce_weight, check_classes
 
 NET_FIELDS = ("student_net", "teacher_net")
 
@@ -56,8 +55,7 @@ def check(probe, step_fields=None):
         raise KdbenchError(
             f"at_grad needs the networks in the loss, but Step has no {', '.join(missing)} (contract v1)"
         )
-    if probe.num_classes < 2:
-        raise KdbenchError(f"at_grad needs at least 2 classes for its cross-entropy gradients, got {probe.num_classes}")
+    check_classes(probe, "at_grad")  # for its cross-entropy gradients
 
 
 METHODS = [

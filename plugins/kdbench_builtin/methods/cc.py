@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdbench.contracts import HParam, Method
-
-from ._common import ce, ce_weight, check_pool, flat, tea
+from kdbench.losses import as_vectors, ce, ce_weight, check_pool, frozen
 
 
 def taylor_rbf(e, gamma, order):
@@ -38,9 +37,9 @@ def build(probe):
 
 
 def loss(step):
-    m = step.modules
-    e_s = F.normalize(m["embed_s"](flat(step.student.feats["pool"])), dim=1)
-    e_t = F.normalize(m["embed_t"](tea(step.teacher.feats["pool"]).flatten(1)), dim=1)
+    embed = step.modules
+    e_s = F.normalize(embed["embed_s"](as_vectors(step.student.feats["pool"])), dim=1)
+    e_t = F.normalize(embed["embed_t"](as_vectors(frozen(step.teacher.feats["pool"]))), dim=1)
     return {"ce": ce(step), "cc": step.hp.weight * cc_term(e_s, e_t, step.hp.gamma, step.hp.order)}
 
 

@@ -33,10 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdbench.contracts import HParam, Method
-from kdbench.errors import KdbenchError
-
-from ._common_b import flat, prod
-from .kd import kd_term
+from kdbench.losses import as_vectors, ce_plus_optional_kd, check_pool, frozen
 
 
 class CRDModules(nn.Module):
@@ -78,37 +75,27 @@ def info_nce(anchor, keys, tau):
 
 
 def crd_term(step):
-    m, hp = step.modules, step.hp
-    e_s = F.normalize(m.embed_s(flat(step.student.feats["pool"])), dim=1)
-    e_t = F.normalize(m.embed_t(flat(step.teacher.feats["pool"].detach())), dim=1)
-    if step.index is None or len(m.memory_t) < 2:
+    crd, hp = step.modules, step.hp
+    e_s = F.normalize(crd.embed_s(as_vectors(step.student.feats["pool"])), dim=1)
+    e_t = F.normalize(crd.embed_t(as_vectors(frozen(step.teacher.feats["pool"]))), dim=1)
+    if step.index is None or len(crd.memory_t) < 2:
         return info_nce(e_s, e_t.detach(), hp.tau) + info_nce(e_t, e_s.detach(), hp.tau)
     index = step.index.to(e_s.device)
-    neg = m.negatives(index.device)
-    value = bank_nce(e_s, m.memory_t, index, neg, hp.tau) + bank_nce(e_t, m.memory_s, index, neg, hp.tau)
-    if m.training:
-        m.update(index, e_s, e_t)
+    neg = crd.negatives(index.device)
+    value = bank_nce(e_s, crd.memory_t, index, neg, hp.tau) + bank_nce(e_t, crd.memory_s, index, neg, hp.tau)
+    if crd.training:
+        crd.update(index, e_s, e_t)
     return value
-
-
-def check(probe):
-    for who, shapes in (("student", probe.student_shapes), ("teacher", probe.teacher_shapes)):
-        if "pool" not in shapes:
-            raise KdbenchError(f"crd needs a 'pool' tap on the {who}")
 
 
 def build(probe):
     hp = probe.hp
-    return CRDModules(prod(probe.student_shapes["pool"]), prod(probe.teacher_shapes["pool"]), hp.feat_dim, hp.nce_k,
-                      probe.num_train, hp.momentum)
+    return CRDModules(math.prod(probe.student_shapes["pool"]), math.prod(probe.teacher_shapes["pool"]), hp.feat_dim,
+                      hp.nce_k, probe.num_train, hp.momentum)
 
 
 def loss(step):
-    hp = step.hp
-    terms = {"ce": F.cross_entropy(step.student.logits, step.y), "crd": hp.beta * crd_term(step)}
-    if hp.alpha > 0:
-        terms["kd"] = hp.alpha * kd_term(step.student.logits, step.teacher.logits.detach().float(), hp.T)
-    return terms
+    return ce_plus_optional_kd(step, crd=step.hp.beta * crd_term(step))
 
 
 METHODS = [
@@ -117,8 +104,8 @@ METHODS = [
         loss=loss,
         description="CRD: contrast student and teacher embeddings against a memory bank of negatives, plus KD",
         citation="Tian et al., ICLR 2020",
-        taps=lambda hp, s, t: [n for n in ("pool",) if n in s and (t is None or n in t)],
-        check=check,
+        taps=lambda hp, s_taps, t_taps: [n for n in ("pool",) if n in s_taps and (t_taps is None or n in t_taps)],
+        check=lambda probe: check_pool(probe, "crd"),
         build=build,
         hparams=(
             HParam("beta", 0.8, "weight of the contrastive term", low=0.0, space=(0.1, 5.0), log=True),

@@ -16,13 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from kdbench.contracts import HParam, Method
-from kdbench.errors import KdbenchError
-
-from ._common_b import flat
+from kdbench.losses import as_vectors, check_pool, frozen
 
 
 def scores(feat, scale, power):
-    e = F.normalize(flat(feat), dim=1)
+    e = F.normalize(as_vectors(feat), dim=1)
     d = (e[:, None, :] - e[None, :, :]).pow(2).sum(-1).clamp_min(1e-12).sqrt()
     return -scale * d.pow(power)
 
@@ -60,14 +58,8 @@ def soft_loss(s_s, s_t, top_k):
 def rank_term(step):
     hp = step.hp
     s_s = scores(step.student.feats["pool"], hp.scale, hp.power)
-    s_t = scores(step.teacher.feats["pool"].detach().float(), hp.scale, hp.power).detach()
+    s_t = scores(frozen(step.teacher.feats["pool"]), hp.scale, hp.power).detach()
     return soft_loss(s_s, s_t, hp.top_k) if hp.variant == "soft" else hard_loss(s_s, s_t)
-
-
-def check(probe):
-    for who, taps in (("student", probe.student_taps), ("teacher", probe.teacher_taps)):
-        if "pool" not in taps:
-            raise KdbenchError(f"darkrank needs a 'pool' tap (the pooled feature vector) on the {who}, which has none")
 
 
 def loss(step):
@@ -80,8 +72,8 @@ METHODS = [
         loss=loss,
         description="DarkRank: transfer the teacher's ranking of cross-sample similarities (listwise)",
         citation="Chen et al., AAAI 2018",
-        taps=lambda hp, s, t: [n for n in ("pool",) if n in s and (t is None or n in t)],
-        check=check,
+        taps=lambda hp, s_taps, t_taps: [n for n in ("pool",) if n in s_taps and (t_taps is None or n in t_taps)],
+        check=lambda probe: check_pool(probe, "darkrank"),
         hparams=(
             HParam("variant", "soft", "soft: KL over top-k permutations; hard: ListMLE on the teacher's ranking", choices=("soft", "hard")),
             HParam("weight", 1.0, "weight of the ranking term", low=0.0, space=(0.01, 10.0), log=True),

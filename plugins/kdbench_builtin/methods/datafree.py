@@ -25,15 +25,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdbench.contracts import HParam, Method
+from kdbench.data import cache_dir
 from kdbench.errors import KdbenchError
-
-from .kd import kd_term
+from kdbench.losses import frozen, kd_term
 
 BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def bn_layers(net):
-    return [m for m in net.modules() if isinstance(m, BN) and m.track_running_stats and m.running_mean is not None]
+    return [layer for layer in net.modules()
+            if isinstance(layer, BN) and layer.track_running_stats and layer.running_mean is not None]
 
 
 class BNStats:
@@ -41,7 +42,7 @@ class BNStats:
 
     def __init__(self, layers):
         self.loss = 0.0
-        self.handles = [m.register_forward_hook(self.hook) for m in layers]
+        self.handles = [layer.register_forward_hook(self.hook) for layer in layers]
 
     def hook(self, module, args, _output):
         x = args[0].float()
@@ -94,8 +95,6 @@ def _key(teacher, hp, input_shape, num_classes):
 
 def synthesize(probe, teacher, device):
     """The synthetic training set ``(x, ŷ)``, from the cache when it was made before."""
-    from kdbench.data import cache_dir
-
     hp = probe.hp
     if teacher is None or not bn_layers(teacher):
         raise KdbenchError("datafree needs a teacher with BatchNorm layers (their running statistics are the metadata)")
@@ -120,8 +119,7 @@ def synthesize(probe, teacher, device):
 
 
 def loss(step):
-    hp = step.hp
-    return {"kd": kd_term(step.student.logits, step.teacher.logits.detach().float(), hp.T)}
+    return {"kd": kd_term(step.student.logits, frozen(step.teacher.logits), step.hp.T)}
 
 
 METHODS = [

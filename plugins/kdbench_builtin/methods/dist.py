@@ -7,8 +7,7 @@ mdistiller's CIFAR configs use β=γ=2). Pearson = cosine of the centred vectors
 A batch of one has no intra-class relation: that term is 0.
 """
 from kdbench.contracts import HParam, Method
-
-from ._common import ce, ce_weight, check_classes, tea
+from kdbench.losses import ce, ce_weight, check_classes, frozen
 
 EPS = 1e-8
 
@@ -20,7 +19,7 @@ def pearson_rows(a, b):
 
 
 def dist_terms(z_s, z_t, T):
-    y_s, y_t = (z_s / T).softmax(1), (tea(z_t) / T).softmax(1)
+    y_s, y_t = (z_s / T).softmax(1), (frozen(z_t) / T).softmax(1)
     inter = 1 - pearson_rows(y_s, y_t).mean()
     intra = 1 - pearson_rows(y_s.t(), y_t.t()).mean() if len(y_s) > 1 else y_s.sum() * 0
     return T * T * inter, T * T * intra

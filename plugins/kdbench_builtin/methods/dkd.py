@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from kdbench.contracts import HParam, Method
-
-from ._common import ce, ce_weight, check_classes, tea
+from kdbench.losses import ce, ce_weight, check_classes, frozen
 
 REF_EPOCHS = 240
 
@@ -42,9 +41,9 @@ def warmup_factor(epoch, epochs, warmup):
 
 def loss(step):
     hp = step.hp
-    tckd, nckd = dkd_terms(step.student.logits.float(), tea(step.teacher.logits), step.y, hp.T)
-    f = warmup_factor(step.epoch, step.epochs, hp.warmup)
-    return {"ce": ce(step), "tckd": f * hp.alpha * tckd, "nckd": f * hp.beta * nckd}
+    tckd, nckd = dkd_terms(step.student.logits.float(), frozen(step.teacher.logits), step.y, hp.T)
+    ramp = warmup_factor(step.epoch, step.epochs, hp.warmup)
+    return {"ce": ce(step), "tckd": ramp * hp.alpha * tckd, "nckd": ramp * hp.beta * nckd}
 
 
 METHODS = [

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdbench.contracts import HParam, Method
-
-from .kd import kd_term
+from kdbench.losses import frozen, kd_term
 
 
 class Peers(nn.Module):
@@ -29,7 +28,7 @@ def mutual_terms(logits, y, T, weight):
     out = []
     k = len(logits)
     for i, z in enumerate(logits):
-        kl = sum(kd_term(z, logits[j].detach().float(), T) for j in range(k) if j != i) / (k - 1)
+        kl = sum(kd_term(z, frozen(logits[j]), T) for j in range(k) if j != i) / (k - 1)
         out.append((F.cross_entropy(z, y), weight * kl))
     return out
 
@@ -44,8 +43,8 @@ def loss(step):
     terms = mutual_terms(logits, step.y, hp.T, hp.weight)
     out = {"ce": terms[0][0], "kl": terms[0][1]}
     if len(terms) > 1:
-        out["peers_ce"] = sum(t[0] for t in terms[1:])
-        out["peers_kl"] = sum(t[1] for t in terms[1:])
+        out["peers_ce"] = sum(ce for ce, _ in terms[1:])
+        out["peers_kl"] = sum(kl for _, kl in terms[1:])
     return out
 
 

@@ -16,9 +16,7 @@ from torch import nn
 
 from kdbench.contracts import HParam, Method, Stage
 from kdbench.errors import KdbenchError
-
-from ._common_b import STAGE_TAPS, bn, conv, spatial_ratio, stage_names
-from .kd import kd_term
+from kdbench.losses import STAGE_TAPS, batch_norm, conv, frozen, hinton_kd, spatial_ratio, stage_names
 
 
 def _pick(names, index, what):
@@ -46,7 +44,7 @@ def regressor(s_shape, t_shape):
     else:
         k = round(1 / r)
         layer = (nn.ConvTranspose1d if dims == 1 else nn.ConvTranspose2d)(c_s, c_t, k, k, bias=False)
-    return nn.Sequential(layer, bn(dims, c_t), nn.ReLU())
+    return nn.Sequential(layer, batch_norm(dims, c_t), nn.ReLU())
 
 
 def check(probe):
@@ -61,7 +59,7 @@ def build(probe):
 
 def hint_term(step):
     g, h = pair(step.hp, step.student.feats, step.teacher.feats)
-    return F.mse_loss(step.modules["reg"](step.student.feats[g]), step.teacher.feats[h].detach().float())
+    return F.mse_loss(step.modules["reg"](step.student.feats[g]), frozen(step.teacher.feats[h]))
 
 
 def hint_loss(step):
@@ -69,13 +67,9 @@ def hint_loss(step):
 
 
 def loss(step):
-    hp = step.hp
-    terms = {
-        "ce": (1 - hp.alpha) * F.cross_entropy(step.student.logits, step.y),
-        "kd": hp.alpha * kd_term(step.student.logits, step.teacher.logits.detach().float(), hp.T),
-    }
-    if hp.hint_main > 0:
-        terms["hint"] = hp.hint_main * hint_term(step)
+    terms = hinton_kd(step)
+    if step.hp.hint_main > 0:
+        terms["hint"] = step.hp.hint_main * hint_term(step)
     return terms
 
 

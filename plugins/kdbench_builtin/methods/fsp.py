@@ -13,10 +13,7 @@ from torch import nn
 
 from kdbench.contracts import HParam, Method, Stage
 from kdbench.errors import KdbenchError
-
-from ._common_b import STAGE_TAPS, conv, same_stage_count, stage_names
-from .at import match_size
-from .kd import ce_plus_optional_kd
+from kdbench.losses import STAGE_TAPS, ce_plus_optional_kd, check_stages, conv, frozen, match_size, stage_outputs
 
 
 def fsp_matrix(f1, f2):
@@ -25,33 +22,31 @@ def fsp_matrix(f1, f2):
 
 
 def check(probe):
-    s, t = same_stage_count(probe, "fsp")
-    if len(s) < 2:
-        raise KdbenchError(f"fsp needs >= 2 stages to pair, the networks have {len(s)}")
+    s_names, t_names = check_stages(probe, "fsp", minimum=2)  # consecutive stages make the pairs
     if not probe.hp.connector:
-        for a, b in zip(s, t):
-            if probe.student_shapes[a][0] != probe.teacher_shapes[b][0]:
+        for s_name, t_name in zip(s_names, t_names):
+            if probe.student_shapes[s_name][0] != probe.teacher_shapes[t_name][0]:
                 raise KdbenchError(
-                    f"fsp needs equal channels: student {a} has {probe.student_shapes[a][0]}, teacher {b} "
-                    f"{probe.teacher_shapes[b][0]}; set connector=true to add 1x1 connectors")
+                    f"fsp needs equal channels: student {s_name} has {probe.student_shapes[s_name][0]}, teacher "
+                    f"{t_name} {probe.teacher_shapes[t_name][0]}; set connector=true to add 1x1 connectors")
 
 
 def build(probe):
     if not probe.hp.connector:
         return None
-    s, t = same_stage_count(probe, "fsp")
+    s_names, t_names = check_stages(probe, "fsp")
     return nn.ModuleList(
-        conv(len(probe.student_shapes[a]) - 1, probe.student_shapes[a][0], probe.teacher_shapes[b][0])
-        for a, b in zip(s, t)
+        conv(len(probe.student_shapes[s_name]) - 1, probe.student_shapes[s_name][0], probe.teacher_shapes[t_name][0])
+        for s_name, t_name in zip(s_names, t_names)
     )
 
 
 def fsp_term(step):
-    s = [step.student.feats[n] for n in stage_names(step.student.feats)]
-    t = [step.teacher.feats[n].detach().float() for n in stage_names(step.teacher.feats)]
+    f_s = stage_outputs(step.student.feats)
+    f_t = [frozen(f) for f in stage_outputs(step.teacher.feats)]
     if step.modules is not None:
-        s = [c(f) for c, f in zip(step.modules, s)]
-    return sum(F.mse_loss(fsp_matrix(s[i], s[i + 1]), fsp_matrix(t[i], t[i + 1])) for i in range(len(s) - 1))
+        f_s = [conn(f) for conn, f in zip(step.modules, f_s)]
+    return sum(F.mse_loss(fsp_matrix(f_s[i], f_s[i + 1]), fsp_matrix(f_t[i], f_t[i + 1])) for i in range(len(f_s) - 1))
 
 
 def init_loss(step):

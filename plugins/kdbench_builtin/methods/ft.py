@@ -14,13 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdbench.contracts import HParam, Method, Stage
-
-from ._common_b import STAGE_TAPS, bn, conv, need_stages, stage_names
-from .at import match_size
+from kdbench.losses import STAGE_TAPS, batch_norm, check_stages, conv, frozen, match_size, stage_outputs
 
 
 def _block(dims, c_in, c_out):
-    return [conv(dims, c_in, c_out, 3, 1, 1), bn(dims, c_out), nn.LeakyReLU(0.1)]
+    return [conv(dims, c_in, c_out, 3, 1, 1), batch_norm(dims, c_out), nn.LeakyReLU(0.1)]
 
 
 def encoder(dims, c_in, c_out):
@@ -32,8 +30,8 @@ def factor_channels(hp, c_t):
 
 
 def build(probe):
-    s, t = need_stages(probe, "ft")
-    s_shape, t_shape = probe.student_shapes[s[-1]], probe.teacher_shapes[t[-1]]
+    s_names, t_names = check_stages(probe, "ft", equal=False)
+    s_shape, t_shape = probe.student_shapes[s_names[-1]], probe.teacher_shapes[t_names[-1]]
     dims, c_t = len(t_shape) - 1, t_shape[0]
     k = factor_channels(probe.hp, c_t)
     return nn.ModuleDict({
@@ -44,13 +42,13 @@ def build(probe):
 
 
 def _last(outputs):
-    return outputs.feats[stage_names(outputs.feats)[-1]]
+    return stage_outputs(outputs.feats)[-1]
 
 
 def para_loss(step):
-    m = step.modules
-    f_t = _last(step.teacher).detach().float()
-    return {"recon": F.mse_loss(m["dec"](m["enc"](f_t)), f_t)}
+    ae = step.modules
+    f_t = frozen(_last(step.teacher))
+    return {"recon": F.mse_loss(ae["dec"](ae["enc"](f_t)), f_t)}
 
 
 def factor_l1(fac_s, fac_t):
@@ -59,12 +57,12 @@ def factor_l1(fac_s, fac_t):
 
 
 def loss(step):
-    m = step.modules
-    m["enc"].eval()
-    m["dec"].eval()
+    mods = step.modules
+    mods["enc"].eval()
+    mods["dec"].eval()
     with torch.no_grad():
-        fac_t = m["enc"](_last(step.teacher).detach().float())
-    fac_s = m["trans"](_last(step.student))
+        fac_t = mods["enc"](frozen(_last(step.teacher)))
+    fac_s = mods["trans"](_last(step.student))
     return {"ce": F.cross_entropy(step.student.logits, step.y), "ft": step.hp.beta * factor_l1(fac_s, fac_t)}
 
 
@@ -75,7 +73,7 @@ METHODS = [
         description="factor transfer: a teacher paraphraser and a student translator, L1 between their factors",
         citation="Kim et al., NeurIPS 2018",
         taps=STAGE_TAPS,
-        check=lambda probe: need_stages(probe, "ft"),
+        check=lambda probe: check_stages(probe, "ft", equal=False),
         build=build,
         stages=lambda hp: [Stage("paraphraser", "para_epochs", para_loss, train_student=False)],
         hparams=(

@@ -2,39 +2,13 @@
 
 loss = (1 − α)·CE(z_s, y) + α·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)), KL averaged over the batch.
 """
-import torch.nn.functional as F
-
 from kdbench.contracts import HParam, Method
-
-
-def kd_term(z_s, z_t, T):
-    """T²·KL(p_t ‖ p_s) with p = softmax(z/T), summed over classes and averaged over the batch."""
-    log_p_s = F.log_softmax(z_s / T, dim=1)
-    log_p_t = F.log_softmax(z_t / T, dim=1)
-    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * T * T
-
-
-def ce_plus_optional_kd(step):
-    """The main stage of init-stage methods (ab, fsp): CE, plus hp.alpha·KD when alpha > 0."""
-    hp = step.hp
-    terms = {"ce": F.cross_entropy(step.student.logits, step.y)}
-    if hp.alpha > 0:
-        terms["kd"] = hp.alpha * kd_term(step.student.logits, step.teacher.logits.detach().float(), hp.T)
-    return terms
-
-
-def loss(step):
-    hp = step.hp
-    return {
-        "ce": (1 - hp.alpha) * F.cross_entropy(step.student.logits, step.y),
-        "kd": hp.alpha * kd_term(step.student.logits, step.teacher.logits.float(), hp.T),
-    }
-
+from kdbench.losses import hinton_kd
 
 METHODS = [
     Method(
         name="kd",
-        loss=loss,
+        loss=hinton_kd,
         description="Hinton KD: match the teacher's temperature-softened outputs",
         citation="Hinton et al., NIPS-W 2015",
         hparams=(

@@ -27,8 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdbench.contracts import HParam, Method
-
-from ._common import STAGE_TAPS, ce, ce_weight, check_stages, stage_names, stages
+from kdbench.losses import STAGE_TAPS, ce, ce_weight, check_stages, stage_names, stage_outputs
 
 
 def as_matrix(f):
@@ -36,23 +35,23 @@ def as_matrix(f):
     return f.float().flatten(2).transpose(1, 2)
 
 
-def top_right_singular(m, n):
+def top_right_singular(mat, n):
     """Exact top-n right singular vectors [B, C, n] and singular values [B, n] (no gradient)."""
     with torch.no_grad():  # eigh of the small C×C Gram matrix (float64): far faster than svd on CPU
-        m = m.double()
-        evals, evecs = torch.linalg.eigh(m.transpose(1, 2) @ m)
-    n = min(n, m.shape[1], m.shape[2])
+        mat = mat.double()
+        evals, evecs = torch.linalg.eigh(mat.transpose(1, 2) @ mat)
+    n = min(n, mat.shape[1], mat.shape[2])
     v = evecs.flip(2)[:, :, :n].float()
-    s = evals.flip(1)[:, :n].clamp_min(0).sqrt().float()
-    return v, s
+    sigma = evals.flip(1)[:, :n].clamp_min(0).sqrt().float()
+    return v, sigma
 
 
 def sign_convention(v):
     """±1 per vector [B, 1, n]: its largest-magnitude entry made positive, so the loss does not
     depend on which sign the SVD routine happens to return for the teacher."""
     idx = v.abs().argmax(1, keepdim=True)
-    s = torch.gather(v, 1, idx).sign()
-    return torch.where(s == 0, torch.ones_like(s), s)
+    sign = torch.gather(v, 1, idx).sign()
+    return torch.where(sign == 0, torch.ones_like(sign), sign)
 
 
 def student_vectors(m_s, v_t, k):
@@ -101,7 +100,7 @@ def build(probe):
 
 def loss(step):
     names = stage_names(step.student.feats)
-    term = kdsvd_term(stages(step.student.feats), stages(step.teacher.feats), step.hp.k, step.modules, names)
+    term = kdsvd_term(stage_outputs(step.student.feats), stage_outputs(step.teacher.feats), step.hp.k, step.modules, names)
     return {"ce": ce(step), "kdsvd": step.hp.weight * term}
 
 

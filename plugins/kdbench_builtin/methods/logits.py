@@ -6,12 +6,11 @@ raw pre-softmax logits (no temperature).
 import torch.nn.functional as F
 
 from kdbench.contracts import HParam, Method
-
-from ._common import ce, ce_weight, check_classes, tea
+from kdbench.losses import ce, ce_weight, check_classes, frozen
 
 
 def logits_term(z_s, z_t):
-    return F.mse_loss(z_s.float(), tea(z_t))
+    return F.mse_loss(z_s.float(), frozen(z_t))
 
 
 def loss(step):

@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from kdbench.contracts import HParam, Method
+from kdbench.losses import frozen
 
 
 def soft_target(teacher_logits, T):
     """Mean over teachers of softmax(z/T), in float32 (a teacher may run in bf16)."""
-    return torch.stack([F.softmax(z.detach().float() / T, dim=1) for z in teacher_logits]).mean(0)
+    return torch.stack([F.softmax(frozen(z) / T, dim=1) for z in teacher_logits]).mean(0)
 
 
 def loss(step):

@@ -7,11 +7,10 @@ Kernels: linear x路y; poly (x路y + c)^d (reference c=0, d=2); gaussian exp(鈭掆�
 Where spatial sizes differ the larger map is average-pooled to the smaller (as the reference).
 loss = ce_weight路CE + weight路危_stages MMD虏.
 """
-from kdbench.contracts import HParam, Method
-
 import torch.nn.functional as F
 
-from ._common import STAGE_TAPS, ce, ce_weight, check_stages, match_size, stages, tea
+from kdbench.contracts import HParam, Method
+from kdbench.losses import STAGE_TAPS, ce, ce_weight, check_stages, frozen, match_size, stage_outputs
 
 
 def kernel(a, b, hp):
@@ -26,15 +25,15 @@ def kernel(a, b, hp):
 
 
 def mmd2(f_s, f_t, hp):
-    f_s, f_t = match_size(f_s.float(), tea(f_t))
-    s = F.normalize(f_s.flatten(2), dim=2)
-    t = F.normalize(f_t.flatten(2), dim=2)
-    return kernel(t, t, hp).mean() + kernel(s, s, hp).mean() - 2 * kernel(s, t, hp).mean()
+    f_s, f_t = match_size(f_s.float(), frozen(f_t))
+    rows_s = F.normalize(f_s.flatten(2), dim=2)
+    rows_t = F.normalize(f_t.flatten(2), dim=2)
+    return kernel(rows_t, rows_t, hp).mean() + kernel(rows_s, rows_s, hp).mean() - 2 * kernel(rows_s, rows_t, hp).mean()
 
 
 def loss(step):
-    pairs = zip(stages(step.student.feats), stages(step.teacher.feats))
-    return {"ce": ce(step), "nst": step.hp.weight * sum(mmd2(s, t, step.hp) for s, t in pairs)}
+    pairs = zip(stage_outputs(step.student.feats), stage_outputs(step.teacher.feats))
+    return {"ce": ce(step), "nst": step.hp.weight * sum(mmd2(f_s, f_t, step.hp) for f_s, f_t in pairs)}
 
 
 METHODS = [

@@ -8,20 +8,19 @@ The reference averages over all B² entries (not a per-row sum), hence the large
 import torch.nn.functional as F
 
 from kdbench.contracts import HParam, Method
-
-from ._common import ce, ce_weight, check_pool, flat, tea
+from kdbench.losses import as_vectors, ce, ce_weight, check_pool, frozen
 
 EPS = 1e-7
 
 
 def cond_prob(f):
-    f = F.normalize(flat(f), dim=1, eps=EPS)
-    s = (f @ f.t() + 1) / 2
-    return s / s.sum(1, keepdim=True)
+    e = F.normalize(as_vectors(f), dim=1, eps=EPS)
+    sim = (e @ e.t() + 1) / 2
+    return sim / sim.sum(1, keepdim=True)
 
 
 def pkt_term(f_s, f_t):
-    p_t, q_s = cond_prob(tea(f_t)), cond_prob(f_s)
+    p_t, q_s = cond_prob(frozen(f_t)), cond_prob(f_s)
     return (p_t * ((p_t + EPS) / (q_s + EPS)).log()).mean()
 
 

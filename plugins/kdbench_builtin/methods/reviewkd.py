@@ -15,24 +15,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdbench.contracts import HParam, Method
-
-from ._common_b import STAGE_TAPS, adaptive_pool, bn, conv, same_stage_count, stage_names
-from .at import match_size
+from kdbench.losses import (STAGE_TAPS, adaptive_pool, batch_norm, check_stages, conv, frozen, match_size,
+                            stage_outputs)
 
 
 class ABF(nn.Module):
     def __init__(self, dims, c_in, mid, c_out, fuse):
         super().__init__()
-        self.reduce = nn.Sequential(conv(dims, c_in, mid), bn(dims, mid))
+        self.reduce = nn.Sequential(conv(dims, c_in, mid), batch_norm(dims, mid))
         self.att = nn.Sequential(conv(dims, 2 * mid, 2, bias=True), nn.Sigmoid()) if fuse else None
-        self.out = nn.Sequential(conv(dims, mid, c_out, 3, 1, 1), bn(dims, c_out))
+        self.out = nn.Sequential(conv(dims, mid, c_out, 3, 1, 1), batch_norm(dims, c_out))
 
     def forward(self, x, residual=None):
         x = self.reduce(x)
         if self.att is not None:
             residual = F.interpolate(residual, size=x.shape[2:], mode="nearest")
-            a = self.att(torch.cat([x, residual], 1))
-            x = x * a[:, :1] + residual * a[:, 1:]
+            weights = self.att(torch.cat([x, residual], 1))
+            x = x * weights[:, :1] + residual * weights[:, 1:]
         return self.out(x), x
 
 
@@ -50,21 +49,22 @@ def hcl(f_s, f_t, levels=(4, 2, 1)):
 
 
 def build(probe):
-    s, t = same_stage_count(probe, "reviewkd")
+    s_names, t_names = check_stages(probe, "reviewkd")
     mid = probe.hp.mid
     return nn.ModuleList(
-        ABF(len(probe.student_shapes[a]) - 1, probe.student_shapes[a][0], mid, probe.teacher_shapes[b][0], i < len(s) - 1)
-        for i, (a, b) in enumerate(zip(s, t))
+        ABF(len(probe.student_shapes[s_name]) - 1, probe.student_shapes[s_name][0], mid,
+            probe.teacher_shapes[t_name][0], i < len(s_names) - 1)
+        for i, (s_name, t_name) in enumerate(zip(s_names, t_names))
     )
 
 
 def review_term(step):
-    s = [step.student.feats[n] for n in stage_names(step.student.feats)]
-    t = [step.teacher.feats[n].detach().float() for n in stage_names(step.teacher.feats)]
+    f_s = stage_outputs(step.student.feats)
+    f_t = [frozen(f) for f in stage_outputs(step.teacher.feats)]
     total, residual = 0, None
-    for i in reversed(range(len(s))):
-        out, residual = step.modules[i](s[i], residual)
-        total = total + hcl(out, t[i])
+    for i in reversed(range(len(f_s))):
+        out, residual = step.modules[i](f_s[i], residual)
+        total = total + hcl(out, f_t[i])
     return total
 
 
@@ -81,7 +81,7 @@ METHODS = [
         description="ReviewKD: fuse student stages deep to shallow (ABF), match teacher stages with a pyramid loss",
         citation="Chen et al., CVPR 2021",
         taps=STAGE_TAPS,
-        check=lambda probe: same_stage_count(probe, "reviewkd"),
+        check=lambda probe: check_stages(probe, "reviewkd"),
         build=build,
         hparams=(
             HParam("beta", 1.0, "weight of the review (HCL) term", low=0.0, space=(0.1, 10.0), log=True),

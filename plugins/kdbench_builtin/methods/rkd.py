@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kdbench.contracts import HParam, Method
-
-from ._common import ce, ce_weight, check_pool, flat, tea
+from kdbench.losses import as_vectors, ce, ce_weight, check_pool, frozen
 
 
 def pdist(e, eps=1e-12):
@@ -42,7 +41,7 @@ def angle_term(f_s, f_t):
 
 
 def loss(step):
-    f_s, f_t = flat(step.student.feats["pool"]), tea(step.teacher.feats["pool"]).flatten(1)
+    f_s, f_t = as_vectors(step.student.feats["pool"]), as_vectors(frozen(step.teacher.feats["pool"]))
     hp = step.hp
     return {
         "ce": ce(step),

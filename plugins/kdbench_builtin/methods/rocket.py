@@ -12,8 +12,7 @@ from torch import nn
 
 from kdbench.contracts import HParam, Method
 from kdbench.errors import KdbenchError
-
-from ._common_b import bn, conv
+from kdbench.losses import batch_norm, conv
 
 
 def tap_name(hp):
@@ -24,8 +23,8 @@ def booster(shape, width, num_classes):
     dims = len(shape) - 1
     pool = nn.AdaptiveAvgPool1d(1) if dims == 1 else nn.AdaptiveAvgPool2d(1)
     return nn.Sequential(
-        conv(dims, shape[0], width, 3, 1, 1), bn(dims, width), nn.ReLU(),
-        conv(dims, width, width, 3, 1, 1), bn(dims, width), nn.ReLU(),
+        conv(dims, shape[0], width, 3, 1, 1), batch_norm(dims, width), nn.ReLU(),
+        conv(dims, width, width, 3, 1, 1), batch_norm(dims, width), nn.ReLU(),
         pool, nn.Flatten(), nn.Linear(width, num_classes),
     )
 
@@ -58,7 +57,7 @@ METHODS = [
         loss=loss,
         description="Rocket Launching: a wider booster head shares the student's lower layers; logit hint with gradient block",
         citation="Zhou et al., AAAI 2018",
-        taps=lambda hp, s, t: [f"stage{hp.tap}"] if f"stage{hp.tap}" in s else [],
+        taps=lambda hp, s_taps, t_taps: [tap_name(hp)] if tap_name(hp) in s_taps else [],
         check=check,
         build=build,
         needs_teacher=False,

@@ -6,13 +6,12 @@ of the batch's samples, so any widths pair up); loss = ce_weight·CE + weight·�
 import torch.nn.functional as F
 
 from kdbench.contracts import HParam, Method
-
-from ._common import STAGE_TAPS, ce, ce_weight, check_stages, flat, stages, tea
+from kdbench.losses import STAGE_TAPS, as_vectors, ce, ce_weight, check_stages, frozen, stage_outputs
 
 
 def similarity(f):
-    f = flat(f)
-    return F.normalize(f @ f.t(), dim=1)
+    vectors = as_vectors(f)
+    return F.normalize(vectors @ vectors.t(), dim=1)
 
 
 def sp_term(f_s, f_t):
@@ -21,8 +20,8 @@ def sp_term(f_s, f_t):
 
 
 def loss(step):
-    f_s, f_t = stages(step.student.feats)[-1], stages(step.teacher.feats)[-1]
-    return {"ce": ce(step), "sp": step.hp.weight * sp_term(f_s, tea(f_t))}
+    f_s, f_t = stage_outputs(step.student.feats)[-1], stage_outputs(step.teacher.feats)[-1]
+    return {"ce": ce(step), "sp": step.hp.weight * sp_term(f_s, frozen(f_t))}
 
 
 METHODS = [

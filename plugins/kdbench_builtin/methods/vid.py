@@ -12,9 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdbench.contracts import HParam, Method
-
-from ._common_b import STAGE_TAPS, conv, same_stage_count, stage_names
-from .at import match_size
+from kdbench.losses import STAGE_TAPS, check_stages, conv, frozen, match_size, stage_outputs
 
 
 class VIDRegressor(nn.Module):
@@ -35,17 +33,18 @@ class VIDRegressor(nn.Module):
 
 
 def build(probe):
-    s, t = same_stage_count(probe, "vid")
+    s_names, t_names = check_stages(probe, "vid")
     hp = probe.hp
     return nn.ModuleList(
-        VIDRegressor(len(probe.student_shapes[a]) - 1, probe.student_shapes[a][0], probe.teacher_shapes[b][0], hp.init_var, hp.eps)
-        for a, b in zip(s, t)
+        VIDRegressor(len(probe.student_shapes[s_name]) - 1, probe.student_shapes[s_name][0],
+                     probe.teacher_shapes[t_name][0], hp.init_var, hp.eps)
+        for s_name, t_name in zip(s_names, t_names)
     )
 
 
 def vid_term(step):
-    s, t = stage_names(step.student.feats), stage_names(step.teacher.feats)
-    return sum(m.nll(step.student.feats[a], step.teacher.feats[b].detach().float()) for m, a, b in zip(step.modules, s, t))
+    f_s, f_t = stage_outputs(step.student.feats), stage_outputs(step.teacher.feats)
+    return sum(reg.nll(s_map, frozen(t_map)) for reg, s_map, t_map in zip(step.modules, f_s, f_t))
 
 
 def loss(step):
@@ -59,7 +58,7 @@ METHODS = [
         description="VID: maximise a Gaussian lower bound on teacher/student stage mutual information",
         citation="Ahn et al., CVPR 2019",
         taps=STAGE_TAPS,
-        check=lambda probe: same_stage_count(probe, "vid"),
+        check=lambda probe: check_stages(probe, "vid"),
         build=build,
         hparams=(
             HParam("beta", 1.0, "weight of the VID term", low=0.0, space=(0.1, 10.0), log=True),
