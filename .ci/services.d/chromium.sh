@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A headless browser for tests/test_ui.py (loads the MLflow UI that `kdbench ui` starts).
+# A headless browser for tests/cli/test_ui.py (loads the MLflow UI that `kdbench ui` starts).
 # Debian's `chromium` package; the test skips with a message when no browser binary exists.
 set -euo pipefail
 if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then

@@ -1,15 +1,17 @@
 """`kdbench data …`: fetch and verify the files of datasets that read them."""
+from __future__ import annotations
+
 import click
 
 from kdbench.errors import KdbenchError
 
 
 @click.group("data")
-def data_cmd():
+def data_group():
     """Dataset files: download and verify."""
 
 
-@data_cmd.command("download")
+@data_group.command("download")
 @click.argument("name")
 @click.option("--data-dir", default=None, help="Where to put the files [default: the dataset's].")
 @click.option("--base-url", default=None, help="A mirror to fetch from instead of the official host.")
@@ -23,6 +25,3 @@ def download_cmd(name, data_dir, base_url):
         raise KdbenchError(f"dataset {name!r} has no download ({how})")
     where = dataset.download(data_dir, base_url=base_url)
     click.echo(f"{name}: downloaded and verified{f' in {where}' if where else ''}")
-
-
-COMMANDS: list = [data_cmd]

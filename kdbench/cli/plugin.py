@@ -1,11 +1,11 @@
 """`kdbench plugin …`: write your own plugin (scaffold a package) and check one against the
-contract (the conformance kit of :mod:`kdbench.testing`). ``COMMANDS`` is added to the main group
-by kdbench.cli."""
+contract (the conformance kit of :mod:`kdbench.testing`)."""
+from __future__ import annotations
+
 import click
 
+from kdbench.cli.options import KIND, data_option_flags, data_options
 from kdbench.errors import KdbenchError
-
-KIND = click.Choice(["method", "model", "dataset"])
 
 
 @click.group("plugin")
@@ -27,27 +27,25 @@ def new_cmd(name, kind, directory):
     from kdbench.workflows import scaffold
 
     root, files = scaffold.create(name, kind, directory, registry=plugins.registry())
-    n = scaffold.names(name)
+    names = scaffold.names(name)
     click.echo(f"created {root}/")
     for path in files:
         click.echo(f"  {path.relative_to(root)}")
     click.echo("next:")
     click.echo(f"  cd {root} && pip install -e '.[test]'")
-    click.echo(f"  pytest                      # kdbench's conformance kit on {n['name']}")
-    click.echo(f"  kdbench list {kind}s         # {n['name']} ... ({n['dist']} 0.1.0)")
+    click.echo(f"  pytest                      # kdbench's conformance kit on {names['name']}")
+    click.echo(f"  kdbench list {kind}s         # {names['name']} ... ({names['dist']} 0.1.0)")
 
 
 @plugin_group.command("check")
 @click.argument("kind", type=KIND)
 @click.argument("name")
-@click.option("--trials", type=int, default=50, show_default=True, help="Optuna trials sampled from a method's search space.")
-@click.option("--data-dir", default=None, help="Where a dataset's files are.")
-@click.option("--data-option", "data_opts", multiple=True, metavar="KEY=VALUE",
-              help="A dataset option (repeatable), e.g. size=64 for image_folder.")
+@click.option("--trials", type=int, default=50, show_default=True,
+              help="Optuna trials sampled from a method's search space.")
+@data_option_flags(dir_help="Where a dataset's files are.")
 def check_cmd(kind, name, trials, data_dir, data_opts):
     """Run the conformance kit (kdbench.testing) on an installed method, model or dataset."""
     from kdbench import testing
-    from kdbench.cli import data_options
 
     try:
         if kind == "method":
@@ -59,6 +57,3 @@ def check_cmd(kind, name, trials, data_dir, data_opts):
     except AssertionError as exc:
         raise KdbenchError(f"does not conform: {exc}") from None
     click.echo(f"ok: {kind} {name!r} conforms to the kdbench plugin contract")
-
-
-COMMANDS: list = [plugin_group]

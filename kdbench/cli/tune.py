@@ -1,6 +1,9 @@
 """`kdbench tune`: an Optuna study over a method's search space (see kdbench.workflows.tune)."""
+from __future__ import annotations
+
 import click
 
+from kdbench.cli.options import data_option_flags, data_options, tracking_option
 from kdbench.errors import KdbenchError
 
 
@@ -30,38 +33,37 @@ from kdbench.errors import KdbenchError
 @click.option("--device", default=None)
 @click.option("--teacher-checkpoint", type=click.Path(dir_okay=False), default=None,
               help="Load the teacher from a checkpoint instead of the cache.")
-@click.option("--data-dir", default=None, help="Where the dataset's files are (datasets that read files).")
-@click.option("--data-option", "data_opts", multiple=True, metavar="KEY=VALUE", help="A dataset option (repeatable).")
+@data_option_flags(option_help="A dataset option (repeatable).")
 @click.option("--recipe", "recipe_name", default=None, metavar="NAME|FILE.toml",
               help="Tune with this recipe instead of the dataset's (e.g. cifar100-fast).")
 @click.option("--show", "show_study", default=None, metavar="STUDY",
               help="Print a study's best params, trials and importances, and exit.")
-@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
-              help="MLflow tracking URI [default: sqlite:///mlflow.db in the working directory].")
+@tracking_option
 def tune_cmd(method, dataset, teacher, student, trials, epochs, tune_recipe, objective, pruner,
-             storage, study_name, retrain, seeds, heartbeat, device, teacher_checkpoint, data_dir, data_opts, recipe_name,
-             show_study, tracking_uri):
+             storage, study_name, retrain, seeds, heartbeat, device, teacher_checkpoint, data_dir, data_opts,
+             recipe_name, show_study, tracking_uri):
     """Tune a method's hyperparameters on the validation split with Optuna."""
     from kdbench.workflows import tune
-    from kdbench.cli import data_options
 
     if show_study:
         click.echo(tune.show(show_study, storage, tracking_uri))
         return
+    _check_at_least_one(epochs, heartbeat)
+    config = tune.TuneConfig(
+        method=method, dataset=dataset, teacher=teacher,
+        students=tuple(name.strip() for name in student.split(",") if name.strip()) if student else (),
+        trials=trials, recipe={"epochs": epochs} if epochs else {}, tune_recipe=tune_recipe,
+        objective=objective.replace(" ", ""), pruner=pruner, storage=storage, study=study_name,
+        seeds=seeds, retrain=retrain, device=device, teacher_checkpoint=teacher_checkpoint,
+        tracking_uri=tracking_uri, heartbeat=heartbeat,
+        data_options=data_options(data_dir, data_opts), recipe_name=recipe_name,
+    )
+    result = tune.run_study(config, echo=lambda line: click.echo(line, err=True))
+    click.echo(result.report)
+
+
+def _check_at_least_one(epochs: int | None, heartbeat: int) -> None:
     if epochs is not None and epochs < 1:
         raise KdbenchError(f"--epochs must be at least 1, got {epochs}")
     if heartbeat < 1:
         raise KdbenchError(f"--heartbeat must be at least 1 second, got {heartbeat}")
-    cfg = tune.TuneConfig(
-        method=method, dataset=dataset, teacher=teacher,
-        students=tuple(s.strip() for s in student.split(",") if s.strip()) if student else (),
-        trials=trials, recipe={"epochs": epochs} if epochs else {}, tune_recipe=tune_recipe,
-        objective=objective.replace(" ", ""), pruner=pruner, storage=storage, study=study_name,
-        seeds=seeds, retrain=retrain, device=device, teacher_checkpoint=teacher_checkpoint, tracking_uri=tracking_uri, heartbeat=heartbeat,
-        data_options=data_options(data_dir, data_opts), recipe_name=recipe_name,
-    )
-    result = tune.run_study(cfg, echo=lambda s: click.echo(s, err=True))
-    click.echo(result.report)
-
-
-COMMANDS: list = [tune_cmd]

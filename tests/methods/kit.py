@@ -35,20 +35,23 @@ def step_of(name, s_feats=None, t_feats=None, z_s=None, z_t=None, y=None, module
     z_s = torch.randn(b, ncls, generator=g, requires_grad=True) if z_s is None else z_s
     z_t = torch.randn(b, ncls, generator=g) if z_t is None else z_t
     y = torch.arange(b) % ncls if y is None else y
-    return Step(torch.zeros(b, 1, 8), y, Outputs(z_s, s_feats or {}), Outputs(z_t, t_feats or {}),
-                hp_of(name, **over), modules, epoch, epochs, "main")
+    return Step(x=torch.zeros(b, 1, 8), y=y, student=Outputs(z_s, s_feats or {}),
+                teacher=Outputs(z_t, t_feats or {}), hp=hp_of(name, **over), modules=modules,
+                epoch=epoch, epochs=epochs, stage="main")
 
 
 def make_step(name, s_out, t_out, y, modules, stage="main", epoch=0, **over):
     """A Step of given Outputs (``t_out`` may be None) in ``stage`` of a 10-epoch run."""
-    return Step(torch.zeros(len(y), 1), y, s_out, t_out, hp_of(name, **over), modules, epoch, 10, stage)
+    return Step(x=torch.zeros(len(y), 1), y=y, student=s_out, teacher=t_out, hp=hp_of(name, **over),
+                modules=modules, epoch=epoch, epochs=10, stage=stage)
 
 
 def step_from(s_logits, t_logits, y, hp, modules=None, teachers=None, x=None, s_feats=None, t_feats=None):
     """A main-stage Step of logits and a hyperparameter namespace (no teacher where t_logits is None)."""
     x = torch.zeros(len(y), 1, 40) if x is None else x
     teacher = None if t_logits is None else Outputs(t_logits, t_feats or {})
-    return Step(x, y, Outputs(s_logits, s_feats or {}), teacher, hp, modules, 0, 1, "main", teachers=teachers)
+    return Step(x=x, y=y, student=Outputs(s_logits, s_feats or {}), teacher=teacher, hp=hp, modules=modules,
+                epoch=0, epochs=1, stage="main", teachers=teachers)
 
 
 def shapes(dims, c_s=4, c_t=6, s1=8, s2=4):

@@ -18,7 +18,8 @@ from methods.kit import ce_np, npy, rnd, softmax_np
 
 
 def _step(z_s, z_t, y, **hp):
-    return Step(torch.zeros(len(y), 1), y, Outputs(z_s), Outputs(z_t), SimpleNamespace(**hp), None, 0, 1, "main")
+    return Step(x=torch.zeros(len(y), 1), y=y, student=Outputs(z_s), teacher=Outputs(z_t),
+                hp=SimpleNamespace(**hp), modules=None, epoch=0, epochs=1, stage="main")
 
 
 def _probe(s_taps, t_taps, num_classes=5):

@@ -31,7 +31,8 @@ def test_loss_reduces_to_ce_plus_weighted_kd():
     z_s = torch.randn(8, 5, requires_grad=True)
     z_t, y = torch.randn(8, 5), torch.randint(0, 5, (8,))
     hp = SimpleNamespace(T=2.0, alpha=1.5)
-    step = Step(torch.zeros(8, 1), y, Outputs(z_s), Outputs(z_t), hp, None, 0, 1, "main")
+    step = Step(x=torch.zeros(8, 1), y=y, student=Outputs(z_s), teacher=Outputs(z_t), hp=hp, modules=None,
+                epoch=0, epochs=1, stage="main")
     terms = kdbench_example.loss(step)
     kl = F.kl_div(F.log_softmax(z_s / 2, 1), F.softmax(z_t / 2, 1), reduction="none").sum(1) * 4
     expected = 1.5 * (kdbench_example.sample_weights(z_s, z_t, y) * kl).mean()

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 browser = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _chromium(*args, timeout=120):

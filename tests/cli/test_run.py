@@ -1,4 +1,4 @@
-"""End to end through the CLI, checked against what MLflow recorded; bad input is one line."""
+"""`kdbench run` end to end, checked against what MLflow recorded; bad input is one line."""
 
 import pytest
 import torch

@@ -1,0 +1,72 @@
+"""What several ``kdbench`` commands share: the ``--tracking-uri`` option and opening the tracker
+it names, the ``--data-dir``/``--data-option`` pair and its parser, ``KEY=VALUE`` parsing (also
+for ``--set``), and the plugin kinds as an argument type.
+
+Only click is imported here, so every command module can use it without slowing ``kdbench --help``;
+the workflows are imported inside the functions that need them.
+"""
+from __future__ import annotations
+
+import click
+
+from kdbench.errors import KdbenchError
+
+#: the registry's plural kinds (``kdbench list KIND``)
+KINDS = ("methods", "models", "datasets")
+
+#: one kind of plugin object, as an argument (``kdbench show KIND``, ``kdbench plugin check KIND``)
+KIND = click.Choice(["method", "model", "dataset"])
+
+tracking_option = click.option(
+    "--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
+    help="MLflow tracking URI [default: sqlite:///mlflow.db in the working directory].",
+)
+
+DATA_DIR_HELP = "Where the dataset's files are (datasets that read files)."
+DATA_OPTION_HELP = "A dataset option (repeatable), e.g. size=64 for image_folder."
+
+
+def tracking_uri_or_default(uri: str | None) -> str:
+    """``--tracking-uri`` as given, else kdbench's default store."""
+    from kdbench.workflows.tracking import default_tracking_uri
+
+    return uri or default_tracking_uri()
+
+
+def open_tracker(uri: str | None):
+    """The :class:`~kdbench.workflows.tracking.Tracker` on ``--tracking-uri`` (or the default)."""
+    from kdbench.workflows.tracking import Tracker
+
+    return Tracker(tracking_uri_or_default(uri))
+
+
+def parse_key_values(pairs, option: str = "--set") -> dict[str, str]:
+    """``KEY=VALUE`` strings as a dict (stripped); a pair without ``=`` is an error naming ``option``."""
+    parsed = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise KdbenchError(f"{option} expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        parsed[key.strip()] = value.strip()
+    return parsed
+
+
+def data_option_flags(dir_help: str = DATA_DIR_HELP, option_help: str = DATA_OPTION_HELP):
+    """Adds ``--data-dir`` (parameter ``data_dir``) and ``--data-option KEY=VALUE`` (parameter
+    ``data_opts``) to a command; turn them into load options with :func:`data_options`."""
+    data_dir = click.option("--data-dir", default=None, help=dir_help)
+    data_option = click.option("--data-option", "data_opts", multiple=True, metavar="KEY=VALUE",
+                               help=option_help)
+
+    def decorate(command):
+        return data_dir(data_option(command))
+
+    return decorate
+
+
+def data_options(data_dir: str | None, pairs) -> dict[str, str]:
+    """``--data-dir`` and ``--data-option KEY=VALUE`` as the dataset's load options."""
+    options = parse_key_values(pairs, "--data-option")
+    if data_dir:
+        options["data_dir"] = data_dir
+    return options

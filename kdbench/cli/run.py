@@ -1,0 +1,152 @@
+"""`kdbench run`: train a student with a distillation method, show a progress bar per (network,
+stage) while it trains and a summary table when it is done."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from kdbench.cli.options import data_option_flags, data_options, open_tracker, parse_key_values, tracking_option
+from kdbench.errors import KdbenchError
+
+
+@click.command("run")
+@click.option("--method", "-m", default="kd", show_default=True,
+              help="Distillation method (see `kdbench list methods`).")
+@click.option("--dataset", "-d", default=None, help="Dataset [default: the embedded one].")
+@click.option("--teacher", default=None, help="Teacher model [default: the dataset's].")
+@click.option("--teachers", default="",
+              help="Extra teachers, comma-separated (for methods using several, e.g. multi_teacher).")
+@click.option("--student", default=None, help="Student model [default: the dataset's].")
+@click.option("--epochs", type=int, default=None, help="Student epochs [default: the recipe's].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--teacher-seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None, help="cpu, cuda, cuda:N [default: CUDA if available].")
+@click.option("--teacher-checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="Load the teacher from {'model': state_dict} or a bare state dict.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Method hyperparameter (repeatable).")
+@data_option_flags()
+@click.option("--recipe", "recipe_name", default=None, metavar="NAME|FILE.toml",
+              help="Train the student with this recipe instead of the dataset's (e.g. cifar100-fast).")
+@click.option("--params-from", "params_from", default=None, metavar="STUDY",
+              help="Use the best params of a `kdbench tune` study (--set still wins).")
+@click.option("--storage", default=None, help="Optuna storage of --params-from [default: as kdbench tune].")
+@tracking_option
+def run_cmd(method, dataset, teacher, student, epochs, seed, teacher_seed, device,
+            teacher_checkpoint, sets, data_dir, data_opts, recipe_name, params_from, storage, tracking_uri,
+            teachers):
+    """Train a student with a distillation method and record it in MLflow."""
+    from kdbench.core.plan import RunConfig
+    from kdbench.workflows.run import run
+
+    hparams, recipe = {}, {}
+    if params_from:
+        hparams, recipe, tuned_student = _best_of_study(params_from, storage, tracking_uri, method)
+        student = student or tuned_student
+    hparams.update(parse_key_values(sets))
+    if epochs:
+        recipe["epochs"] = epochs
+    config = RunConfig(
+        method=method, dataset=dataset, teacher=teacher, student=student,
+        hparams=hparams, recipe=recipe,
+        seed=seed, teacher_seed=teacher_seed, device=device,
+        teacher_checkpoint=teacher_checkpoint,
+        data_options=data_options(data_dir, data_opts),
+        teachers=tuple(name.strip() for name in teachers.split(",") if name.strip()),
+        recipe_name=recipe_name,
+    )
+    tracker = open_tracker(tracking_uri)
+    progress = Progress()
+    try:
+        outcome = run(config, tracker, on_epoch=progress)
+    finally:
+        progress.close()
+    click.echo(summary(outcome, tracker.uri))
+
+
+def _best_of_study(study: str, storage, tracking_uri, method: str) -> tuple[dict, dict, str | None]:
+    """``--params-from``: the hyperparameters, recipe and student of a tune study's best trial;
+    the study must have tuned ``method``."""
+    from kdbench.workflows.tune import best_params
+
+    best = best_params(study, storage, tracking_uri)
+    if best["method"] and best["method"] != method:
+        raise KdbenchError(f"study {study!r} tuned method {best['method']!r}, not {method!r}; "
+                           f"pass --method {best['method']}")
+    return dict(best["hparams"]), dict(best["recipe"]), best["student"]
+
+
+class Progress:
+    """A progress bar per (network, stage), showing the latest validation accuracy."""
+
+    def __init__(self):
+        self.key = None
+        self.bar = None
+
+    def __call__(self, event):
+        key = (event.role, event.stage)
+        if key != self.key:
+            self.close()
+            self.key = key
+            label = f"{event.role:<7} {event.stage}"
+            self.bar = click.progressbar(length=event.epochs, label=label, show_pos=True, file=sys.stderr,
+                                         item_show_func=lambda info: info)
+            self.bar.__enter__()
+        accuracy = event.metrics.get("val_top1")
+        loss = next((value for name, value in event.metrics.items() if name.endswith("loss")), None)
+        info = f"loss {loss:.3f}" + (f" val {100 * accuracy:.2f}%" if accuracy is not None else "")
+        self.bar.update(1, info)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f} %"
+
+
+def summary(outcome, uri: str) -> str:
+    """The table ``kdbench run`` prints: what ran, its accuracies, costs and MLflow run."""
+    rows = _summary_rows(outcome, uri)
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+def _summary_rows(outcome, uri: str) -> list[tuple[str, str]]:
+    metrics, plan, teacher = outcome.metrics, outcome.plan, outcome.teacher
+    teachers = ("+".join([plan.teacher_obj.name] + [extra.obj.name for extra in plan.extra_teachers])
+                if teacher else "(none)")
+    delta, gap = metrics.get("delta_vs_vanilla"), metrics.get("gap_closed")
+    rows = [
+        ("method", f"{plan.method_obj.name} {plan.hp or ''}".strip()),
+        ("dataset", plan.dataset_obj.name),
+        ("teacher → student", f"{teachers} → {plan.student_obj.name}"),
+        ("test top-1 (last epoch)", _percent(metrics.get("test_top1"))),
+        ("test top-1 (best val epoch " + str(int(metrics["best_val_epoch"])) + ")",
+         _percent(metrics.get("test_top1_bestval"))),
+        ("test top-5 (last / best val)",
+         f"{_percent(metrics.get('test_top5'))} / {_percent(metrics.get('test_top5_bestval'))}"),
+        ("teacher test top-1", _percent(teacher.metrics.get("test_top1")) if teacher else "-"),
+        ("vanilla test top-1 (mean)", _percent(outcome.vanilla_top1)),
+        ("Δ vs vanilla", "-" if delta is None else f"{100 * delta:+.2f} pts"),
+        ("teacher gap closed", "-" if gap is None else f"{gap:.2f}"),
+        ("epochs to 90/95/99 % of final",
+         f"{metrics['epochs_to_90']} / {metrics['epochs_to_95']} / {metrics['epochs_to_99']}"),
+        ("seconds to 95 % of final", f"{metrics['seconds_to_95']:.1f}"),
+        ("val curve AUC (normalised)", f"{metrics['auc']:.4f}"),
+        ("params student / extra / teacher",
+         f"{metrics['params_student']:,} / {metrics['params_extra']:,} / {metrics['params_teacher']:,}"),
+        ("FLOPs/sample student / teacher", f"{metrics['flops_student']:,} / {metrics.get('flops_teacher', 0):,}"),
+        ("training time", f"{metrics['train_seconds']:.1f} s ({metrics['throughput']:.0f} samples/s)"),
+        ("peak memory", f"{metrics['peak_mem_mb']:.0f} MB"),
+        ("MLflow run", f"{outcome.run_id}  ({uri})"),
+    ]
+    peers = sorted((name for name in metrics if name.startswith("peer") and name.endswith("_test_top1")),
+                   key=lambda name: int(name[4:-10]))
+    if peers:
+        rows.insert(4, ("peers' test top-1 (last epoch)", " / ".join(_percent(metrics[name]) for name in peers)))
+    if not metrics.get("train_split_loaded", 1):
+        rows.insert(4, ("training data", "synthesised by the method (train split never loaded)"))
+    return rows
