@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# PostgreSQL for tests/test_tune.py (Optuna RDB storage shared by several workers).
+# PostgreSQL for tests/workflows/test_studies.py (Optuna RDB storage shared by several workers).
 # Installs the Debian package, starts a throwaway cluster on 127.0.0.1:${KDBENCH_PG_PORT:-54329}
 # owned by the postgres user, and creates role/database kdbench (password kdbench). The URL is
 # written to ${KDBENCH_PG_URL_FILE:-/tmp/kdbench-postgres.url}, which the test reads:

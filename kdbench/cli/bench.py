@@ -18,9 +18,9 @@ from kdbench.cli.options import open_tracker, tracking_option
 def bench_cmd(suite, dry_run, jobs, tracking_uri):
     """Run a leaderboard suite (leaderboards/NAME.toml or a path): every (pair, method, seed)
     cell without a FINISHED MLflow run of the same config hash."""
-    from kdbench.workflows import bench
+    from kdbench.workflows import bench, suites
 
-    loaded = bench.load_suite(suite)
+    loaded = suites.load_suite(suite)
     tracker = open_tracker(tracking_uri)
     cells = bench.plan_cells(loaded, uri=tracker.uri)
     done = bench.finished_hashes(tracker, loaded)
@@ -29,7 +29,7 @@ def bench_cmd(suite, dry_run, jobs, tracking_uri):
         _echo_dry_run(loaded, cells, todo, done)
         return
     started = time.time()
-    results = bench.run_suite(loaded, tracker.uri, jobs=jobs, echo=click.echo, cells=cells)
+    results = bench.run_suite(loaded, tracker.uri, jobs=jobs, on_event=_echo_event, cells=cells)
     failed = [result for result in results if not result.ok]
     click.echo(f"\n{loaded.name}: ran {len(results)} cells in {time.time() - started:.0f} s, "
                f"{len(results) - len(failed)} finished, {len(failed)} failed")
@@ -55,3 +55,25 @@ def _tuning_note(cell) -> str:
     if cell.config.tags.get("tuned") == "true":
         return f" (tuned by study {cell.config.tags['study']})"
     return f" (to be tuned first: {cell.method.tune_trials} trials)"
+
+
+def _echo_event(event) -> None:
+    click.echo(_event_line(event))
+
+
+def _event_line(event) -> str:
+    """A progress line of ``bench.run_suite``."""
+    from kdbench.workflows import bench
+
+    if isinstance(event, bench.TuningStarted):
+        return f"tuning {event.method} for {event.pair}: {event.trials} trials on validation"
+    if isinstance(event, bench.SuitePlanned):
+        return (f"{event.suite}: {event.cells} cells, {event.finished} already finished, {event.to_run} to run"
+                f" (jobs={event.jobs})")
+    if isinstance(event, bench.TeacherStarted):
+        return f"teacher {event.teacher} ({event.teacher_id}) ..."
+    if isinstance(event, bench.TeacherFailed):
+        return f"  failed: {event.reason}"
+    result = event.result
+    state = f"{100 * result.top1:.2f} %" if result.ok and result.top1 is not None else f"FAILED: {result.reason}"
+    return f"[{event.done}/{event.total}] {result.cell_key}  {state}  ({result.seconds:.0f} s)"

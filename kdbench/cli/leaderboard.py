@@ -20,13 +20,13 @@ def leaderboard_cmd(name, dataset, fmt, output, no_summary, tracking_uri):
 
     With NAME (leaderboards/NAME.toml or a path): only that suite's runs, ranked by its metric,
     with published numbers where it has them; the figures are logged on its summary run."""
-    from kdbench.workflows import bench
+    from kdbench.workflows import bench, leaderboard, suites
     from kdbench.workflows.leaderboard import aggregate, plots, render, runs_frame
 
     tracker = open_tracker(tracking_uri)
     suite = None
     if name:
-        suite = bench.load_suite(name)
+        suite = suites.load_suite(name)
         runs = bench.suite_runs(tracker, suite)
     else:
         runs = tracker.search(dataset, "attributes.status = 'FINISHED' AND tags.role = 'student'")
@@ -39,13 +39,13 @@ def leaderboard_cmd(name, dataset, fmt, output, no_summary, tracking_uri):
     images = None
     if fmt == "html" or log_summary:
         run_ids = [run_id for table in tables.values() for ids in table.run_ids for run_id in ids]
-        images = plots(tables, metric, bench.histories(tracker, run_ids))
+        images = plots(tables, metric, leaderboard.histories(tracker, run_ids))
     text = render(fmt, tables, metric, suite, images)
     if log_summary:
         documents = {"leaderboard.md": render("markdown", tables, metric, suite),
                      "leaderboard.csv": render("csv", tables, metric, suite),
                      "leaderboard.html": render("html", tables, metric, suite, images)}
-        bench.log_summary(tracker, suite, images, documents)
+        leaderboard.log_summary(tracker, suite, images, documents)
     _emit(text, output)
 
 

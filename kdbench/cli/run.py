@@ -67,7 +67,7 @@ def run_cmd(method, dataset, teacher, student, epochs, seed, teacher_seed, devic
 def _best_of_study(study: str, storage, tracking_uri, method: str) -> tuple[dict, dict, str | None]:
     """``--params-from``: the hyperparameters, recipe and student of a tune study's best trial;
     the study must have tuned ``method``."""
-    from kdbench.workflows.tune import best_params
+    from kdbench.workflows.studies import best_params
 
     best = best_params(study, storage, tracking_uri)
     if best["method"] and best["method"] != method:

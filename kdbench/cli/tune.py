@@ -43,10 +43,10 @@ def tune_cmd(method, dataset, teacher, student, trials, epochs, tune_recipe, obj
              storage, study_name, retrain, seeds, heartbeat, device, teacher_checkpoint, data_dir, data_opts,
              recipe_name, show_study, tracking_uri):
     """Tune a method's hyperparameters on the validation split with Optuna."""
-    from kdbench.workflows import tune
+    from kdbench.workflows import studies, tune
 
     if show_study:
-        click.echo(tune.show(show_study, storage, tracking_uri))
+        click.echo(_study_text(studies.study_summary(show_study, storage, tracking_uri)))
         return
     _check_at_least_one(epochs, heartbeat)
     config = tune.TuneConfig(
@@ -58,8 +58,8 @@ def tune_cmd(method, dataset, teacher, student, trials, epochs, tune_recipe, obj
         tracking_uri=tracking_uri, heartbeat=heartbeat,
         data_options=data_options(data_dir, data_opts), recipe_name=recipe_name,
     )
-    result = tune.run_study(config, echo=lambda line: click.echo(line, err=True))
-    click.echo(result.report)
+    result = tune.run_study(config, on_event=lambda event: click.echo(_event_line(event), err=True))
+    click.echo(_report(result))
 
 
 def _check_at_least_one(epochs: int | None, heartbeat: int) -> None:
@@ -67,3 +67,62 @@ def _check_at_least_one(epochs: int | None, heartbeat: int) -> None:
         raise KdbenchError(f"--epochs must be at least 1, got {epochs}")
     if heartbeat < 1:
         raise KdbenchError(f"--heartbeat must be at least 1 second, got {heartbeat}")
+
+
+def _event_line(event) -> str:
+    """A progress line of ``tune.run_study`` (on stderr)."""
+    from kdbench.workflows import tune
+
+    if isinstance(event, tune.StudyOpened):
+        return f"study {event.study!r} in {event.storage} (MLflow parent run {event.parent_run_id})"
+    if isinstance(event, tune.DeadTrialsFailed):
+        return f"trials {event.trials} of a dead worker marked FAIL (not counted)"
+    values = "" if event.values is None else " ".join(f"{v:.4f}" for v in event.values)
+    return (f"trial #{event.number:<3} {event.state:<8} {values:<16} {event.params}  {event.reason}  "
+            f"[{event.counted}/{event.budget}]").rstrip()
+
+
+def _report(result) -> str:
+    """The study's outcome: counts, the Pareto front (several objectives), the best trial, the retrain."""
+    lines = [f"{result.trials_counted} trials counted ({result.trials_failed} failed, "
+             f"{result.trials_pruned} pruned); epochs trained {result.epochs_run} of {result.epochs_full}"
+             + (f" ({100 * (1 - result.epochs_run / result.epochs_full):.0f} % saved by pruning)"
+                if result.epochs_full else "")]
+    best = result.best
+    if best is None:
+        return "\n".join(lines + ["no complete trial: nothing to retrain"])
+    if result.objective != "acc":
+        lines.append("Pareto front (val top-1 ↑, " + result.objective.split(",")[1] + " ↓):")
+        lines += [f"  #{trial.number:<4} {trial.values[0]:.4f}  {trial.values[1]:,.1f}  {trial.params}"
+                  for trial in result.pareto]
+    lines.append(f"best trial #{best.number}: val top-1 {best.values[0]:.4f}  params {best.params}")
+    if result.retrained:
+        tests = result.retrain_test_top1
+        lines.append(f"retrained best params, test top-1 over {len(tests)} seed(s): "
+                     f"{100 * result.retrain_mean:.2f} ± {100 * result.retrain_std:.2f} %  ("
+                     + ", ".join(f"{100 * x:.2f}" for x in tests) + ")")
+    else:
+        lines.append("(--no-retrain: test split not read; run `kdbench run --params-from "
+                     f"{result.study_name}` for a test number)")
+    return "\n".join(lines)
+
+
+def _study_text(summary) -> str:
+    """``--show``: the best trial, the trials table and the parameter importances."""
+    import pandas as pd
+
+    lines = [f"study {summary.name!r} in {summary.storage}: method {summary.method}, {summary.n_trials} trials"]
+    best = summary.best
+    if best is None:
+        lines.append("best: (no complete trial)")
+    else:
+        lines.append(f"best trial #{best.number}: values {[round(v, 4) for v in best.values]}  params {best.params}")
+    with pd.option_context("display.max_columns", None, "display.width", 200, "display.max_colwidth", 60):
+        lines.append(summary.trials.to_string(index=False))
+    if summary.complete_trials < 2:
+        lines.append("importances: need at least 2 complete trials")
+    elif summary.importances_error:
+        lines.append(f"importances: unavailable ({summary.importances_error})")
+    else:
+        lines.append("importances: " + (", ".join(f"{k} {v:.3f}" for k, v in summary.importances.items()) or "-"))
+    return "\n".join(lines)

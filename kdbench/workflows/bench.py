@@ -1,21 +1,4 @@
-"""Leaderboard suites: ``leaderboards/NAME.toml`` → cells (pair × method × seed) → MLflow runs.
-
-A suite file (read with tomllib)::
-
-    name = "embedded"                 # default: the file's stem
-    description = "..."
-    dataset = "mnist1d"
-    seeds = [0, 1, 2]                 # at least 3
-    teacher_seed = 0                  # teachers are trained by the harness with this seed
-    metric = "test_top1"              # ranking: test_top1 (last epoch) | test_top1_bestval
-    methods = ["all"]                 # every registered built-in method, default hparams
-    # or a list of tables: [[methods]] name = "kd", params = {T = 4}, tune_trials = 20
-    [recipe]                          # optional: name = "cifar100-fast" and/or overrides (epochs = 1)
-    [[pairs]]
-    teacher = "cnn1d_4x32"            # or teacher_checkpoint = "t.pt", teacher_sha256 = "<hex>"
-    student = "cnn1d_2x16"
-    [published."wrn_40_2->wrn_16_2"]  # optional reference numbers (top-1 %), shown beside ours
-    kd = 74.92
+"""Running a leaderboard suite (:mod:`.suites`): cells (pair × method × seed) → MLflow runs.
 
 ``tune_trials = N``: before its cells run, the method is tuned for each pair with ``kdbench tune``
 (N trials on the validation split, study ``<suite>-<teacher>-><student>-<method>`` in the default
@@ -26,74 +9,29 @@ best trial a method runs with ``params`` and is reported as *not yet tuned*.
 A cell's identity is the run's config hash (:meth:`Plan.config_hash` with the teacher id the
 runner will use), computed before anything runs: a cell with a FINISHED run of that hash is
 done, so an interrupted suite resumes and a finished one is a no-op.
+
+Progress is reported as events (:class:`TuningStarted`, :class:`SuitePlanned`,
+:class:`TeacherStarted`, :class:`TeacherFailed`, :class:`CellFinished`) passed to ``on_event``.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import time
-import tomllib
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-from kdbench.errors import KdbenchError
 from kdbench.core.plan import RunConfig, make_plan
-
-MIN_SEEDS = 3
-METRICS = ("test_top1", "test_top1_bestval")
-BUILTIN_SOURCE_PREFIX = "kdbench"
-
-
-# --------------------------------------------------------------------------- definitions
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    name: str
-    params: dict[str, Any] = field(default_factory=dict)
-    tune_trials: int = 0
+from kdbench.errors import KdbenchError
+from kdbench.workflows import tune
+from kdbench.workflows.studies import best_params
+from kdbench.workflows.suites import MethodSpec, Pair, Suite
+from kdbench.workflows.teachers import checkpoint_id, checkpoint_sha256
+from kdbench.workflows.tracking import Tracker
 
 
-@dataclass(frozen=True)
-class Pair:
-    teacher: str
-    student: str
-    checkpoint: str | None = None
-    sha256: str | None = None
-
-    @property
-    def label(self) -> str:
-        return f"{self.teacher}->{self.student}"
-
-
-@dataclass(frozen=True)
-class Suite:
-    name: str
-    path: Path
-    dataset: str
-    pairs: tuple[Pair, ...]
-    methods: tuple[MethodSpec, ...]
-    seeds: tuple[int, ...]
-    teacher_seed: int = 0
-    metric: str = "test_top1"
-    recipe_name: str | None = None
-    recipe_overrides: dict[str, Any] = field(default_factory=dict)
-    description: str = ""
-    published: dict[str, dict[str, float]] = field(default_factory=dict)
-    published_note: str = ""
-
-    def recipe_for(self, student: str) -> dict[str, Any]:
-        """The student recipe overrides handed to RunConfig.recipe for this student."""
-        if not self.recipe_name:
-            return dict(self.recipe_overrides)
-        base = _load_named_recipe(self.recipe_name, student, self.path)
-        recipe = base.with_(**self.recipe_overrides) if self.recipe_overrides else base
-        return recipe.as_dict()
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Cell:
     pair: Pair
     method: MethodSpec
@@ -105,148 +43,73 @@ class Cell:
 
     @property
     def key(self) -> str:
-        return f"{self.pair.label}/{self.method.name}/s{self.seed}"
+        return cell_key(self.pair, self.method, self.seed)
 
 
-def _load_named_recipe(name: str, student: str | None, suite_path: Path):
-    from kdbench.recipes import load_recipe
-
-    if name.endswith(".toml") and not Path(name).is_absolute():
-        name = str((suite_path.parent / name).resolve())
-    return load_recipe(name, student)
+def cell_key(pair: Pair, method: MethodSpec, seed: int) -> str:
+    """``teacher->student/method/sSEED``: a cell's name in tags and messages."""
+    return f"{pair.label}/{method.name}/s{seed}"
 
 
-def leaderboard_dirs() -> list[Path]:
-    """Where suite names are looked up: ./leaderboards, then the checkout's leaderboards/."""
-    return [Path.cwd() / "leaderboards", Path(__file__).resolve().parent.parent / "leaderboards"]
+@dataclass(kw_only=True)
+class CellResult:
+    """How a cell's run ended: its run id and test top-1, or why it failed."""
+    cell_key: str
+    ok: bool
+    run_id: str | None = None
+    top1: float | None = None
+    reason: str | None = None
+    seconds: float = 0.0
 
 
-def find_suite(name: str) -> Path:
-    if name.endswith(".toml") or os.sep in name:
-        path = Path(name)
-        if not path.is_file():
-            raise KdbenchError(f"leaderboard file {name!r} does not exist")
-        return path
-    for d in leaderboard_dirs():
-        if (d / f"{name}.toml").is_file():
-            return d / f"{name}.toml"
-    known = sorted({p.stem for d in leaderboard_dirs() if d.is_dir() for p in d.glob("*.toml")})
-    raise KdbenchError(f"unknown leaderboard {name!r} (known: {', '.join(known) or 'none'})")
+# --------------------------------------------------------------------------- events
 
 
-def load_suite(name_or_path: str, reg=None) -> Suite:
-    """Parse and check a suite file; errors are one line."""
-    path = find_suite(name_or_path)
-    try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except tomllib.TOMLDecodeError as exc:
-        raise KdbenchError(f"leaderboard {path} is not valid TOML: {exc}") from None
-    if reg is None:
-        from kdbench.core import plugins
-
-        reg = plugins.registry()
-    where = f"leaderboard {path.name}"
-    known = {"name", "description", "dataset", "seeds", "teacher_seed", "metric", "methods", "recipe",
-             "pairs", "published", "published_note"}
-    bad = sorted(set(doc) - known)
-    if bad:
-        raise KdbenchError(f"{where}: unknown key {bad[0]!r} (known: {', '.join(sorted(known))})")
-    dataset = doc.get("dataset")
-    if not dataset:
-        raise KdbenchError(f"{where}: 'dataset' is required")
-    reg.entry("datasets", dataset)  # unknown dataset -> one-line error with suggestions
-    seeds = tuple(int(s) for s in doc.get("seeds", ()))
-    if len(set(seeds)) < MIN_SEEDS:
-        raise KdbenchError(f"{where}: needs at least {MIN_SEEDS} distinct seeds, got {list(seeds)}")
-    metric = doc.get("metric", "test_top1")
-    if metric not in METRICS:
-        raise KdbenchError(f"{where}: metric must be one of {', '.join(METRICS)}, got {metric!r}")
-
-    recipe = doc.get("recipe", {})
-    if isinstance(recipe, str):
-        recipe = {"name": recipe}
-    recipe = dict(recipe)
-    recipe_name = recipe.pop("name", None)
-    if "milestones" in recipe:
-        recipe["milestones"] = tuple(int(m) for m in recipe["milestones"])
-
-    methods = _methods(doc.get("methods", ["all"]), reg, where)
-    raw_pairs = doc.get("pairs")
-    if not raw_pairs:
-        ds = reg.entry("datasets", dataset).obj
-        raw_pairs = [{"teacher": ds.default_teacher, "student": ds.default_student}]
-    pairs = []
-    for p in raw_pairs:
-        extra = sorted(set(p) - {"teacher", "student", "teacher_checkpoint", "teacher_sha256"})
-        if extra or "teacher" not in p or "student" not in p:
-            raise KdbenchError(f"{where}: a pair needs teacher and student (and optionally "
-                               f"teacher_checkpoint + teacher_sha256), got {p}")
-        reg.entry("models", p["teacher"])
-        reg.entry("models", p["student"])
-        ckpt = p.get("teacher_checkpoint")
-        if ckpt and not p.get("teacher_sha256"):
-            raise KdbenchError(f"{where}: teacher_checkpoint {ckpt!r} needs its teacher_sha256")
-        if ckpt and not Path(ckpt).is_absolute():
-            ckpt = str((path.parent / ckpt).resolve())
-        pairs.append(Pair(p["teacher"], p["student"], ckpt, (p.get("teacher_sha256") or "").lower() or None))
-    if len({p.label for p in pairs}) != len(pairs):
-        raise KdbenchError(f"{where}: a pair is listed twice")
-    suite = Suite(
-        name=doc.get("name", path.stem), path=path, dataset=dataset, pairs=tuple(pairs),
-        methods=tuple(methods), seeds=seeds, teacher_seed=int(doc.get("teacher_seed", 0)),
-        metric=metric, recipe_name=recipe_name, recipe_overrides=recipe,
-        description=doc.get("description", ""),
-        published={k: {m: float(v) for m, v in t.items()} for k, t in doc.get("published", {}).items()},
-        published_note=doc.get("published_note", ""),
-    )
-    suite.recipe_for(pairs[0].student)  # a bad recipe name or field fails here, not mid-suite
-    return suite
+@dataclass(frozen=True, kw_only=True)
+class TuningStarted:
+    """A method's tuning study for a pair starts (or resumes)."""
+    method: str
+    pair: str
+    trials: int
 
 
-def _methods(raw, reg, where) -> list[MethodSpec]:
-    out: list[MethodSpec] = []
-    for item in raw:
-        if item == "all":
-            out += [MethodSpec(n) for n, e in sorted(reg.methods.items())
-                    if e.source.startswith(BUILTIN_SOURCE_PREFIX)]
-            continue
-        if isinstance(item, str):
-            item = {"name": item}
-        extra = sorted(set(item) - {"name", "params", "tune_trials"})
-        if extra or "name" not in item:
-            raise KdbenchError(f"{where}: a method entry has name, params, tune_trials; got {item}")
-        reg.entry("methods", item["name"])
-        out.append(MethodSpec(item["name"], dict(item.get("params", {})), int(item.get("tune_trials", 0))))
-    seen = {}
-    for m in out:  # the last entry of a method wins ("all" then a specific entry overrides it)
-        seen[m.name] = m
-    if not seen:
-        raise KdbenchError(f"{where}: no methods")
-    # vanilla first: the runner computes Δ vs vanilla from finished vanilla runs
-    return sorted(seen.values(), key=lambda m: (m.name != "vanilla", m.name))
+@dataclass(frozen=True, kw_only=True)
+class SuitePlanned:
+    """The suite's cells are planned: how many there are, how many are finished already."""
+    suite: str
+    cells: int
+    finished: int
+    to_run: int
+    jobs: int
 
 
-# --------------------------------------------------------------------------- planning
+@dataclass(frozen=True, kw_only=True)
+class TeacherStarted:
+    """A teacher is loaded or trained before the cells fan out."""
+    teacher: str
+    teacher_id: str
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+@dataclass(frozen=True, kw_only=True)
+class TeacherFailed:
+    """A teacher could not be obtained: its cells will fail with ``reason``."""
+    teacher_id: str
+    reason: str
 
 
-def verify_checkpoint(pair: Pair) -> str:
-    """The checkpoint's teacher id (as the runner computes it) after checking its sha256."""
-    if not Path(pair.checkpoint).is_file():
-        raise KdbenchError(f"teacher checkpoint {pair.checkpoint!r} does not exist")
-    sha = file_sha256(pair.checkpoint)
-    if not sha.startswith(pair.sha256) or len(pair.sha256) < 16:
-        raise KdbenchError(f"teacher checkpoint {pair.checkpoint!r} has sha256 {sha}, the leaderboard "
-                           f"expects {pair.sha256} (at least 16 hex digits)")
-    return "ckpt:" + sha[:16]
+@dataclass(frozen=True, kw_only=True)
+class CellFinished:
+    """A cell ran (or failed)."""
+    result: CellResult
+    done: int  # cells finished so far, this one included
+    total: int
+
+
+def _ignore(event) -> None:
+    pass
+
+
+# --------------------------------------------------------------------------- tuning
 
 
 def study_name(suite: Suite, pair: Pair, method: MethodSpec) -> str:
@@ -257,27 +120,87 @@ def tuned_params(suite: Suite, pair: Pair, method: MethodSpec, uri: str | None) 
     """The best hyperparameters of the method's tuning study for this pair, or None (no study yet)."""
     if not method.tune_trials or uri is None:
         return None
-    from kdbench.workflows.tune import best_params
-
     try:
         return best_params(study_name(suite, pair, method), None, uri)["hparams"]
     except KdbenchError:
         return None
 
 
-def tune_methods(suite: Suite, uri: str, echo: Callable[[str], None] = lambda s: None) -> None:
+def tune_methods(suite: Suite, uri: str, on_event: Callable = _ignore) -> None:
     """Run (or resume) the tuning study of every method with ``tune_trials`` for every pair."""
-    from kdbench.workflows.tune import TuneConfig, run_study
-
     for pair in suite.pairs:
         recipe = suite.recipe_for(pair.student)
-        for method in (m for m in suite.methods if m.tune_trials):
-            echo(f"tuning {method.name} for {pair.label}: {method.tune_trials} trials on validation")
-            run_study(TuneConfig(
+        for method in (spec for spec in suite.methods if spec.tune_trials):
+            on_event(TuningStarted(method=method.name, pair=pair.label, trials=method.tune_trials))
+            tune.run_study(tune.TuneConfig(
                 method=method.name, dataset=suite.dataset, teacher=pair.teacher, students=(pair.student,),
                 trials=method.tune_trials, recipe=dict(recipe), study=study_name(suite, pair, method),
                 retrain=False, teacher_checkpoint=pair.checkpoint, tracking_uri=uri,
-            ), echo=lambda line: None)
+            ))
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def verify_checkpoint(pair: Pair) -> str:
+    """The checkpoint's teacher id (as the runner computes it) after checking its sha256."""
+    if not Path(pair.checkpoint).is_file():
+        raise KdbenchError(f"teacher checkpoint {pair.checkpoint!r} does not exist")
+    sha = checkpoint_sha256(pair.checkpoint)
+    if not sha.startswith(pair.sha256) or len(pair.sha256) < 16:
+        raise KdbenchError(f"teacher checkpoint {pair.checkpoint!r} has sha256 {sha}, the leaderboard "
+                           f"expects {pair.sha256} (at least 16 hex digits)")
+    return checkpoint_id(sha)
+
+
+def _checked_checkpoint(pair: Pair) -> tuple[str | None, str | None]:
+    """(teacher id, None) for a verified checkpoint, (None, error) for a bad one, (None, None) without."""
+    if not pair.checkpoint:
+        return None, None
+    try:
+        return verify_checkpoint(pair), None
+    except KdbenchError as exc:
+        return None, str(exc)
+
+
+def cell_config(suite: Suite, pair: Pair, method: MethodSpec, seed: int, recipe: dict,
+                tuned: dict | None) -> RunConfig:
+    """The run of one cell, tagged with the suite, the cell and (for tuned methods) its study."""
+    tags = {"leaderboard": suite.name, "leaderboard_cell": cell_key(pair, method, seed),
+            "leaderboard_pair": pair.label}
+    if method.tune_trials:
+        tags.update(tune_trials=str(method.tune_trials), tuned=str(tuned is not None).lower())
+        if tuned is not None:
+            tags["study"] = study_name(suite, pair, method)
+    return RunConfig(
+        method=method.name, dataset=suite.dataset, teacher=pair.teacher, student=pair.student,
+        hparams={**(tuned or {}), **method.params}, recipe=dict(recipe), seed=seed,
+        teacher_seed=suite.teacher_seed, teacher_checkpoint=pair.checkpoint, tags=tags,
+    )
+
+
+def _plan_cell(pair: Pair, method: MethodSpec, seed: int, config: RunConfig, reg,
+               checkpoint: tuple[str | None, str | None]) -> Cell:
+    """The cell with its config hash, or with the reason it cannot run."""
+    def failing(reason: str) -> Cell:
+        return Cell(pair=pair, method=method, seed=seed, config=config, config_hash=None, teacher_id=None,
+                    plan_error=reason)
+
+    try:
+        plan = make_plan(config, reg)
+    except KdbenchError as exc:
+        return failing(str(exc))
+    ckpt_id, ckpt_error = checkpoint
+    if plan.teacher is None:
+        teacher_id = None
+    elif pair.checkpoint:
+        if ckpt_error:
+            return failing(ckpt_error)
+        teacher_id = ckpt_id
+    else:
+        teacher_id = plan.teacher_key()
+    return Cell(pair=pair, method=method, seed=seed, config=config, config_hash=plan.config_hash(teacher_id),
+                teacher_id=teacher_id)
 
 
 def plan_cells(suite: Suite, reg=None, uri: str | None = None) -> list[Cell]:
@@ -289,44 +212,18 @@ def plan_cells(suite: Suite, reg=None, uri: str | None = None) -> list[Cell]:
         reg = plugins.registry()
     cells = []
     for pair in suite.pairs:
-        ckpt_id, ckpt_error = None, None
-        if pair.checkpoint:
-            try:
-                ckpt_id = verify_checkpoint(pair)
-            except KdbenchError as exc:
-                ckpt_error = str(exc)
+        checkpoint = _checked_checkpoint(pair)
         recipe = suite.recipe_for(pair.student)
         for method in suite.methods:
             tuned = tuned_params(suite, pair, method, uri)
             for seed in suite.seeds:
-                tags = {"leaderboard": suite.name, "leaderboard_cell": f"{pair.label}/{method.name}/s{seed}",
-                        "leaderboard_pair": pair.label}
-                if method.tune_trials:
-                    tags.update(tune_trials=str(method.tune_trials), tuned=str(tuned is not None).lower())
-                    if tuned is not None:
-                        tags["study"] = study_name(suite, pair, method)
-                config = RunConfig(
-                    method=method.name, dataset=suite.dataset, teacher=pair.teacher, student=pair.student,
-                    hparams={**(tuned or {}), **method.params}, recipe=dict(recipe), seed=seed,
-                    teacher_seed=suite.teacher_seed, teacher_checkpoint=pair.checkpoint, tags=tags,
-                )
-                try:
-                    plan = make_plan(config, reg)
-                except KdbenchError as exc:
-                    cells.append(Cell(pair, method, seed, config, None, None, str(exc)))
-                    continue
-                if plan.teacher is None:
-                    tid = None
-                elif pair.checkpoint:
-                    if ckpt_error:
-                        cells.append(Cell(pair, method, seed, config, None, None, ckpt_error))
-                        continue
-                    tid = ckpt_id
-                else:
-                    tid = plan.teacher_key()
-                cells.append(Cell(pair, method, seed, config, plan.config_hash(tid), tid))
-    cells.sort(key=lambda c: (c.method.name != "vanilla",))  # stable: vanilla first, order kept
+                config = cell_config(suite, pair, method, seed, recipe, tuned)
+                cells.append(_plan_cell(pair, method, seed, config, reg, checkpoint))
+    cells.sort(key=lambda cell: (cell.method.name != "vanilla",))  # stable: vanilla first, order kept
     return cells
+
+
+# --------------------------------------------------------------------------- resumption
 
 
 def finished_hashes(tracker, suite: Suite) -> dict[str, str]:
@@ -334,9 +231,9 @@ def finished_hashes(tracker, suite: Suite) -> dict[str, str]:
     runs = tracker.search(suite.dataset, "attributes.status = 'FINISHED' AND tags.role = 'student'")
     out = {}
     for r in sorted(runs, key=lambda r: r.info.start_time or 0):
-        h = r.data.tags.get("config_hash")
-        if h:
-            out[h] = r.info.run_id
+        config_hash = r.data.tags.get("config_hash")
+        if config_hash:
+            out[config_hash] = r.info.run_id
     return out
 
 
@@ -344,17 +241,14 @@ def pending(cells: list[Cell], done: dict[str, str]) -> list[Cell]:
     return [c for c in cells if c.config_hash is None or c.config_hash not in done]
 
 
+def suite_runs(tracker, suite: Suite) -> list:
+    """The suite's FINISHED student runs: those whose config hash is one of its cells'."""
+    hashes = {c.config_hash for c in plan_cells(suite, uri=tracker.uri) if c.config_hash}
+    runs = tracker.search(suite.dataset, "attributes.status = 'FINISHED' AND tags.role = 'student'")
+    return [r for r in runs if r.data.tags.get("config_hash") in hashes]
+
+
 # --------------------------------------------------------------------------- running
-
-
-@dataclass
-class CellResult:
-    cell_key: str
-    ok: bool
-    run_id: str | None = None
-    top1: float | None = None
-    reason: str | None = None
-    seconds: float = 0.0
 
 
 def _record_failure(tracker, cell: Cell, reason: str, started: float) -> str:
@@ -382,7 +276,6 @@ def _record_failure(tracker, cell: Cell, reason: str, started: float) -> str:
 def run_cell(cell: Cell, uri: str, threads: int | None = None) -> CellResult:
     """Run one cell (in this process); failures are recorded, never raised (except Ctrl-C)."""
     from kdbench.workflows import run as runner
-    from kdbench.workflows.tracking import Tracker
 
     if threads:
         import torch
@@ -399,15 +292,15 @@ def run_cell(cell: Cell, uri: str, threads: int | None = None) -> CellResult:
     except BaseException as exc:  # noqa: BLE001 - a failing cell must not stop the suite
         reason = f"{type(exc).__name__}: {exc}".strip()
         run_id = _record_failure(tracker, cell, reason, t0)
-        return CellResult(cell.key, False, run_id, None, reason, time.time() - t0)
-    return CellResult(cell.key, True, outcome.run_id, outcome.metrics.get("test_top1"), None, time.time() - t0)
+        return CellResult(cell_key=cell.key, ok=False, run_id=run_id, reason=reason, seconds=time.time() - t0)
+    return CellResult(cell_key=cell.key, ok=True, run_id=outcome.run_id, top1=outcome.metrics.get("test_top1"),
+                      seconds=time.time() - t0)
 
 
-def prepare_teachers(cells: list[Cell], uri: str, echo=lambda s: None) -> dict[str, str]:
+def prepare_teachers(cells: list[Cell], uri: str, on_event: Callable = _ignore) -> dict[str, str]:
     """Train (or load) each distinct teacher once, before fanning out; returns failures by id."""
     from kdbench.core import engine, plugins
-    from kdbench.workflows import run as runner
-    from kdbench.workflows.tracking import Tracker
+    from kdbench.workflows.teachers import obtain_teacher
 
     tracker = Tracker(uri)
     failures, seen = {}, set()
@@ -416,62 +309,27 @@ def prepare_teachers(cells: list[Cell], uri: str, echo=lambda s: None) -> dict[s
             continue
         seen.add(cell.teacher_id)
         plan = make_plan(cell.config, plugins.registry())
-        echo(f"teacher {cell.pair.teacher} ({cell.teacher_id}) ...")
+        on_event(TeacherStarted(teacher=cell.pair.teacher, teacher_id=cell.teacher_id))
         try:
-            runner.obtain_teacher(plan, engine.select_device(cell.config.device), tracker, lambda e: None)
+            obtain_teacher(plan, engine.select_device(cell.config.device), tracker, lambda e: None)
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # noqa: BLE001 - its cells fail with the reason, others go on
             failures[cell.teacher_id] = f"teacher failed: {type(exc).__name__}: {exc}"
-            echo(f"  failed: {failures[cell.teacher_id]}")
+            on_event(TeacherFailed(teacher_id=cell.teacher_id, reason=failures[cell.teacher_id]))
     return failures
 
 
-def run_suite(
-    suite: Suite,
-    uri: str,
-    jobs: int = 1,
-    echo: Callable[[str], None] = lambda s: None,
-    cells: list[Cell] | None = None,
-) -> list[CellResult]:
-    """Run the suite's pending cells; return one result per cell run (failures included)."""
-    from kdbench.workflows.tracking import Tracker
-
-    tracker = Tracker(uri)
-    if any(m.tune_trials for m in suite.methods):
-        tune_methods(suite, uri, echo)
-        cells = None  # the tuned parameters change the cells
-    cells = plan_cells(suite, uri=uri) if cells is None else cells
-    todo = pending(cells, finished_hashes(tracker, suite))
-    echo(f"{suite.name}: {len(cells)} cells, {len(cells) - len(todo)} already finished, {len(todo)} to run"
-         f" (jobs={jobs})")
-    if not todo:
-        return []
-    teacher_failures = prepare_teachers(todo, uri, echo)
-    results: list[CellResult] = []
-    runnable = []
-    for cell in todo:
-        if cell.teacher_id in teacher_failures:
-            cell = replace(cell, plan_error=teacher_failures[cell.teacher_id])
-        runnable.append(cell)
-
-    def report(res: CellResult):
-        results.append(res)
-        state = f"{100 * res.top1:.2f} %" if res.ok and res.top1 is not None else f"FAILED: {res.reason}"
-        echo(f"[{len(results)}/{len(runnable)}] {res.cell_key}  {state}  ({res.seconds:.0f} s)")
-
-    if jobs <= 1:
-        for cell in runnable:
-            report(run_cell(cell, uri))
-        return results
+def _run_parallel(cells: list[Cell], uri: str, jobs: int, tracker, report: Callable[[CellResult], None]) -> None:
+    """Run the cells in ``jobs`` worker processes, vanilla cells first and alone."""
     import multiprocessing as mp
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
     # spawn, not fork: forking after torch has trained the teacher (OpenMP threads) can deadlock
     with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
         # vanilla cells first and alone: the others' Δ vs vanilla needs finished vanilla runs
-        for group in ([c for c in runnable if c.method.name == "vanilla"],
-                      [c for c in runnable if c.method.name != "vanilla"]):
+        for group in ([c for c in cells if c.method.name == "vanilla"],
+                      [c for c in cells if c.method.name != "vanilla"]):
             futures = {pool.submit(run_cell, c, uri, threads): c for c in group}
             for fut in as_completed(futures):
                 try:
@@ -479,43 +337,41 @@ def run_suite(
                 except Exception as exc:  # noqa: BLE001 - a worker died: record and go on
                     cell = futures[fut]
                     reason = f"{type(exc).__name__}: {exc}"
-                    report(CellResult(cell.key, False, _record_failure(tracker, cell, reason, 0), None, reason))
+                    report(CellResult(cell_key=cell.key, ok=False, reason=reason,
+                                      run_id=_record_failure(tracker, cell, reason, 0)))
+
+
+def run_suite(
+    suite: Suite,
+    uri: str,
+    jobs: int = 1,
+    on_event: Callable = _ignore,
+    cells: list[Cell] | None = None,
+) -> list[CellResult]:
+    """Run the suite's pending cells; return one result per cell run (failures included)."""
+    tracker = Tracker(uri)
+    if any(spec.tune_trials for spec in suite.methods):
+        tune_methods(suite, uri, on_event)
+        cells = None  # the tuned parameters change the cells
+    cells = plan_cells(suite, uri=uri) if cells is None else cells
+    todo = pending(cells, finished_hashes(tracker, suite))
+    on_event(SuitePlanned(suite=suite.name, cells=len(cells), finished=len(cells) - len(todo),
+                          to_run=len(todo), jobs=jobs))
+    if not todo:
+        return []
+    teacher_failures = prepare_teachers(todo, uri, on_event)
+    runnable = [replace(cell, plan_error=teacher_failures[cell.teacher_id])
+                if cell.teacher_id in teacher_failures else cell for cell in todo]
+    results: list[CellResult] = []
+
+    def report(result: CellResult) -> None:
+        results.append(result)
+        on_event(CellFinished(result=result, done=len(results), total=len(runnable)))
+
+    if jobs <= 1:
+        for cell in runnable:
+            report(run_cell(cell, uri))
+    else:
+        _run_parallel(runnable, uri, jobs, tracker, report)
     return results
 
-
-# --------------------------------------------------------------------------- rendering
-
-
-def suite_runs(tracker, suite: Suite) -> list:
-    """The suite's FINISHED student runs: those whose config hash is one of its cells'."""
-    hashes = {c.config_hash for c in plan_cells(suite, uri=tracker.uri) if c.config_hash}
-    runs = tracker.search(suite.dataset, "attributes.status = 'FINISHED' AND tags.role = 'student'")
-    return [r for r in runs if r.data.tags.get("config_hash") in hashes]
-
-
-def histories(tracker, run_ids, key: str = "val_top1") -> dict[str, list[tuple[int, float]]]:
-    out = {}
-    for run_id in run_ids:
-        out[run_id] = [(m.step, m.value) for m in tracker.client.get_metric_history(run_id, key)]
-    return out
-
-
-def log_summary(tracker, suite: Suite, images: dict[str, bytes], documents: dict[str, str]) -> str:
-    """Log the figures and rendered documents on the suite's summary run (role=summary,
-    leaderboard=NAME; one per leaderboard, reused and overwritten on every render)."""
-    import tempfile
-
-    found = tracker.search(suite.dataset, f"tags.role = 'summary' AND tags.leaderboard = '{suite.name}'", 1)
-    if found:
-        run_id = found[0].info.run_id
-    else:
-        run_id = tracker.start(suite.dataset, f"leaderboard-{suite.name}",
-                               {"role": "summary", "leaderboard": suite.name, "dataset": suite.dataset}, {})
-        tracker.finish(run_id)
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, data in images.items():
-            (Path(tmp) / name).write_bytes(data)
-        for name, text in documents.items():
-            (Path(tmp) / name).write_text(text)
-        tracker.client.log_artifacts(run_id, tmp, artifact_path="leaderboard")
-    return run_id

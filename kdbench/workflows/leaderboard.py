@@ -1,6 +1,7 @@
 """Leaderboard tables from tracked runs: one table per (dataset, teacher, student), mean ± std
 over seeds. ``runs_frame`` turns MLflow runs into rows, ``aggregate`` does the maths (pandas,
-scipy), ``render`` writes text / Markdown / CSV / HTML, ``plots`` draws the figures (matplotlib).
+scipy), ``render`` writes text / Markdown / CSV / HTML, ``plots`` draws the figures (matplotlib),
+``histories`` reads the validation curves and ``log_summary`` logs it all on a suite's summary run.
 
 Definitions (accuracies are fractions; shown in % in the formatted outputs):
 
@@ -18,6 +19,8 @@ from __future__ import annotations
 import base64
 import io
 import math
+import tempfile
+from pathlib import Path
 
 import pandas as pd
 
@@ -36,15 +39,15 @@ def runs_frame(runs) -> pd.DataFrame:
     Several finished runs with one config hash (the same experiment) count once: the latest."""
     rows = []
     for r in runs:
-        tags, m = r.data.tags, r.data.metrics
-        if tags.get("role") != "student" or "test_top1" not in m:
+        tags, metrics = r.data.tags, r.data.metrics
+        if tags.get("role") != "student" or "test_top1" not in metrics:
             continue
         rows.append({
             "run_id": r.info.run_id,
             **{k: tags.get(k, "") for k in ("dataset", "teacher", "student", "method", "recipe_hash", "config_hash")},
             "seed": int(tags.get("seed", 0)),
             "start_time": r.info.start_time or 0,
-            **{k: m.get(k) for k in _METRIC_COLUMNS},
+            **{k: metrics.get(k) for k in _METRIC_COLUMNS},
         })
     df = pd.DataFrame(rows, columns=COLUMNS)
     if df.empty:
@@ -114,20 +117,20 @@ def _table(rows: pd.DataFrame, metric: str, published: dict[str, float]) -> pd.D
     table["gap_closed"] = (score - van) / (teacher - van) if teacher - van > 0 else float("nan")
     table["teacher_top1"] = teacher
     table = table.sort_values("score", ascending=False, kind="stable").reset_index()
-    values = {m: rows[rows.method == m][metric].dropna().tolist() for m in table.method}
+    values = {method: rows[rows.method == method][metric].dropna().tolist() for method in table.method}
     best = table.method.iloc[0]
     ps, ties = [], []
-    for m in table.method:
-        if m == best:
+    for method in table.method:
+        if method == best:
             ps.append(float("nan"))
             ties.append("best")
             continue
-        p = welch_p(values[best], values[m])
+        p = welch_p(values[best], values[method])
         ps.append(p)
         ties.append("" if math.isnan(p) else ("tied" if p >= TIE_ALPHA else ""))
     table["p_vs_best"] = ps
     table["tie"] = ties
-    table["published"] = [published.get(m, float("nan")) for m in table.method]  # in %
+    table["published"] = [published.get(method, float("nan")) for method in table.method]  # in %
     table["published_delta"] = 100 * table.score - table.published
     return table
 
@@ -151,11 +154,11 @@ def display_frame(table: pd.DataFrame, metric: str = "test_top1", notes: dict[st
     """The human-readable columns (strings; accuracies in %)."""
     notes = notes or {}
     out = pd.DataFrame({
-        "method": [m + (" ≈" if t == "tied" else " ★" if t == "best" else "") + notes.get(m, "")
-                   for m, t in zip(table.method, table.tie)],
+        "method": [method + (" ≈" if tie == "tied" else " ★" if tie == "best" else "") + notes.get(method, "")
+                   for method, tie in zip(table.method, table.tie)],
         "seeds": table.runs,
-        "test top-1 % (last)": [_pm(m, s) for m, s in zip(table.top1_mean, table.top1_std)],
-        "test top-1 % (best val)": [_pm(m, s) for m, s in zip(table.bestval_mean, table.bestval_std)],
+        "test top-1 % (last)": [_pm(mean, std) for mean, std in zip(table.top1_mean, table.top1_std)],
+        "test top-1 % (best val)": [_pm(mean, std) for mean, std in zip(table.bestval_mean, table.bestval_std)],
         "Δ vs vanilla": [_pct(d, signed=True) for d in table.delta_vs_vanilla],
         "gap closed": ["" if pd.isna(v) else f"{v:.2f}" for v in table.gap_closed],
         "p vs best": ["" if pd.isna(v) else f"{v:.3f}" for v in table.p_vs_best],
@@ -186,7 +189,7 @@ def footer(metric: str, suite=None) -> list[str]:
         "epochs→95% = first epoch with validation top-1 ≥ 95 % of its final value; FLOPs per sample (student).",
     ]
     if suite is not None:
-        untuned = [f"{m.name} ({m.tune_trials} trials)" for m in suite.methods if m.tune_trials]
+        untuned = [f"{spec.name} ({spec.tune_trials} trials)" for spec in suite.methods if spec.tune_trials]
         if untuned:
             lines.append("† tuned on the validation split with kdbench tune before their cells ran, "
                          + ", ".join(untuned) + "; runs tagged tuned=false ran with the listed params.")
@@ -197,7 +200,7 @@ def footer(metric: str, suite=None) -> list[str]:
 
 
 def _notes(suite) -> dict[str, str]:
-    return {m.name: " †" for m in suite.methods if m.tune_trials} if suite is not None else {}
+    return {spec.name: " †" for spec in suite.methods if spec.tune_trials} if suite is not None else {}
 
 
 def _heading(key) -> str:
@@ -235,12 +238,12 @@ def flat_frame(tables) -> pd.DataFrame:
     """All tables in one numeric frame (CSV): one row per (dataset, teacher, student, method)."""
     frames = []
     for (ds, teacher, student), table in sorted(tables.items()):
-        t = table.drop(columns=["run_ids"]).copy()
-        t.insert(0, "student", student)
-        t.insert(0, "teacher", teacher)
-        t.insert(0, "dataset", ds)
-        t.insert(3, "rank", range(1, len(t) + 1))
-        frames.append(t)
+        flat = table.drop(columns=["run_ids"]).copy()
+        flat.insert(0, "student", student)
+        flat.insert(0, "teacher", teacher)
+        flat.insert(0, "dataset", ds)
+        flat.insert(3, "rank", range(1, len(flat) + 1))
+        frames.append(flat)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
@@ -284,58 +287,67 @@ def _img(png: bytes, alt: str) -> str:
 # --------------------------------------------------------------------------- plots
 
 
-def plots(tables, metric="test_top1", histories: dict[str, list[tuple[int, float]]] | None = None) -> dict[str, bytes]:
-    """PNG figures: ``pareto.png`` (accuracy vs student FLOPs, Pareto front), and per pair
-    ``bars_<ds>_<teacher>_<student>.png`` (mean ± std) and ``curves_…png`` (mean val top-1 per
-    epoch per method, from ``histories``: run id → [(epoch, val_top1)])."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _png(fig) -> bytes:
     import matplotlib.pyplot as plt
 
-    out = {}
-    histories = histories or {}
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
 
-    def png(fig) -> bytes:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-        plt.close(fig)
-        return buf.getvalue()
 
+def bars_plot(key, table: pd.DataFrame, metric: str = "test_top1") -> bytes:
+    """Each method's ranking metric, mean ± std (orange the best, green the tied)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(table)), 4))
+    std = (table.top1_std if metric == "test_top1" else table.bestval_std).fillna(0)
+    colors = ["tab:orange" if tie == "best" else "tab:green" if tie == "tied" else "tab:blue" for tie in table.tie]
+    ax.bar(table.method, 100 * table.score, yerr=100 * std, capsize=3, color=colors)
+    lo = 100 * (table.score - std).min()
+    ax.set_ylim(max(0, lo - 2), min(100, 100 * (table.score + std).max() + 1))
+    ax.set_ylabel("test top-1 %")
+    ax.set_title(f"{_heading(key)} (orange best, green tied)")
+    ax.tick_params(axis="x", rotation=60)
+    return _png(fig)
+
+
+def curves_plot(key, table: pd.DataFrame, histories: dict[str, list[tuple[int, float]]]) -> bytes:
+    """Each method's validation top-1 per epoch, mean over its runs (``histories``: run id → curve)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, run_ids in zip(table.method, table.run_ids):
+        series = [pd.Series(dict(histories[r])) for r in run_ids if histories.get(r)]
+        if not series:
+            continue
+        mean = pd.concat(series, axis=1).mean(axis=1).sort_index()
+        ax.plot(mean.index, 100 * mean.values, label=method, lw=1.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation top-1 % (mean over seeds)")
+    ax.set_title(f"validation curves: {_heading(key)}")
+    if ax.lines:
+        ax.legend(fontsize=7, ncol=2)
+    return _png(fig)
+
+
+def pareto_points(tables) -> list[tuple[float, float, str]]:
+    """(student FLOPs, score %, "method (student)") of every row with FLOPs, over all tables."""
     points = []
     for key, table in sorted(tables.items()):
-        suffix = f"{key[0]}_{key[1]}_{key[2]}.png"
-        fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(table)), 4))
-        std = table.top1_std if metric == "test_top1" else table.bestval_std
-        colors = ["tab:orange" if t == "best" else "tab:green" if t == "tied" else "tab:blue" for t in table.tie]
-        ax.bar(table.method, 100 * table.score, yerr=100 * std.fillna(0), capsize=3, color=colors)
-        lo = 100 * (table.score - std.fillna(0)).min()
-        ax.set_ylim(max(0, lo - 2), min(100, 100 * (table.score + std.fillna(0)).max() + 1))
-        ax.set_ylabel("test top-1 %")
-        ax.set_title(f"{_heading(key)} (orange best, green tied)")
-        ax.tick_params(axis="x", rotation=60)
-        out["bars_" + suffix] = png(fig)
-
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for method, run_ids in zip(table.method, table.run_ids):
-            series = [pd.Series(dict(histories[r])) for r in run_ids if histories.get(r)]
-            if not series:
-                continue
-            mean = pd.concat(series, axis=1).mean(axis=1).sort_index()
-            ax.plot(mean.index, 100 * mean.values, label=method, lw=1.2)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("validation top-1 % (mean over seeds)")
-        ax.set_title(f"validation curves: {_heading(key)}")
-        if ax.lines:
-            ax.legend(fontsize=7, ncol=2)
-        out["curves_" + suffix] = png(fig)
         for row in table.itertuples():
             if not pd.isna(row.flops):
                 points.append((row.flops, 100 * row.score, f"{row.method} ({key[2]})"))
+    return points
+
+
+def pareto_plot(points: list[tuple[float, float, str]]) -> bytes:
+    """Accuracy vs student FLOPs (log scale), with the Pareto front labelled."""
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if points:
-        xs, ys, labels = zip(*points)
+        xs, ys, _labels = zip(*points)
         ax.scatter(xs, ys, s=14, color="tab:blue")
         front, best = [], -1.0
         for x, y, label in sorted(points, key=lambda p: (p[0], -p[1])):
@@ -350,7 +362,22 @@ def plots(tables, metric="test_top1", histories: dict[str, list[tuple[int, float
     ax.set_xlabel("student FLOPs per sample")
     ax.set_ylabel("test top-1 % (mean over seeds)")
     ax.set_title("accuracy vs FLOPs")
-    out["pareto.png"] = png(fig)
+    return _png(fig)
+
+
+def plots(tables, metric="test_top1", histories: dict[str, list[tuple[int, float]]] | None = None) -> dict[str, bytes]:
+    """PNG figures: ``pareto.png`` (accuracy vs student FLOPs, Pareto front), and per pair
+    ``bars_<ds>_<teacher>_<student>.png`` (mean ± std) and ``curves_…png`` (mean val top-1 per
+    epoch per method, from ``histories``: run id → [(epoch, val_top1)])."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out = {}
+    for key, table in sorted(tables.items()):
+        suffix = f"{key[0]}_{key[1]}_{key[2]}.png"
+        out["bars_" + suffix] = bars_plot(key, table, metric)
+        out["curves_" + suffix] = curves_plot(key, table, histories or {})
+    out["pareto.png"] = pareto_plot(pareto_points(tables))
     return out
 
 
@@ -364,3 +391,34 @@ def render(fmt: str, tables, metric="test_top1", suite=None, images=None, title=
     if fmt == "html":
         return to_html(tables, metric, suite, images, title)
     raise ValueError(f"unknown format {fmt!r}")
+
+
+# --------------------------------------------------------------------------- tracked runs
+
+
+def histories(tracker, run_ids, key: str = "val_top1") -> dict[str, list[tuple[int, float]]]:
+    """Run id → [(epoch, value)] of a metric's history (the curves of :func:`curves_plot`)."""
+    out = {}
+    for run_id in run_ids:
+        out[run_id] = [(point.step, point.value) for point in tracker.client.get_metric_history(run_id, key)]
+    return out
+
+
+def log_summary(tracker, suite, images: dict[str, bytes], documents: dict[str, str]) -> str:
+    """Log the figures and rendered documents on the suite's summary run (role=summary,
+    leaderboard=NAME; one per leaderboard, reused and overwritten on every render)."""
+    found = tracker.search(suite.dataset, f"tags.role = 'summary' AND tags.leaderboard = '{suite.name}'", 1)
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        run_id = tracker.start(suite.dataset, f"leaderboard-{suite.name}",
+                               {"role": "summary", "leaderboard": suite.name, "dataset": suite.dataset}, {})
+        tracker.finish(run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in images.items():
+            (Path(tmp) / name).write_bytes(data)
+        for name, text in documents.items():
+            (Path(tmp) / name).write_text(text)
+        tracker.client.log_artifacts(run_id, tmp, artifact_path="leaderboard")
+    return run_id
+

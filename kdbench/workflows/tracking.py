@@ -9,6 +9,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 EXPERIMENT_PREFIX = "kdbench/"
 
@@ -67,6 +68,15 @@ class Tracker:
         for i in range(0, len(batch), 900):
             self.client.log_batch(run_id, metrics=batch[i : i + 900])
 
+    def epoch_logger(self, run_id: str, then: Callable) -> Callable:
+        """An ``on_epoch`` that logs the epoch's metrics on ``run_id`` (step = epoch), then calls ``then``."""
+
+        def log(epoch_log) -> None:
+            self.log_metrics(run_id, epoch_log.metrics, step=epoch_log.epoch)
+            then(epoch_log)
+
+        return log
+
     def set_tags(self, run_id: str, tags: dict) -> None:
         from mlflow.entities import RunTag
 
@@ -95,6 +105,11 @@ class Tracker:
             return True
         except Exception:
             return False
+
+
+def failure_reason(exc: BaseException) -> str:
+    """How a failed run's ``failure_reason`` names the exception that ended it."""
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _param(value) -> str:

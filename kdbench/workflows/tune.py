@@ -6,243 +6,43 @@
   (The teacher is fixed, not tuned: it is trained or taken from the cache before the study.)
 * Pruning: each main-stage epoch reports ``val_top1``; the pruner (median by default) may stop
   the trial, whose MLflow run then ends KILLED with tag ``trial_state=PRUNED``.
-* Storage: ``sqlite:///optuna.db`` next to the MLflow store by default (one worker at a time);
-  ``journal`` for a file journal that several local processes share; or any Optuna storage URL
-  (``postgresql://…``). Studies resume; a worker killed mid-trial leaves a RUNNING trial that
-  the heartbeat marks FAIL once stale, so it is not counted. The trial budget (``--trials``)
-  counts COMPLETE and PRUNED trials over all workers.
+* Storage (:mod:`.studies`): ``sqlite:///optuna.db`` next to the MLflow store by default,
+  ``journal``, or any Optuna storage URL. Studies resume; a worker killed mid-trial leaves a
+  RUNNING trial that the heartbeat marks FAIL once stale, so it is not counted. The trial budget
+  (``--trials``) counts COMPLETE and PRUNED trials over all workers.
 * MLflow: the study is a parent run (tag ``role=study``); each trial is a nested student run
   (tag ``mlflow.parentRunId``) with its parameters, per-epoch metrics and ``trial_state``.
+
+Progress is reported as events (:class:`StudyOpened`, :class:`DeadTrialsFailed`,
+:class:`TrialFinished`) passed to ``on_event``; the outcome is a :class:`TuneResult`.
 """
 from __future__ import annotations
 
-import re
+import contextlib
 import tempfile
-import threading
-import time
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from kdbench.errors import KdbenchError
+from kdbench.core import engine, plugins
+from kdbench.core.plan import RunConfig, make_plan
+from kdbench.errors import KdbenchError, closest
+from kdbench.workflows import run as runner
+from kdbench.workflows.studies import (
+    RECIPE_PREFIX, STALE_REASON, JournalHeartbeat, count_trials, fail_stale_trials, mask_url,
+    open_storage, pick_best, split_params, storage_url, stored_user_attr,
+)
+from kdbench.workflows.teachers import obtain_teacher
+from kdbench.workflows.tracking import Tracker, default_tracking_uri
 
 OBJECTIVES = ("acc", "acc,flops", "acc,time")
 PRUNERS = ("median", "hyperband", "none")
-RECIPE_PREFIX = "recipe."
 STUDY_ROLE = "study"
+OVER_BUDGET = "over budget"
 
 
-# --------------------------------------------------------------------------- storage
-
-
-def mask_url(url: str) -> str:
-    """``scheme://user:pass@host`` → ``scheme://user:***@host``."""
-    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", str(url))
-
-
-def _password(url: str) -> str | None:
-    m = re.search(r"://[^:/@]*:([^@/]*)@", str(url))
-    return m.group(1) if m and m.group(1) else None
-
-
-def _local_dir(tracking_uri: str | None) -> Path:
-    """The folder of the MLflow sqlite store (optuna.db goes next to it), else the cwd."""
-    if tracking_uri and tracking_uri.startswith("sqlite:///"):
-        return Path(tracking_uri[len("sqlite:///"):]).parent
-    return Path(".")
-
-
-def storage_url(storage: str | None, tracking_uri: str | None = None) -> str:
-    """The storage as the user would write it (for messages): default, 'journal' or a URL."""
-    if storage in (None, "", "sqlite"):
-        return f"sqlite:///{_local_dir(tracking_uri) / 'optuna.db'}"
-    if storage == "journal":
-        return f"journal:{_local_dir(tracking_uri) / 'optuna.journal'}"
-    return storage
-
-
-def open_storage(storage: str | None, tracking_uri: str | None = None, heartbeat: int = 30,
-                 must_exist: bool = False):
-    """An Optuna storage object; unreachable storages raise a one-line, password-free error."""
-    import optuna
-
-    url = storage_url(storage, tracking_uri)
-    if url.startswith("journal:"):
-        path = url[len("journal:"):]
-        if must_exist and not Path(path).exists():
-            raise KdbenchError(f"no study journal at {path}; run `kdbench tune --storage journal` first")
-        from optuna.storages.journal import JournalFileBackend
-
-        return optuna.storages.JournalStorage(JournalFileBackend(path))
-    if must_exist and url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
-        raise KdbenchError(f"no studies in {url} (the file does not exist); run `kdbench tune` first")
-    if "://" not in url:
-        raise KdbenchError(f"--storage {mask_url(url)!r} is not 'journal' or a storage URL (sqlite:///…, postgresql://…)")
-    shown = mask_url(url)
-    url = _pick_pg_driver(url)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return optuna.storages.RDBStorage(
-                url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
-            )
-    except Exception as exc:  # sqlalchemy OperationalError, missing driver, bad URL …
-        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        pw = _password(url)
-        if pw:
-            text = text.replace(pw, "***")
-        raise KdbenchError(f"cannot open Optuna storage {shown}: {text}") from None
-
-
-def _pick_pg_driver(url: str) -> str:
-    """SQLAlchemy 2.1 maps ``postgresql://`` to psycopg 3; use psycopg2 when only it is installed."""
-    if url.startswith("postgresql://"):
-        import importlib.util
-
-        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
-            return "postgresql+psycopg2://" + url[len("postgresql://"):]
-    return url
-
-
-def load_study(name: str, storage, url: str):
-    import optuna
-
-    names = optuna.study.get_all_study_names(storage)
-    if name not in names:
-        known = ", ".join(sorted(names)) or "none"
-        raise KdbenchError(f"unknown study {name!r} in {mask_url(url)} (known studies: {known})")
-    return optuna.load_study(study_name=name, storage=storage)
-
-
-def best_params(study_name: str, storage: str | None = None, tracking_uri: str | None = None) -> dict:
-    """The best trial's parameters, split for a RunConfig: ``{"hparams", "recipe", "student", "method"}``."""
-    st = open_storage(storage, tracking_uri, must_exist=True)
-    study = load_study(study_name, st, storage_url(storage, tracking_uri))
-    trial = pick_best(study)
-    if trial is None:
-        raise KdbenchError(f"study {study_name!r} has no complete trial yet")
-    return split_params(trial.params) | {"method": study.user_attrs.get("method")}
-
-
-def split_params(params: dict) -> dict:
-    hparams = {k: v for k, v in params.items() if not k.startswith(RECIPE_PREFIX) and k != "student"}
-    recipe = {k[len(RECIPE_PREFIX):]: v for k, v in params.items() if k.startswith(RECIPE_PREFIX)}
-    return {"hparams": hparams, "recipe": recipe, "student": params.get("student")}
-
-
-def pick_best(study):
-    """Single objective: the best trial; several: the Pareto trial with the highest accuracy."""
-    from optuna.trial import TrialState
-
-    if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
-        return None
-    if len(study.directions) == 1:
-        return study.best_trial
-    return max(study.best_trials, key=lambda t: t.values[0])
-
-
-# --------------------------------------------------------------------------- heartbeat for journals
-
-
-class _JournalHeartbeat:
-    """Optuna's heartbeat exists for RDB storages only; a journal gets this one: a thread stamps
-    the running trial's user attr ``heartbeat``, and stale RUNNING trials are failed."""
-
-    def __init__(self, study, trial_id: int, interval: float):
-        self.study, self.trial_id, self.interval = study, trial_id, interval
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._beat, daemon=True)
-
-    def _beat(self):
-        while not self.stop.is_set():
-            try:
-                self.study._storage.set_trial_user_attr(self.trial_id, "heartbeat", time.time())
-            except Exception:  # the trial finished meanwhile
-                return
-            self.stop.wait(self.interval)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(timeout=5)
-
-
-def fail_stale_trials(study, heartbeat: int) -> list[int]:
-    """Mark RUNNING trials of dead workers FAIL (RDB: Optuna's heartbeat; journal: ours), with
-    ``fail_reason`` set first (a finished trial takes no more user attrs)."""
-    import optuna
-    from optuna.storages._heartbeat import is_heartbeat_enabled
-    from optuna.trial import TrialState
-
-    storage = study._storage
-    reason = "worker died (stale heartbeat)"
-    running = {t._trial_id: t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    if is_heartbeat_enabled(storage):
-        stale = [tid for tid in storage._get_stale_trial_ids(study._study_id) if tid in running]
-        stale += _never_beat(getattr(storage, "_backend", storage), running, 2 * heartbeat)
-        for tid in stale:
-            try:
-                storage.set_trial_user_attr(tid, "fail_reason", reason)
-            except Exception:
-                pass
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            optuna.storages.fail_stale_trials(study)
-        for tid in stale:  # those Optuna's heartbeat cannot see (killed before the first beat)
-            try:
-                storage.set_trial_state_values(tid, TrialState.FAIL)
-            except Exception:
-                pass
-    else:
-        stale = []
-        now = time.time()
-        for tid, t in running.items():
-            beat = t.user_attrs.get("heartbeat", t.datetime_start.timestamp() if t.datetime_start else now)
-            if now - beat > 2 * heartbeat:
-                try:
-                    storage.set_trial_user_attr(tid, "fail_reason", reason)
-                    if storage.set_trial_state_values(tid, TrialState.FAIL):
-                        stale.append(tid)
-                except Exception:
-                    pass
-    return sorted(running[tid].number for tid in stale
-                  if storage.get_trial(tid).state == TrialState.FAIL)
-
-
-def _never_beat(storage, running: dict, grace: float) -> list[int]:
-    """RUNNING trials older than ``grace`` with no heartbeat row: their worker died before the
-    first beat, which Optuna's own stale check skips."""
-    import datetime
-
-    from optuna.storages._rdb import models
-    from optuna.storages._rdb.storage import _create_scoped_session
-
-    with _create_scoped_session(storage.scoped_session, True) as session:
-        beating = {tid for (tid,) in session.query(models.TrialHeartbeatModel.trial_id)
-                   .filter(models.TrialHeartbeatModel.trial_id.in_(list(running))).all()}
-    now = datetime.datetime.now()
-    return [tid for tid, t in running.items() if tid not in beating and t.datetime_start
-            and (now - t.datetime_start).total_seconds() > grace]
-
-
-def _close_dead_runs(tracker, dataset: str, study_name: str, numbers: list[int]) -> None:
-    """The MLflow runs of trials failed for a dead worker: end them KILLED, trial_state=FAILED."""
-    for n in numbers:
-        for r in tracker.search(dataset, f"tags.study = '{study_name}' AND tags.trial = '{n}' "
-                                         "AND attributes.status = 'RUNNING'"):
-            tracker.set_tags(r.info.run_id, {"trial_state": "FAILED"})
-            tracker.finish(r.info.run_id, "KILLED", "worker died (stale heartbeat)")
-
-
-# --------------------------------------------------------------------------- the study
-
-
-@dataclass
+@dataclass(kw_only=True)
 class TuneConfig:
     method: str = "kd"
     dataset: str | None = None
@@ -265,16 +65,61 @@ class TuneConfig:
     data_options: dict[str, Any] = field(default_factory=dict)  # the dataset's load options
     recipe_name: str | None = None  # a named recipe replacing the dataset's (RunConfig.recipe_name)
 
+    @property
+    def multi_objective(self) -> bool:
+        return self.objective != "acc"
 
-@dataclass
+
+@dataclass(kw_only=True)
 class TuneResult:
     study: Any
+    study_name: str
     parent_run_id: str
+    objective: str
     best: Any  # FrozenTrial | None
     epochs_run: int
     epochs_full: int  # trials × epochs had nothing been pruned
-    retrain: list = field(default_factory=list)  # runner Outcomes
-    report: str = ""
+    trials_counted: int  # COMPLETE + PRUNED
+    trials_failed: int
+    trials_pruned: int
+    pareto: list = field(default_factory=list)  # multi-objective: the front, highest accuracy first
+    retrained: bool = False  # the best params were retrained (and tested)
+    retrain: list = field(default_factory=list)  # runner Outcomes, one per seed
+    retrain_test_top1: list[float] = field(default_factory=list)
+    retrain_mean: float | None = None
+    retrain_std: float | None = None
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudyOpened:
+    study: str
+    storage: str  # the storage URL, password masked
+    parent_run_id: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeadTrialsFailed:
+    """Trials of a dead worker were marked FAIL (not counted)."""
+    trials: list[int]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialFinished:
+    """One of this worker's trials ended (COMPLETE, PRUNED or FAIL)."""
+    number: int
+    state: str
+    values: list[float] | None
+    params: dict
+    reason: str  # fail or prune reason, "" if none
+    counted: int  # trials counted in the study so far
+    budget: int
+
+
+def _ignore(event) -> None:
+    pass
 
 
 class _Pruned(Exception):
@@ -287,6 +132,13 @@ class _Pruned(Exception):
     kdbench_run_tags = {"trial_state": "PRUNED"}
 
 
+class _OverBudget(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------- the search
+
+
 def validate(cfg: TuneConfig, reg) -> None:
     if cfg.trials < 1:
         raise KdbenchError(f"--trials must be at least 1, got {cfg.trials}")
@@ -297,10 +149,8 @@ def validate(cfg: TuneConfig, reg) -> None:
     if cfg.seeds < 1:
         raise KdbenchError(f"--seeds must be at least 1, got {cfg.seeds}")
     if cfg.method not in reg.methods:
-        broken = [f.line() for f in reg.failures]
+        broken = [failure.line() for failure in reg.failures]
         hint = f"; broken plugins: {'; '.join(broken)}" if broken else ""
-        from kdbench.errors import closest
-
         raise KdbenchError(
             f"unknown method {cfg.method!r}{closest(cfg.method, reg.methods)} "
             f"(see `kdbench list methods`){hint}"
@@ -332,14 +182,14 @@ def make_pruner(name: str, epochs: int = 4):
 
 def suggest(trial, method, base_recipe, tune_recipe: bool, students: tuple[str, ...]) -> tuple[dict, dict, str | None]:
     """Sample the method's space (and recipe knobs): (hparams, recipe overrides, student)."""
-    hp = {h.name: h.suggest(trial) for h in method.search_space()}
+    hparams = {hp.name: hp.suggest(trial) for hp in method.search_space()}
     recipe = {}
     if tune_recipe:
         lr = base_recipe.lr
         recipe["lr"] = trial.suggest_float(RECIPE_PREFIX + "lr", lr / 10, lr * 10, log=True)
         recipe["weight_decay"] = trial.suggest_float(RECIPE_PREFIX + "weight_decay", 1e-6, 1e-2, log=True)
     student = trial.suggest_categorical("student", list(students)) if len(students) > 1 else None
-    return hp, recipe, student
+    return hparams, recipe, student
 
 
 def make_epoch_callback(trial, counter: dict | None = None, pruning: bool = True) -> Callable:
@@ -361,8 +211,47 @@ def make_epoch_callback(trial, counter: dict | None = None, pruning: bool = True
     return on_epoch
 
 
-def _count(study, states) -> int:
-    return len(study.get_trials(deepcopy=False, states=states))
+# --------------------------------------------------------------------------- the study and its parent run
+
+
+def _plan_study(cfg: TuneConfig, reg) -> tuple[RunConfig, Any]:
+    """The trials' base RunConfig and its plan: bad names and recipes fail here, before any study exists."""
+    validate(cfg, reg)
+    students = tuple(cfg.students)
+    base = RunConfig(method=cfg.method, dataset=cfg.dataset, teacher=cfg.teacher,
+                     student=students[0] if students else None, recipe=dict(cfg.recipe),
+                     device=cfg.device, teacher_checkpoint=cfg.teacher_checkpoint,
+                     data_options=dict(cfg.data_options), recipe_name=cfg.recipe_name)
+    plan = make_plan(base, reg)
+    for student in students[1:]:
+        reg.entry("models", student)
+    if not plan.method_obj.search_space() and not cfg.tune_recipe and len(students) < 2:
+        raise KdbenchError(f"method {cfg.method!r} declares no search space; add --tune-recipe to tune lr and weight_decay")
+    return base, plan
+
+
+def _open_study(cfg: TuneConfig, plan, storage, name: str):
+    """Create or resume the study; a stored study of another method is refused."""
+    import optuna
+
+    multi = cfg.multi_objective
+    directions = ["maximize", "minimize"] if multi else ["maximize"]
+    sampler = (optuna.samplers.NSGAIISampler(seed=cfg.sampler_seed) if multi
+               else optuna.samplers.TPESampler(seed=cfg.sampler_seed))
+    try:
+        study = optuna.create_study(
+            storage=storage, study_name=name, directions=directions, load_if_exists=True,
+            sampler=sampler, pruner=make_pruner("none" if multi else cfg.pruner, plan.recipe.epochs),
+        )
+    except ValueError as exc:  # e.g. directions differ from the stored study
+        raise KdbenchError(f"study {name!r}: {exc}") from None
+    if "method" not in study.user_attrs:
+        study.set_user_attr("method", plan.method_obj.name)
+        study.set_user_attr("dataset", plan.dataset_obj.name)
+        study.set_user_attr("recipe", dict(cfg.recipe))
+    elif study.user_attrs["method"] != plan.method_obj.name:
+        raise KdbenchError(f"study {name!r} tunes method {study.user_attrs['method']!r}, not {plan.method_obj.name!r}")
+    return study
 
 
 def _parent_run(study, tracker, dataset: str, cfg: TuneConfig, url: str) -> str:
@@ -378,97 +267,77 @@ def _parent_run(study, tracker, dataset: str, cfg: TuneConfig, url: str) -> str:
         {"trials": cfg.trials, "pruner": cfg.pruner, "tune_recipe": cfg.tune_recipe},
     )
     study.set_user_attr(key, run_id)
-    stored = optuna_reload_attr(study, key)
+    stored = stored_user_attr(study, key)
     if stored and stored != run_id and tracker.run_exists(stored):  # another worker won the race
         tracker.client.delete_run(run_id)
         return stored
     return run_id
 
 
-def optuna_reload_attr(study, key: str):
-    return study._storage.get_study_user_attrs(study._study_id).get(key)
+def _close_dead_runs(tracker, dataset: str, study_name: str, numbers: list[int]) -> None:
+    """The MLflow runs of trials failed for a dead worker: end them KILLED, trial_state=FAILED."""
+    for number in numbers:
+        for r in tracker.search(dataset, f"tags.study = '{study_name}' AND tags.trial = '{number}' "
+                                         "AND attributes.status = 'RUNNING'"):
+            tracker.set_tags(r.info.run_id, {"trial_state": "FAILED"})
+            tracker.finish(r.info.run_id, "KILLED", STALE_REASON)
 
 
-def run_study(cfg: TuneConfig, echo: Callable[[str], None] = print, on_epoch=lambda e: None) -> TuneResult:
-    """Create or resume the study, run trials until the budget is met, retrain the best."""
-    import optuna
-    from optuna.trial import TrialState
+# --------------------------------------------------------------------------- one trial
 
-    from kdbench.core import engine, plugins
-    from kdbench.workflows.tracking import default_tracking_uri
-    from kdbench.core.plan import RunConfig, make_plan
-    from kdbench.workflows.run import obtain_teacher, run
-    from kdbench.workflows.tracking import Tracker
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    reg = plugins.registry()
-    validate(cfg, reg)
-    students = tuple(cfg.students)
-    base = RunConfig(method=cfg.method, dataset=cfg.dataset, teacher=cfg.teacher,
-                     student=students[0] if students else None, recipe=dict(cfg.recipe),
-                     device=cfg.device, teacher_checkpoint=cfg.teacher_checkpoint,
-                     data_options=dict(cfg.data_options), recipe_name=cfg.recipe_name)
-    plan = make_plan(base, reg)  # bad names and recipes fail here, before any study exists
-    for s in students[1:]:
-        reg.entry("models", s)
-    if not plan.method_obj.search_space() and not cfg.tune_recipe and len(students) < 2:
-        raise KdbenchError(f"method {cfg.method!r} declares no search space; add --tune-recipe to tune lr and weight_decay")
+@dataclass(kw_only=True)
+class _Objective:
+    """Optuna's objective: one trial is one nested, validation-only student run."""
+    cfg: TuneConfig
+    study: Any
+    plan: Any
+    base: RunConfig
+    tracker: Tracker
+    parent: str
+    name: str
+    journal: bool  # the storage is a journal: the trial needs our heartbeat
+    on_epoch: Callable
+    counter: dict = field(default_factory=lambda: {"epochs": 0})
 
-    tracking_uri = cfg.tracking_uri or default_tracking_uri()
-    tracker = Tracker(tracking_uri)
-    url = storage_url(cfg.storage, tracking_uri)
-    storage = open_storage(cfg.storage, tracking_uri, cfg.heartbeat)
-    name = cfg.study or default_study_name(cfg, plan)
-    multi = cfg.objective != "acc"
-    directions = ["maximize", "minimize"] if multi else ["maximize"]
-    sampler = optuna.samplers.TPESampler(seed=cfg.sampler_seed) if not multi else optuna.samplers.NSGAIISampler(seed=cfg.sampler_seed)
-    try:
-        study = optuna.create_study(
-            storage=storage, study_name=name, directions=directions, load_if_exists=True,
-            sampler=sampler, pruner=make_pruner("none" if multi else cfg.pruner, plan.recipe.epochs),
-        )
-    except ValueError as exc:  # e.g. directions differ from the stored study
-        raise KdbenchError(f"study {name!r}: {exc}") from None
-    if "method" not in study.user_attrs:
-        study.set_user_attr("method", plan.method_obj.name)
-        study.set_user_attr("dataset", plan.dataset_obj.name)
-        study.set_user_attr("recipe", dict(cfg.recipe))
-    elif study.user_attrs["method"] != plan.method_obj.name:
-        raise KdbenchError(f"study {name!r} tunes method {study.user_attrs['method']!r}, not {plan.method_obj.name!r}")
+    def __call__(self, trial):
+        self._check_budget(trial)
+        outcome = self._run(trial, self._trial_config(trial))
+        return self._record(trial, outcome.run_id, outcome.metrics)
 
-    device = engine.select_device(cfg.device)
-    # The teacher is fixed, not tuned: get it once (cache) so trial times compare. A teacher
-    # trained now is tested like any cached teacher; a checkpoint is not tested here.
-    obtain_teacher(plan, device, tracker, on_epoch, with_test=False)
-    parent = _parent_run(study, tracker, plan.dataset_obj.name, cfg, url)
-    echo(f"study {name!r} in {mask_url(url)} (MLflow parent run {parent})")
-    counter = {"epochs": 0}
-    counted = (TrialState.COMPLETE, TrialState.PRUNED)
+    def _check_budget(self, trial) -> None:
+        """Budget across workers: trials before this one that count or may still count."""
+        from optuna.trial import TrialState
 
-    def objective(trial):
-        # Budget across workers: trials before this one that count or may still count.
-        ahead = [t for t in study.get_trials(deepcopy=False, states=counted + (TrialState.RUNNING,))
-                 if t.number < trial.number]
-        if len(ahead) >= cfg.trials:
-            trial.set_user_attr("fail_reason", "over budget: other workers filled it")
+        states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+        ahead = [other for other in self.study.get_trials(deepcopy=False, states=states)
+                 if other.number < trial.number]
+        if len(ahead) >= self.cfg.trials:
+            trial.set_user_attr("fail_reason", f"{OVER_BUDGET}: other workers filled it")
             raise _OverBudget()
-        hp, rec, student = suggest(trial, plan.method_obj, plan.recipe, cfg.tune_recipe, students)
-        config = replace(
-            base, hparams=hp, recipe={**cfg.recipe, **rec}, student=student or base.student,
-            tags={"mlflow.parentRunId": parent, "study": name, "trial": trial.number},
+
+    def _trial_config(self, trial) -> RunConfig:
+        hparams, recipe, student = suggest(trial, self.plan.method_obj, self.plan.recipe, self.cfg.tune_recipe,
+                                           tuple(self.cfg.students))
+        return replace(
+            self.base, hparams=hparams, recipe={**self.cfg.recipe, **recipe}, student=student or self.base.student,
+            tags={"mlflow.parentRunId": self.parent, "study": self.name, "trial": trial.number},
         )
-        cb = make_epoch_callback(trial, counter, pruning=not multi)
 
-        def both(e):
-            cb(e)
-            on_epoch(e)
+    def _run(self, trial, config: RunConfig):
+        import optuna
 
-        beat = _JournalHeartbeat(study, trial._trial_id, cfg.heartbeat) if isinstance(
-            storage, optuna.storages.JournalStorage) else None
+        report = make_epoch_callback(trial, self.counter, pruning=not self.cfg.multi_objective)
+
+        def on_epoch(e):
+            report(e)
+            self.on_epoch(e)
+
+        beat = (JournalHeartbeat(self.study, trial._trial_id, self.cfg.heartbeat) if self.journal
+                else contextlib.nullcontext())
         try:
-            if beat:
-                beat.__enter__()
-            outcome = run(config, tracker, on_epoch=both, with_test=False)
+            with beat:
+                return runner.run(config, self.tracker, on_epoch=on_epoch, with_test=False)
         except _Pruned as exc:
             trial.set_user_attr("prune_reason", str(exc))
             raise optuna.TrialPruned(str(exc)) from None
@@ -476,93 +345,115 @@ def run_study(cfg: TuneConfig, echo: Callable[[str], None] = print, on_epoch=lam
             text = (str(exc).strip().splitlines() or [""])[0]
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {text}"[:1000])
             raise
-        finally:
-            if beat:
-                beat.__exit__()
-        m = outcome.metrics
-        tracker.set_tags(outcome.run_id, {"trial_state": "COMPLETE", "role": "trial"})
-        trial.set_user_attr("mlflow_run_id", outcome.run_id)
-        trial.set_user_attr("train_seconds", m["train_seconds"])
-        trial.set_user_attr("flops_student", m.get("flops_student"))
-        acc = float(m["best_val_top1"])
-        if multi:
-            second = m.get("flops_student") if cfg.objective == "acc,flops" else m["train_seconds"]
-            return acc, float(second)
-        return acc
 
+    def _record(self, trial, run_id: str, metrics: dict):
+        self.tracker.set_tags(run_id, {"trial_state": "COMPLETE", "role": "trial"})
+        trial.set_user_attr("mlflow_run_id", run_id)
+        trial.set_user_attr("train_seconds", metrics["train_seconds"])
+        trial.set_user_attr("flops_student", metrics.get("flops_student"))
+        acc = float(metrics["best_val_top1"])
+        if not self.cfg.multi_objective:
+            return acc
+        second = metrics.get("flops_student") if self.cfg.objective == "acc,flops" else metrics["train_seconds"]
+        return acc, float(second)
+
+
+def _optimize_one(study, objective):
+    """Run one trial in this worker; its frozen trial (None if Optuna ran none)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mine = []  # this worker's trial (another worker may have added later ones)
+        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False,
+                       callbacks=[lambda _study, trial: mine.append(trial)])
+    return mine[0] if mine else None
+
+
+def _run_trials(study, objective: _Objective, on_event: Callable) -> None:
+    """Trials until the budget is met (or taken by running trials), failing dead workers' trials."""
+    from optuna.trial import TrialState
+
+    counted = (TrialState.COMPLETE, TrialState.PRUNED)
+    cfg = objective.cfg
     while True:
         dead = fail_stale_trials(study, cfg.heartbeat)
         if dead:
-            echo(f"trials {dead} of a dead worker marked FAIL (not counted)")
-            _close_dead_runs(tracker, plan.dataset_obj.name, name, dead)
-        used = _count(study, counted) + _count(study, (TrialState.RUNNING,))
-        if used >= cfg.trials:
-            break
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            mine = []  # this worker's trial (another worker may have added later ones)
-            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False,
-                           callbacks=[lambda _s, t: mine.append(t)])
-        if not mine:
+            on_event(DeadTrialsFailed(trials=dead))
+            _close_dead_runs(objective.tracker, objective.plan.dataset_obj.name, objective.name, dead)
+        if count_trials(study, counted) + count_trials(study, (TrialState.RUNNING,)) >= cfg.trials:
+            return
+        trial = _optimize_one(study, objective)
+        if trial is None:
             continue
-        last = mine[0]
-        if last.state == TrialState.FAIL and last.user_attrs.get("fail_reason", "").startswith("over budget"):
+        if trial.state == TrialState.FAIL and trial.user_attrs.get("fail_reason", "").startswith(OVER_BUDGET):
             continue
-        echo(_trial_line(last, cfg.trials, _count(study, counted)))
+        reason = trial.user_attrs.get("fail_reason") or trial.user_attrs.get("prune_reason") or ""
+        on_event(TrialFinished(number=trial.number, state=trial.state.name, values=trial.values,
+                               params=trial.params, reason=reason, counted=count_trials(study, counted),
+                               budget=cfg.trials))
 
-    done = _count(study, counted)
-    trials = study.get_trials(deepcopy=False)
-    epochs_full = plan.recipe.epochs * done
-    epochs_run = sum(int(t.user_attrs.get("epochs_run", 0)) for t in trials if t.state in counted)
+
+# --------------------------------------------------------------------------- after the trials
+
+
+def _summarize(study, cfg: TuneConfig, plan, name: str, parent: str) -> TuneResult:
+    from optuna.trial import TrialState
+
+    counted = (TrialState.COMPLETE, TrialState.PRUNED)
+    done = count_trials(study, counted)
+    epochs_run = sum(int(trial.user_attrs.get("epochs_run", 0)) for trial in study.get_trials(deepcopy=False)
+                     if trial.state in counted)
     best = pick_best(study)
-    _record_parent(tracker, parent, study, best, epochs_run, epochs_full)
-    result = TuneResult(study, parent, best, epochs_run, epochs_full)
-    lines = [f"{done} trials counted ({_count(study, (TrialState.FAIL,))} failed, "
-             f"{_count(study, (TrialState.PRUNED,))} pruned); epochs trained {epochs_run} of {epochs_full}"
-             + (f" ({100 * (1 - epochs_run / epochs_full):.0f} % saved by pruning)" if epochs_full else "")]
-    if best is None:
-        lines.append("no complete trial: nothing to retrain")
-        tracker.finish(parent)
-        result.report = "\n".join(lines)
-        return result
-    if multi:
-        lines.append("Pareto front (val top-1 ↑, " + cfg.objective.split(",")[1] + " ↓):")
-        for t in sorted(study.best_trials, key=lambda t: -t.values[0]):
-            lines.append(f"  #{t.number:<4} {t.values[0]:.4f}  {t.values[1]:,.1f}  {t.params}")
-    lines.append(f"best trial #{best.number}: val top-1 {best.values[0]:.4f}  params {best.params}")
-    if cfg.retrain:
-        parts = split_params(best.params)
-        tests = []
-        for seed in range(cfg.seeds):
-            config = replace(base, hparams=parts["hparams"], recipe={**cfg.recipe, **parts["recipe"]},
-                             student=parts["student"] or base.student, seed=seed,
-                             tags={"mlflow.parentRunId": parent, "study": name, "tuned": "best",
-                                   "best_trial": best.number})
-            outcome = run(config, tracker, on_epoch=on_epoch, with_test=True)
-            result.retrain.append(outcome)
-            tests.append(outcome.metrics["test_top1"])
-        mean = sum(tests) / len(tests)
-        sd = (sum((x - mean) ** 2 for x in tests) / (len(tests) - 1)) ** 0.5 if len(tests) > 1 else 0.0
-        tracker.log_metrics(parent, {"retrain_test_top1_mean": mean, "retrain_test_top1_std": sd})
-        lines.append(f"retrained best params, test top-1 over {len(tests)} seed(s): "
-                     f"{100 * mean:.2f} ± {100 * sd:.2f} %  (" + ", ".join(f"{100 * x:.2f}" for x in tests) + ")")
-    else:
-        lines.append("(--no-retrain: test split not read; run `kdbench run --params-from "
-                     f"{name}` for a test number)")
+    return TuneResult(
+        study=study, study_name=name, parent_run_id=parent, objective=cfg.objective, best=best,
+        epochs_run=epochs_run, epochs_full=plan.recipe.epochs * done, trials_counted=done,
+        trials_failed=count_trials(study, (TrialState.FAIL,)), trials_pruned=count_trials(study, (TrialState.PRUNED,)),
+        pareto=(sorted(study.best_trials, key=lambda trial: -trial.values[0])
+                if best is not None and cfg.multi_objective else []),
+    )
+
+
+def _retrain(result: TuneResult, cfg: TuneConfig, base: RunConfig, tracker, on_epoch) -> None:
+    """Retrain the best params with the test split, one run per seed; their mean ± std on the parent."""
+    best, parts = result.best, split_params(result.best.params)
+    for seed in range(cfg.seeds):
+        config = replace(base, hparams=parts["hparams"], recipe={**cfg.recipe, **parts["recipe"]},
+                         student=parts["student"] or base.student, seed=seed,
+                         tags={"mlflow.parentRunId": result.parent_run_id, "study": result.study_name,
+                               "tuned": "best", "best_trial": best.number})
+        result.retrain.append(runner.run(config, tracker, on_epoch=on_epoch, with_test=True))
+    tests = [outcome.metrics["test_top1"] for outcome in result.retrain]
+    mean = sum(tests) / len(tests)
+    std = (sum((x - mean) ** 2 for x in tests) / (len(tests) - 1)) ** 0.5 if len(tests) > 1 else 0.0
+    tracker.log_metrics(result.parent_run_id, {"retrain_test_top1_mean": mean, "retrain_test_top1_std": std})
+    result.retrained, result.retrain_test_top1, result.retrain_mean, result.retrain_std = True, tests, mean, std
+
+
+def run_study(cfg: TuneConfig, on_event: Callable = _ignore, on_epoch=lambda e: None) -> TuneResult:
+    """Create or resume the study, run trials until the budget is met, retrain the best."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    base, plan = _plan_study(cfg, plugins.registry())
+    tracking_uri = cfg.tracking_uri or default_tracking_uri()
+    tracker = Tracker(tracking_uri)
+    url = storage_url(cfg.storage, tracking_uri)
+    storage = open_storage(cfg.storage, tracking_uri, cfg.heartbeat)
+    name = cfg.study or default_study_name(cfg, plan)
+    study = _open_study(cfg, plan, storage, name)
+    # The teacher is fixed, not tuned: get it once (cache) so trial times compare. A teacher
+    # trained now is tested like any cached teacher; a checkpoint is not tested here.
+    obtain_teacher(plan, engine.select_device(cfg.device), tracker, on_epoch, with_test=False)
+    parent = _parent_run(study, tracker, plan.dataset_obj.name, cfg, url)
+    on_event(StudyOpened(study=name, storage=mask_url(url), parent_run_id=parent))
+    objective = _Objective(cfg=cfg, study=study, plan=plan, base=base, tracker=tracker, parent=parent, name=name,
+                           journal=isinstance(storage, optuna.storages.JournalStorage), on_epoch=on_epoch)
+    _run_trials(study, objective, on_event)
+    result = _summarize(study, cfg, plan, name, parent)
+    _record_parent(tracker, parent, study, result.best, result.epochs_run, result.epochs_full)
+    if result.best is not None and cfg.retrain:
+        _retrain(result, cfg, base, tracker, on_epoch)
     tracker.finish(parent)
-    result.report = "\n".join(lines)
     return result
-
-
-class _OverBudget(Exception):
-    pass
-
-
-def _trial_line(t, budget: int, done: int) -> str:
-    state = t.state.name
-    val = "" if t.values is None else " ".join(f"{v:.4f}" for v in t.values)
-    why = t.user_attrs.get("fail_reason") or t.user_attrs.get("prune_reason") or ""
-    return f"trial #{t.number:<3} {state:<8} {val:<16} {t.params}  {why}  [{done}/{budget}]".rstrip()
 
 
 def _record_parent(tracker, parent: str, study, best, epochs_run: int, epochs_full: int) -> None:
@@ -598,7 +489,7 @@ def save_plots(study, folder: Path) -> list[Path]:
     from optuna.visualization import matplotlib as ov
 
     multi = len(study.directions) > 1
-    acc = (lambda t: t.values[0]) if multi else None
+    acc = (lambda trial: trial.values[0]) if multi else None
     plots = {
         "optimization_history": lambda: ov.plot_optimization_history(study, target=acc, target_name="val top-1"),
         "parallel_coordinate": lambda: ov.plot_parallel_coordinate(study, target=acc, target_name="val top-1"),
@@ -621,43 +512,3 @@ def save_plots(study, folder: Path) -> list[Path]:
             plt.close("all")
     return out
 
-
-# --------------------------------------------------------------------------- show
-
-
-def show(study_name: str, storage: str | None = None, tracking_uri: str | None = None) -> str:
-    """Best params, the trials table and parameter importances of a study, as text."""
-    import optuna
-    import pandas as pd
-    from optuna.trial import TrialState
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url = storage_url(storage, tracking_uri)
-    st = open_storage(storage, tracking_uri, must_exist=True)
-    study = load_study(study_name, st, url)
-    lines = [f"study {study_name!r} in {mask_url(url)}: method {study.user_attrs.get('method', '?')}, "
-             f"{len(study.trials)} trials"]
-    best = pick_best(study)
-    if best is None:
-        lines.append("best: (no complete trial)")
-    else:
-        lines.append(f"best trial #{best.number}: values {[round(v, 4) for v in best.values]}  params {best.params}")
-    df = study.trials_dataframe(attrs=("number", "state", "value" if len(study.directions) == 1 else "values",
-                                       "params", "duration", "user_attrs"))
-    keep = [c for c in df.columns if not c.startswith("user_attrs_") or c in
-            ("user_attrs_epochs_run", "user_attrs_fail_reason")]
-    with pd.option_context("display.max_columns", None, "display.width", 200, "display.max_colwidth", 60):
-        lines.append(df[keep].to_string(index=False))
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if len(complete) < 2:
-        lines.append("importances: need at least 2 complete trials")
-    else:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                target = (lambda t: t.values[0]) if len(study.directions) > 1 else None
-                imp = optuna.importance.get_param_importances(study, target=target)
-            lines.append("importances: " + (", ".join(f"{k} {v:.3f}" for k, v in imp.items()) or "-"))
-        except Exception as exc:
-            lines.append(f"importances: unavailable ({type(exc).__name__}: {exc})")
-    return "\n".join(lines)

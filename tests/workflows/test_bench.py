@@ -1,47 +1,21 @@
 """Leaderboard suites: planning (cells, hashes), running with --jobs, resume after a kill,
-failures recorded and listed. The teacher is a checkpoint (an untrained net), so nothing trains
-a teacher here; students train for 1 epoch."""
+failures recorded and listed. The teacher is a checkpoint (an untrained net, fixture ``suite``),
+so nothing trains a teacher here; students train for 1 epoch."""
 import hashlib
 
 import pytest
-import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from kdbench.workflows import bench
-from kdbench.core import engine, plugins
 from kdbench.cli import main
-from kdbench.errors import KdbenchError
-from kdbench.core.plan import RunConfig, make_plan
-
-SUITE = """
-name = "tiny"
-dataset = "mnist1d"
-seeds = [0, 1, 2]
-methods = ["vanilla", {{name = "kd", params = {{T = 2.0}}, tune_trials = 7}}]
-[recipe]
-epochs = 1
-[[pairs]]
-teacher = "cnn1d_4x32"
-student = "cnn1d_2x16"
-teacher_checkpoint = "t.pt"
-teacher_sha256 = "{sha}"
-"""
+from kdbench.core import engine, plugins
+from kdbench.core.plan import make_plan
+from kdbench.workflows import bench
+from kdbench.workflows.suites import load_suite
 
 
 def invoke(*args):
     return CliRunner().invoke(main, list(args))
-
-
-@pytest.fixture
-def suite(env):
-    torch.manual_seed(0)
-    net = engine.build_teacher(make_plan(RunConfig(), plugins.registry()), torch.device("cpu"))
-    torch.save({"model": net.state_dict()}, env / "t.pt")
-    sha = hashlib.sha256((env / "t.pt").read_bytes()).hexdigest()
-    path = env / "tiny.toml"
-    path.write_text(SUITE.format(sha=sha))
-    return path
 
 
 def student_runs(env, **tags):
@@ -52,9 +26,7 @@ def student_runs(env, **tags):
 
 
 def test_plan_cells_and_hashes(suite, env):
-    s = bench.load_suite(str(suite))
-    assert [m.name for m in s.methods] == ["vanilla", "kd"] and s.methods[1].tune_trials == 7
-    cells = bench.plan_cells(s)
+    cells = bench.plan_cells(load_suite(str(suite)))
     assert len(cells) == 6 and [c.method.name for c in cells[:3]] == ["vanilla"] * 3
     assert len({c.config_hash for c in cells}) == 6
     kd0 = next(c for c in cells if c.key.endswith("kd/s0"))
@@ -64,19 +36,9 @@ def test_plan_cells_and_hashes(suite, env):
     assert kd0.config_hash == plan.config_hash("ckpt:" + sha[:16]) and plan.hp["T"] == 2.0
     assert plan.recipe.epochs == 1 and kd0.config.tags["leaderboard"] == "tiny"
     assert next(c for c in cells if c.method.name == "vanilla").teacher_id is None
-    # the shipped suites load; the CIFAR one has 13 pairs, every method and published numbers
-    emb = bench.load_suite("embedded")
-    assert len(bench.plan_cells(emb)) == 3 * len(emb.methods) and "vanilla" in [m.name for m in emb.methods]
-    rep = bench.load_suite("cifar100-repdistiller")
-    assert len(rep.pairs) == 13 and rep.published["resnet32x4->resnet8x4"]["kd"] == 73.33
-    fast = bench.load_suite("cifar100-fast")
-    assert fast.recipe_for("resnet8x4")["epochs"] == 60 and fast.recipe_for("shufflenetv2")["lr"] == 0.04
-    # bad definitions: fewer than 3 seeds, a wrong checksum
-    suite.write_text(suite.read_text().replace("seeds = [0, 1, 2]", "seeds = [0, 1]"))
-    with pytest.raises(KdbenchError, match="at least 3 distinct seeds"):
-        bench.load_suite(str(suite))
-    suite.write_text(suite.read_text().replace("seeds = [0, 1]", "seeds = [0, 1, 2]").replace(sha, "0" * 64))
-    bad = bench.plan_cells(bench.load_suite(str(suite)))
+    # a wrong checksum: the cells of the pair's teacher cannot run
+    suite.write_text(suite.read_text().replace(sha, "0" * 64))
+    bad = bench.plan_cells(load_suite(str(suite)))
     assert all("sha256" in c.plan_error for c in bad if c.method.name == "kd")
 
 
@@ -98,7 +60,7 @@ def test_bench_runs_resumes_after_a_kill_and_records_failures(suite, env, monkey
     assert len([r for r in student_runs(env) if r.info.status == "FINISHED"]) == 3
     assert [r.info.status for r in student_runs(env) if r.info.status != "FINISHED"] == ["KILLED"]
     # a cell whose process was SIGKILLed leaves a RUNNING run behind: it is not counted as done
-    cells = bench.plan_cells(bench.load_suite(str(suite)))
+    cells = bench.plan_cells(load_suite(str(suite)))
     client = MlflowClient(f"sqlite:///{env}/mlflow.db")
     stale = client.create_run(client.get_experiment_by_name("kdbench/mnist1d").experiment_id)
     client.set_tag(stale.info.run_id, "role", "student")
@@ -144,7 +106,7 @@ def test_methods_to_tune_are_tuned_on_validation_before_their_cells(suite, env):
     result = invoke("bench", str(suite))
     assert result.exit_code == 0, result.output
     assert "tuning kd for cnn1d_4x32->cnn1d_2x16: 2 trials on validation" in result.output
-    from kdbench.workflows.tune import best_params
+    from kdbench.workflows.studies import best_params
 
     best = best_params("tiny-cnn1d_4x32->cnn1d_2x16-kd", None, f"sqlite:///{env}/mlflow.db")
     kd_runs = student_runs(env, method="kd", leaderboard="tiny")

@@ -1,0 +1,250 @@
+"""Leaderboard suites: ``leaderboards/NAME.toml``, found by name or path, read and checked.
+
+A suite file (read with tomllib)::
+
+    name = "embedded"                 # default: the file's stem
+    description = "..."
+    dataset = "mnist1d"
+    seeds = [0, 1, 2]                 # at least 3
+    teacher_seed = 0                  # teachers are trained by the harness with this seed
+    metric = "test_top1"              # ranking: test_top1 (last epoch) | test_top1_bestval
+    methods = ["all"]                 # every registered built-in method, default hparams
+    # or a list of tables: [[methods]] name = "kd", params = {T = 4}, tune_trials = 20
+    [recipe]                          # optional: name = "cifar100-fast" and/or overrides (epochs = 1)
+    [[pairs]]
+    teacher = "cnn1d_4x32"            # or teacher_checkpoint = "t.pt", teacher_sha256 = "<hex>"
+    student = "cnn1d_2x16"
+    [published."wrn_40_2->wrn_16_2"]  # optional reference numbers (top-1 %), shown beside ours
+    kd = 74.92
+
+``tune_trials = N``: the method is tuned for each pair before its cells run (see
+:mod:`kdbench.workflows.bench`).
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdbench.errors import KdbenchError
+
+MIN_SEEDS = 3
+METRICS = ("test_top1", "test_top1_bestval")
+BUILTIN_SOURCE_PREFIX = "kdbench"
+SUITE_KEYS = {"name", "description", "dataset", "seeds", "teacher_seed", "metric", "methods", "recipe",
+              "pairs", "published", "published_note"}
+PAIR_KEYS = {"teacher", "student", "teacher_checkpoint", "teacher_sha256"}
+METHOD_KEYS = {"name", "params", "tune_trials"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class MethodSpec:
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+    tune_trials: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pair:
+    teacher: str
+    student: str
+    checkpoint: str | None = None
+    sha256: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.teacher}->{self.student}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Suite:
+    name: str
+    path: Path
+    dataset: str
+    pairs: tuple[Pair, ...]
+    methods: tuple[MethodSpec, ...]
+    seeds: tuple[int, ...]
+    teacher_seed: int = 0
+    metric: str = "test_top1"
+    recipe_name: str | None = None
+    recipe_overrides: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    published: dict[str, dict[str, float]] = field(default_factory=dict)
+    published_note: str = ""
+
+    def recipe_for(self, student: str) -> dict[str, Any]:
+        """The student recipe overrides handed to RunConfig.recipe for this student."""
+        if not self.recipe_name:
+            return dict(self.recipe_overrides)
+        base = _load_named_recipe(self.recipe_name, student, self.path)
+        recipe = base.with_(**self.recipe_overrides) if self.recipe_overrides else base
+        return recipe.as_dict()
+
+
+def _load_named_recipe(name: str, student: str | None, suite_path: Path):
+    from kdbench.recipes import load_recipe
+
+    if name.endswith(".toml") and not Path(name).is_absolute():
+        name = str((suite_path.parent / name).resolve())
+    return load_recipe(name, student)
+
+
+# --------------------------------------------------------------------------- finding
+
+
+def leaderboard_dirs() -> list[Path]:
+    """Where suite names are looked up: ./leaderboards, then the checkout's leaderboards/."""
+    return [Path.cwd() / "leaderboards", Path(__file__).resolve().parents[2] / "leaderboards"]
+
+
+def find_suite(name: str) -> Path:
+    if name.endswith(".toml") or os.sep in name:
+        path = Path(name)
+        if not path.is_file():
+            raise KdbenchError(f"leaderboard file {name!r} does not exist")
+        return path
+    for folder in leaderboard_dirs():
+        if (folder / f"{name}.toml").is_file():
+            return folder / f"{name}.toml"
+    known = sorted({p.stem for folder in leaderboard_dirs() if folder.is_dir() for p in folder.glob("*.toml")})
+    raise KdbenchError(f"unknown leaderboard {name!r} (known: {', '.join(known) or 'none'})")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_suite(name_or_path: str, reg=None) -> Suite:
+    """Parse and check a suite file; errors are one line."""
+    path = find_suite(name_or_path)
+    doc = _read_toml(path)
+    if reg is None:
+        from kdbench.core import plugins
+
+        reg = plugins.registry()
+    where = f"leaderboard {path.name}"
+    _check_keys(doc, where)
+    dataset = _dataset(doc, reg, where)
+    seeds = _seeds(doc, where)
+    metric = _metric(doc, where)
+    recipe_name, recipe_overrides = _recipe(doc)
+    methods = tuple(_methods(doc.get("methods", ["all"]), reg, where))
+    pairs = _pairs(doc, dataset, path, reg, where)
+    suite = Suite(
+        name=doc.get("name", path.stem), path=path, dataset=dataset, pairs=pairs, methods=methods,
+        seeds=seeds, teacher_seed=int(doc.get("teacher_seed", 0)), metric=metric,
+        recipe_name=recipe_name, recipe_overrides=recipe_overrides,
+        description=doc.get("description", ""), published=_published(doc),
+        published_note=doc.get("published_note", ""),
+    )
+    suite.recipe_for(pairs[0].student)  # a bad recipe name or field fails here, not mid-suite
+    return suite
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise KdbenchError(f"leaderboard {path} is not valid TOML: {exc}") from None
+
+
+def _check_keys(doc: dict, where: str) -> None:
+    bad = sorted(set(doc) - SUITE_KEYS)
+    if bad:
+        raise KdbenchError(f"{where}: unknown key {bad[0]!r} (known: {', '.join(sorted(SUITE_KEYS))})")
+
+
+def _dataset(doc: dict, reg, where: str) -> str:
+    dataset = doc.get("dataset")
+    if not dataset:
+        raise KdbenchError(f"{where}: 'dataset' is required")
+    reg.entry("datasets", dataset)  # unknown dataset -> one-line error with suggestions
+    return dataset
+
+
+def _seeds(doc: dict, where: str) -> tuple[int, ...]:
+    seeds = tuple(int(s) for s in doc.get("seeds", ()))
+    if len(set(seeds)) < MIN_SEEDS:
+        raise KdbenchError(f"{where}: needs at least {MIN_SEEDS} distinct seeds, got {list(seeds)}")
+    return seeds
+
+
+def _metric(doc: dict, where: str) -> str:
+    metric = doc.get("metric", "test_top1")
+    if metric not in METRICS:
+        raise KdbenchError(f"{where}: metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    return metric
+
+
+def _recipe(doc: dict) -> tuple[str | None, dict[str, Any]]:
+    """The named recipe (or None) and the field overrides on top of it."""
+    recipe = doc.get("recipe", {})
+    if isinstance(recipe, str):
+        recipe = {"name": recipe}
+    recipe = dict(recipe)
+    recipe_name = recipe.pop("name", None)
+    if "milestones" in recipe:
+        recipe["milestones"] = tuple(int(epoch) for epoch in recipe["milestones"])
+    return recipe_name, recipe
+
+
+def _published(doc: dict) -> dict[str, dict[str, float]]:
+    return {pair: {method: float(top1) for method, top1 in numbers.items()}
+            for pair, numbers in doc.get("published", {}).items()}
+
+
+def _pairs(doc: dict, dataset: str, path: Path, reg, where: str) -> tuple[Pair, ...]:
+    raw_pairs = doc.get("pairs")
+    if not raw_pairs:
+        ds = reg.entry("datasets", dataset).obj
+        raw_pairs = [{"teacher": ds.default_teacher, "student": ds.default_student}]
+    pairs = tuple(_pair(raw, path, reg, where) for raw in raw_pairs)
+    if len({pair.label for pair in pairs}) != len(pairs):
+        raise KdbenchError(f"{where}: a pair is listed twice")
+    return pairs
+
+
+def _pair(raw: dict, path: Path, reg, where: str) -> Pair:
+    extra = sorted(set(raw) - PAIR_KEYS)
+    if extra or "teacher" not in raw or "student" not in raw:
+        raise KdbenchError(f"{where}: a pair needs teacher and student (and optionally "
+                           f"teacher_checkpoint + teacher_sha256), got {raw}")
+    reg.entry("models", raw["teacher"])
+    reg.entry("models", raw["student"])
+    ckpt = raw.get("teacher_checkpoint")
+    if ckpt and not raw.get("teacher_sha256"):
+        raise KdbenchError(f"{where}: teacher_checkpoint {ckpt!r} needs its teacher_sha256")
+    if ckpt and not Path(ckpt).is_absolute():
+        ckpt = str((path.parent / ckpt).resolve())
+    return Pair(teacher=raw["teacher"], student=raw["student"], checkpoint=ckpt,
+                sha256=(raw.get("teacher_sha256") or "").lower() or None)
+
+
+def _methods(raw, reg, where: str) -> list[MethodSpec]:
+    specs: list[MethodSpec] = []
+    for item in raw:
+        if item == "all":
+            specs += [MethodSpec(name=name) for name, entry in sorted(reg.methods.items())
+                      if entry.source.startswith(BUILTIN_SOURCE_PREFIX)]
+            continue
+        specs.append(_method(item, reg, where))
+    by_name = {}
+    for spec in specs:  # the last entry of a method wins ("all" then a specific entry overrides it)
+        by_name[spec.name] = spec
+    if not by_name:
+        raise KdbenchError(f"{where}: no methods")
+    # vanilla first: the runner computes Δ vs vanilla from finished vanilla runs
+    return sorted(by_name.values(), key=lambda spec: (spec.name != "vanilla", spec.name))
+
+
+def _method(item, reg, where: str) -> MethodSpec:
+    if isinstance(item, str):
+        item = {"name": item}
+    extra = sorted(set(item) - METHOD_KEYS)
+    if extra or "name" not in item:
+        raise KdbenchError(f"{where}: a method entry has name, params, tune_trials; got {item}")
+    reg.entry("methods", item["name"])
+    return MethodSpec(name=item["name"], params=dict(item.get("params", {})),
+                      tune_trials=int(item.get("tune_trials", 0)))
