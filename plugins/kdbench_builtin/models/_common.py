@@ -44,3 +44,14 @@ def he_init(net: nn.Module, linear_std: float | None = 0.01) -> None:
             if linear_std is not None:
                 nn.init.normal_(m.weight, 0, linear_std)
             nn.init.zeros_(m.bias)
+
+
+def kaiming_init(net: nn.Module) -> None:
+    """The torchvision-style ResNet initialisation: convs Kaiming-normal (fan_out, relu), BN weight 1 /
+    bias 0, linears left at PyTorch's default; modules visited in ``modules()`` order."""
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)

@@ -10,7 +10,7 @@ from torch import nn
 
 from kdbench.contracts import Model, Tap
 
-from ._common import cifar_only
+from ._common import cifar_only, kaiming_init
 
 
 def conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
@@ -78,12 +78,7 @@ class ResNetCifar(nn.Module):
         self.layer3 = self._make_layer(block_cls, widths[3], n, 2)
         self.avgpool = nn.AvgPool2d(8)
         self.fc = nn.Linear(widths[3] * block_cls.expansion, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        kaiming_init(self)
 
     def _make_layer(self, block_cls, planes: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None

@@ -11,7 +11,7 @@ from torch import nn
 
 from kdbench.contracts import Model, Tap
 
-from ._common import check_image
+from ._common import check_image, kaiming_init
 
 
 def _shortcut(c_in: int, c_out: int, stride: int) -> nn.Sequential:
@@ -78,12 +78,7 @@ class ResNet(nn.Module):
             setattr(self, f"layer{i}", nn.Sequential(*layers))
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.linear = nn.Linear(512 * block_cls.expansion, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        kaiming_init(self)
 
     def forward(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
