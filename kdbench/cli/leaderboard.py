@@ -28,6 +28,7 @@ def leaderboard_cmd(name, dataset, fmt, output, no_summary, tracking_uri):
     if name:
         suite = suites.load_suite(name)
         runs = bench.suite_runs(tracker, suite)
+        leaderboard.tag_suite_runs(tracker, suite, runs)
     else:
         runs = tracker.search(dataset, "attributes.status = 'FINISHED' AND tags.role = 'student'")
     metric = suite.metric if suite else "test_top1"

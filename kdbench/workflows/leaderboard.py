@@ -7,6 +7,8 @@ Definitions (accuracies are fractions; shown in % in the formatted outputs):
 
 * ``top1_mean``/``top1_std``: test top-1 at the last epoch, mean and sample std (n−1) over seeds;
   ``bestval_mean``/``bestval_std``: test top-1 of the best-validation epoch.
+* One table per (dataset, teacher, student, recipe): runs of another recipe (e.g. a 5-epoch
+  tuning retrain beside 20-epoch suite cells) are never ranked together; the heading names the recipe.
 * ``delta_vs_vanilla``: ranking-metric mean − the vanilla mean (same dataset, student, recipe).
 * ``gap_closed``: (mean − vanilla mean) / (teacher test top-1 − vanilla mean); empty when the
   teacher is no better than vanilla.
@@ -25,11 +27,13 @@ from pathlib import Path
 import pandas as pd
 
 COLUMNS = [
-    "run_id", "dataset", "teacher", "student", "method", "seed", "recipe_hash", "config_hash",
+    "run_id", "dataset", "teacher", "student", "method", "seed", "recipe_hash", "recipe", "config_hash",
     "start_time", "test_top1", "test_top1_bestval", "teacher_test_top1", "flops_student",
     "params_student", "params_extra", "epochs_to_95", "train_seconds",
 ]
-_METRIC_COLUMNS = COLUMNS[9:]
+_METRIC_COLUMNS = COLUMNS[10:]
+#: recipe params (``recipe.*``) shown in a table's heading, in this order
+RECIPE_LABEL = ("epochs", "optimizer", "lr", "batch_size", "schedule")
 TIE_ALPHA = 0.05
 
 
@@ -46,6 +50,7 @@ def runs_frame(runs) -> pd.DataFrame:
             "run_id": r.info.run_id,
             **{k: tags.get(k, "") for k in ("dataset", "teacher", "student", "method", "recipe_hash", "config_hash")},
             "seed": int(tags.get("seed", 0)),
+            "recipe": recipe_label(r.data.params),
             "start_time": r.info.start_time or 0,
             **{k: metrics.get(k) for k in _METRIC_COLUMNS},
         })
@@ -55,6 +60,24 @@ def runs_frame(runs) -> pd.DataFrame:
     df = df.sort_values("start_time")
     keyed = df[df.config_hash != ""].drop_duplicates("config_hash", keep="last")
     return pd.concat([keyed, df[df.config_hash == ""]]).sort_values("start_time").reset_index(drop=True)
+
+
+def recipe_label(params: dict) -> str:
+    """A short description of a run's recipe from its ``recipe.*`` params, e.g.
+    ``20 epochs, adam, lr 0.01, batch 64, cosine`` ('' when the run recorded none)."""
+    values = {k: params.get(f"recipe.{k}") for k in RECIPE_LABEL}
+    parts = []
+    if values["epochs"] is not None:
+        parts.append(f"{values['epochs']} epochs")
+    if values["optimizer"] is not None:
+        parts.append(values["optimizer"])
+    if values["lr"] is not None:
+        parts.append(f"lr {values['lr']}")
+    if values["batch_size"] is not None:
+        parts.append(f"batch {values['batch_size']}")
+    if values["schedule"] is not None:
+        parts.append(values["schedule"])
+    return ", ".join(parts)
 
 
 def welch_p(a, b) -> float:
@@ -72,8 +95,9 @@ def welch_p(a, b) -> float:
 
 
 def aggregate(df: pd.DataFrame, metric: str = "test_top1",
-              published: dict[str, dict[str, float]] | None = None) -> dict[tuple[str, str, str], pd.DataFrame]:
-    """Per (dataset, teacher, student): one row per method, sorted by ``metric`` (best first).
+              published: dict[str, dict[str, float]] | None = None) -> dict[tuple[str, str, str, str], pd.DataFrame]:
+    """Per (dataset, teacher, student, recipe hash): one row per method, sorted by ``metric``
+    (best first). Each table's ``attrs["recipe"]`` describes its recipe.
 
     Methods without a teacher (vanilla, rocket) join every table with their student and recipe.
     ``published`` maps "teacher->student" to {method: top-1 %} (reference numbers)."""
@@ -87,8 +111,9 @@ def aggregate(df: pd.DataFrame, metric: str = "test_top1",
         same_student = (df.dataset == pair.dataset) & (df.student == pair.student) & (df.recipe_hash == pair.recipe_hash)
         rows = df[same_student & ((df.teacher == pair.teacher) | (df.teacher == ""))]
         table = _table(rows, metric, published.get(f"{pair.teacher}->{pair.student}", {}))
-        key = (pair.dataset, pair.teacher, pair.student)
-        tables[key] = table if key not in tables else pd.concat([tables[key], table], ignore_index=True)
+        labels = [label for label in rows.recipe.dropna().unique() if label]
+        table.attrs["recipe"] = labels[0] if labels else ""
+        tables[(pair.dataset, pair.teacher, pair.student, pair.recipe_hash)] = table
     return tables
 
 
@@ -144,10 +169,11 @@ def _pct(v, signed=False) -> str:
     return f"{100 * v:+.2f}" if signed else f"{100 * v:.2f}"
 
 
-def _pm(mean: float, std: float) -> str:
+def _pm(mean: float, std: float, runs: int) -> str:
+    """``mean ± std`` in %; a single seed has no spread to show (never "± 0.00")."""
     if pd.isna(mean):
         return ""
-    return f"{100 * mean:.2f}" + ("" if pd.isna(std) else f" ± {100 * std:.2f}")
+    return f"{100 * mean:.2f}" + ("" if pd.isna(std) or runs < 2 else f" ± {100 * std:.2f}")
 
 
 def display_frame(table: pd.DataFrame, metric: str = "test_top1", notes: dict[str, str] | None = None) -> pd.DataFrame:
@@ -157,8 +183,9 @@ def display_frame(table: pd.DataFrame, metric: str = "test_top1", notes: dict[st
         "method": [method + (" ≈" if tie == "tied" else " ★" if tie == "best" else "") + notes.get(method, "")
                    for method, tie in zip(table.method, table.tie)],
         "seeds": table.runs,
-        "test top-1 % (last)": [_pm(mean, std) for mean, std in zip(table.top1_mean, table.top1_std)],
-        "test top-1 % (best val)": [_pm(mean, std) for mean, std in zip(table.bestval_mean, table.bestval_std)],
+        "test top-1 % (last)": [_pm(mean, std, n) for mean, std, n in zip(table.top1_mean, table.top1_std, table.runs)],
+        "test top-1 % (best val)": [_pm(mean, std, n)
+                                    for mean, std, n in zip(table.bestval_mean, table.bestval_std, table.runs)],
         "Δ vs vanilla": [_pct(d, signed=True) for d in table.delta_vs_vanilla],
         "gap closed": ["" if pd.isna(v) else f"{v:.2f}" for v in table.gap_closed],
         "p vs best": ["" if pd.isna(v) else f"{v:.3f}" for v in table.p_vs_best],
@@ -203,15 +230,17 @@ def _notes(suite) -> dict[str, str]:
     return {spec.name: " †" for spec in suite.methods if spec.tune_trials} if suite is not None else {}
 
 
-def _heading(key) -> str:
-    ds, teacher, student = key
-    return f"{ds}: {teacher} → {student}"
+def _heading(key, table: pd.DataFrame | None = None) -> str:
+    ds, teacher, student, recipe_hash = key
+    label = table.attrs.get("recipe", "") if table is not None else ""
+    recipe = f" · recipe {label} [{recipe_hash}]" if label else (f" · recipe [{recipe_hash}]" if recipe_hash else "")
+    return f"{ds}: {teacher} → {student}{recipe}"
 
 
 def to_text(tables, metric="test_top1", suite=None) -> str:
     parts = []
     for key, table in sorted(tables.items()):
-        parts += ["", _heading(key), display_frame(table, metric, _notes(suite)).to_string(index=False)]
+        parts += ["", _heading(key, table), display_frame(table, metric, _notes(suite)).to_string(index=False)]
     return "\n".join(parts + [""] + footer(metric, suite)) + "\n"
 
 
@@ -229,7 +258,7 @@ def to_markdown(tables, metric="test_top1", suite=None, title=None) -> str:
     if suite is not None and suite.description:
         parts += [suite.description, ""]
     for key, table in sorted(tables.items()):
-        parts += [f"## {_heading(key)}", "", _md_table(display_frame(table, metric, _notes(suite))), ""]
+        parts += [f"## {_heading(key, table)}", "", _md_table(display_frame(table, metric, _notes(suite))), ""]
     parts += [f"- {line}" for line in footer(metric, suite)]
     return "\n".join(parts) + "\n"
 
@@ -237,8 +266,10 @@ def to_markdown(tables, metric="test_top1", suite=None, title=None) -> str:
 def flat_frame(tables) -> pd.DataFrame:
     """All tables in one numeric frame (CSV): one row per (dataset, teacher, student, method)."""
     frames = []
-    for (ds, teacher, student), table in sorted(tables.items()):
+    for (ds, teacher, student, recipe_hash), table in sorted(tables.items()):
         flat = table.drop(columns=["run_ids"]).copy()
+        flat.insert(0, "recipe", table.attrs.get("recipe", ""))
+        flat.insert(0, "recipe_hash", recipe_hash)
         flat.insert(0, "student", student)
         flat.insert(0, "teacher", teacher)
         flat.insert(0, "dataset", ds)
@@ -267,12 +298,12 @@ def to_html(tables, metric="test_top1", suite=None, images: dict[str, bytes] | N
         parts.append(f"<p>{html.escape(suite.description)}</p>")
     images = images or {}
     for key, table in sorted(tables.items()):
-        parts.append(f"<h2>{html.escape(_heading(key))}</h2>")
+        parts.append(f"<h2>{html.escape(_heading(key, table))}</h2>")
         parts.append(display_frame(table, metric, _notes(suite)).to_html(index=False, escape=True))
         for kind in ("bars", "curves"):
-            png = images.get(f"{kind}_{key[0]}_{key[1]}_{key[2]}.png")
+            png = images.get(f"{kind}_{_slug(key)}.png")
             if png:
-                parts.append(_img(png, f"{kind} {_heading(key)}"))
+                parts.append(_img(png, f"{kind} {_heading(key, table)}"))
     if "pareto.png" in images:
         parts += ["<h2>Accuracy vs FLOPs</h2>", _img(images["pareto.png"], "accuracy vs FLOPs Pareto front")]
     parts.append("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in footer(metric, suite)) + "</ul>")
@@ -296,85 +327,143 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _slug(key) -> str:
+    """File-name part of a table's figures: ``<dataset>_<teacher>_<student>_<recipe hash>``."""
+    return "_".join(part for part in key if part)
+
+
 def bars_plot(key, table: pd.DataFrame, metric: str = "test_top1") -> bytes:
-    """Each method's ranking metric, mean ± std (orange the best, green the tied)."""
+    """Each method's ranking metric, mean ± std (orange the best, green the tied), with the
+    vanilla student's and the teacher's accuracy as reference lines."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(table)), 4))
     std = (table.top1_std if metric == "test_top1" else table.bestval_std).fillna(0)
     colors = ["tab:orange" if tie == "best" else "tab:green" if tie == "tied" else "tab:blue" for tie in table.tie]
     ax.bar(table.method, 100 * table.score, yerr=100 * std, capsize=3, color=colors)
-    lo = 100 * (table.score - std).min()
-    ax.set_ylim(max(0, lo - 2), min(100, 100 * (table.score + std).max() + 1))
+    highs, lows = [100 * (table.score + std).max()], [100 * (table.score - std).min()]
+    references = {"vanilla": table.score[table.method == "vanilla"].mean(), "teacher": table.teacher_top1.mean()}
+    for (name, value), style in zip(references.items(), ("--", ":")):
+        if not pd.isna(value):
+            ax.axhline(100 * value, color="black", ls=style, lw=1, label=f"{name} {100 * value:.2f} %")
+            highs.append(100 * value)
+            lows.append(100 * value)
+    ax.set_ylim(max(0, min(lows) - 2), min(100, max(highs) + 1))
     ax.set_ylabel("test top-1 %")
-    ax.set_title(f"{_heading(key)} (orange best, green tied)")
+    ax.set_title(f"{_heading(key, table)}\n(orange best, green tied with the best)", fontsize=9)
     ax.tick_params(axis="x", rotation=60)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="lower right")
     return _png(fig)
 
 
+def _line_styles(count: int) -> list[tuple[str, str]]:
+    """(colour, line style) pairs, all distinct for up to 60 lines (20 colours × 3 styles)."""
+    import matplotlib
+
+    colours = matplotlib.colormaps["tab20"].colors
+    return [(colours[i % 20], ("-", "--", ":")[i // 20 % 3]) for i in range(count)]
+
+
 def curves_plot(key, table: pd.DataFrame, histories: dict[str, list[tuple[int, float]]]) -> bytes:
-    """Each method's validation top-1 per epoch, mean over its runs (``histories``: run id → curve)."""
+    """Each method's validation top-1 per epoch, mean over its runs (``histories``: run id → curve).
+    Every line has its own colour/style; the best method is drawn thick, vanilla in black, and
+    the legend (outside the axes) lists methods in table order with their final value."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, run_ids in zip(table.method, table.run_ids):
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for (method, run_ids, tie), (colour, style) in zip(zip(table.method, table.run_ids, table.tie),
+                                                       _line_styles(len(table))):
         series = [pd.Series(dict(histories[r])) for r in run_ids if histories.get(r)]
         if not series:
             continue
         mean = pd.concat(series, axis=1).mean(axis=1).sort_index()
-        ax.plot(mean.index, 100 * mean.values, label=method, lw=1.2)
+        if method == "vanilla":
+            colour, style = "black", "--"
+        ax.plot(mean.index, 100 * mean.values, color=colour, ls=style, lw=2.4 if tie == "best" else 1.1,
+                label=f"{method} ({100 * mean.values[-1]:.1f})")
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation top-1 % (mean over seeds)")
-    ax.set_title(f"validation curves: {_heading(key)}")
+    ax.set_title(f"validation curves: {_heading(key, table)}", fontsize=9)
     if ax.lines:
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, ncol=1 + len(ax.lines) // 20, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  title="method (final)", title_fontsize=7)
     return _png(fig)
 
 
-def pareto_points(tables) -> list[tuple[float, float, str]]:
-    """(student FLOPs, score %, "method (student)") of every row with FLOPs, over all tables."""
+def pareto_points(tables) -> list[tuple[float, float, str, float]]:
+    """(student FLOPs, score %, "method (student)", mean training seconds) of every row with
+    FLOPs, over all tables."""
     points = []
     for key, table in sorted(tables.items()):
         for row in table.itertuples():
             if not pd.isna(row.flops):
-                points.append((row.flops, 100 * row.score, f"{row.method} ({key[2]})"))
+                points.append((row.flops, 100 * row.score, f"{row.method} ({key[2]})", row.train_seconds))
     return points
 
 
-def pareto_plot(points: list[tuple[float, float, str]]) -> bytes:
-    """Accuracy vs student FLOPs (log scale), with the Pareto front labelled."""
+def pareto_front(points: list[tuple]) -> list[tuple]:
+    """The points no other point beats on both axes (lower or equal x, higher accuracy)."""
+    front, best = [], -1.0
+    for point in sorted(points, key=lambda p: (p[0], -p[1])):
+        if point[1] > best:
+            front.append(point)
+            best = point[1]
+    return front
+
+
+def _front_plot(ax, points: list[tuple[float, float, str]], label_all: bool) -> None:
+    """Scatter of (x, accuracy, label) on a log x axis with its Pareto front; labels on the front
+    (or on every point with ``label_all``)."""
+    from matplotlib import ticker
+
+    xs, ys, _labels = zip(*points)
+    ax.scatter(xs, ys, s=14, color="tab:blue")
+    front = pareto_front(points)
+    ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:red", label="Pareto front")
+    for x, y, label in points if label_all else front:
+        ax.annotate(label, (x, y), fontsize=6 if label_all else 7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.legend(fontsize=8)
+
+
+def pareto_plot(points: list[tuple[float, float, str, float]]) -> bytes:
+    """Accuracy vs student FLOPs (log scale) with the Pareto front labelled. With a single student
+    architecture every method has the same FLOPs, so the trade-off that remains is the method's
+    cost: the plot is then accuracy vs training seconds (its Pareto front), every point labelled."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    if points:
-        xs, ys, _labels = zip(*points)
-        ax.scatter(xs, ys, s=14, color="tab:blue")
-        front, best = [], -1.0
-        for x, y, label in sorted(points, key=lambda p: (p[0], -p[1])):
-            if y > best:
-                front.append((x, y, label))
-                best = y
-        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:red", label="Pareto front")
-        for x, y, label in front:
-            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.legend()
-    ax.set_xlabel("student FLOPs per sample")
     ax.set_ylabel("test top-1 % (mean over seeds)")
-    ax.set_title("accuracy vs FLOPs")
+    timed = [(sec, acc, label.rsplit(" (", 1)[0]) for _flops, acc, label, sec in points if not pd.isna(sec) and sec > 0]
+    if points and len({p[0] for p in points}) == 1 and timed:
+        _front_plot(ax, timed, label_all=True)
+        ax.set_xlabel(f"training seconds (mean over seeds) — one student architecture, {points[0][0]:,.0f} FLOPs")
+        ax.set_title("accuracy vs training time (equal FLOPs)")
+    elif points:
+        _front_plot(ax, [p[:3] for p in points], label_all=False)
+        ax.set_xlabel("student FLOPs per sample")
+        ax.set_title("accuracy vs FLOPs")
+    else:
+        ax.text(0.5, 0.5, "no runs with FLOPs recorded", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel("student FLOPs per sample")
+        ax.set_title("accuracy vs FLOPs")
     return _png(fig)
 
 
 def plots(tables, metric="test_top1", histories: dict[str, list[tuple[int, float]]] | None = None) -> dict[str, bytes]:
-    """PNG figures: ``pareto.png`` (accuracy vs student FLOPs, Pareto front), and per pair
-    ``bars_<ds>_<teacher>_<student>.png`` (mean ± std) and ``curves_…png`` (mean val top-1 per
-    epoch per method, from ``histories``: run id → [(epoch, val_top1)])."""
+    """PNG figures: ``pareto.png`` (accuracy vs student FLOPs, Pareto front), and per table
+    ``bars_<ds>_<teacher>_<student>_<recipe>.png`` (mean ± std, vanilla and teacher lines) and
+    ``curves_…png`` (mean val top-1 per epoch per method, from ``histories``: run id →
+    [(epoch, val_top1)])."""
     import matplotlib
 
     matplotlib.use("Agg")
     out = {}
     for key, table in sorted(tables.items()):
-        suffix = f"{key[0]}_{key[1]}_{key[2]}.png"
+        suffix = _slug(key) + ".png"
         out["bars_" + suffix] = bars_plot(key, table, metric)
         out["curves_" + suffix] = curves_plot(key, table, histories or {})
     out["pareto.png"] = pareto_plot(pareto_points(tables))
@@ -402,6 +491,19 @@ def histories(tracker, run_ids, key: str = "val_top1") -> dict[str, list[tuple[i
     for run_id in run_ids:
         out[run_id] = [(point.step, point.value) for point in tracker.client.get_metric_history(run_id, key)]
     return out
+
+
+def tag_suite_runs(tracker, suite, runs) -> int:
+    """Tag the suite's runs that lack a ``leaderboard`` tag (e.g. made by hand with ``kdbench run``
+    but counted as cells because their config hash is a cell's) with ``leaderboard=NAME``, so the
+    MLflow UI filter ``tags.leaderboard = 'NAME'`` finds exactly the runs the table shows. A run
+    already tagged for another suite keeps its tag. Returns how many runs were tagged."""
+    tagged = 0
+    for run in runs:
+        if not run.data.tags.get("leaderboard"):
+            tracker.client.set_tag(run.info.run_id, "leaderboard", suite.name)
+            tagged += 1
+    return tagged
 
 
 def log_summary(tracker, suite, images: dict[str, bytes], documents: dict[str, str]) -> str:
