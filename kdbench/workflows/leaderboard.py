@@ -9,12 +9,19 @@ Definitions (accuracies are fractions; shown in % in the formatted outputs):
   ``bestval_mean``/``bestval_std``: test top-1 of the best-validation epoch.
 * One table per (dataset, teacher, student, recipe): runs of another recipe (e.g. a 5-epoch
   tuning retrain beside 20-epoch suite cells) are never ranked together; the heading names the recipe.
-* ``delta_vs_vanilla``: ranking-metric mean − the vanilla mean (same dataset, student, recipe).
-* ``gap_closed``: (mean − vanilla mean) / (teacher test top-1 − vanilla mean); empty when the
+* Differences are paired by seed: runs of one seed share the teacher, the data and (with common
+  random numbers) the batch order, so comparing a method with vanilla or with the best uses the
+  per-seed differences over the seeds both have.
+* ``delta_vs_vanilla`` / ``delta_std``: mean and sample std of (method − vanilla) over the common
+  seeds, computed here from the vanilla runs of the same table (never a number frozen into a run);
+  without a common seed, the difference of the means (no std).
+* ``gap_closed``: ``delta_vs_vanilla`` / (teacher test top-1 − vanilla mean); empty when the
   teacher is no better than vanilla.
-* ``tie``: "best" for the top method by the ranking metric; "tied" when Welch's t-test
-  (``scipy.stats.ttest_ind(equal_var=False)``) of a method's per-seed values against the best's
-  gives p ≥ 0.05 (two constant samples: tied only when equal); empty when either has < 2 seeds.
+* ``tie``: "best" for the top method by the ranking metric; "tied" when the paired t-test
+  (``scipy.stats.ttest_rel``) of a method's per-seed values against the best's over ≥ 2 common
+  seeds gives p ≥ 0.05 — Welch's t-test (``ttest_ind(equal_var=False)``) where fewer seeds pair;
+  identical differences: tied only when they are zero; empty when either has < 2 seeds.
+  ``test`` says which test gave ``p_vs_best``.
 """
 from __future__ import annotations
 
@@ -94,6 +101,32 @@ def welch_p(a, b) -> float:
     return float(p)
 
 
+def _by_seed(rows: pd.DataFrame, method: str, metric: str) -> dict[int, float]:
+    """seed → value of ``metric`` for one method's runs (the latest run where a seed repeats)."""
+    picked = rows[(rows.method == method) & rows[metric].notna()].sort_values("start_time")
+    return dict(zip(picked.seed.astype(int), picked[metric].astype(float)))
+
+
+def paired_differences(a: dict[int, float], b: dict[int, float]) -> list[float]:
+    """a[seed] − b[seed] over the seeds both have, in seed order."""
+    return [a[seed] - b[seed] for seed in sorted(set(a) & set(b))]
+
+
+def paired_p(a: dict[int, float], b: dict[int, float]) -> tuple[float, str]:
+    """(two-sided p, test name) comparing two methods' per-seed values: the paired t-test over
+    ≥ 2 common seeds; identical differences give 1.0 when they are all zero, else 0.0; with
+    fewer common seeds Welch's t-test of all values (:func:`welch_p`)."""
+    from scipy import stats
+
+    common = sorted(set(a) & set(b))
+    if len(common) >= 2:
+        diffs = paired_differences(a, b)
+        if max(diffs) - min(diffs) < 1e-12:
+            return (1.0 if abs(diffs[0]) < 1e-12 else 0.0), "paired"
+        return float(stats.ttest_rel([a[seed] for seed in common], [b[seed] for seed in common]).pvalue), "paired"
+    return welch_p(list(a.values()), list(b.values())), "Welch"
+
+
 def aggregate(df: pd.DataFrame, metric: str = "test_top1",
               published: dict[str, dict[str, float]] | None = None) -> dict[tuple[str, str, str, str], pd.DataFrame]:
     """Per (dataset, teacher, student, recipe hash): one row per method, sorted by ``metric``
@@ -138,22 +171,31 @@ def _table(rows: pd.DataFrame, metric: str, published: dict[str, float]) -> pd.D
     van = score.get("vanilla", float("nan"))
     teacher = table.teacher_top1.dropna().mean() if table.teacher_top1.notna().any() else float("nan")
     table["score"] = score
-    table["delta_vs_vanilla"] = score - van
-    table["gap_closed"] = (score - van) / (teacher - van) if teacher - van > 0 else float("nan")
     table["teacher_top1"] = teacher
     table = table.sort_values("score", ascending=False, kind="stable").reset_index()
-    values = {method: rows[rows.method == method][metric].dropna().tolist() for method in table.method}
+    values = {method: _by_seed(rows, method, metric) for method in table.method}
+    deltas, delta_stds = [], []
+    for method, mean in zip(table.method, table.score):
+        diffs = paired_differences(values[method], values["vanilla"]) if "vanilla" in values else []
+        deltas.append(sum(diffs) / len(diffs) if diffs else mean - van)
+        delta_stds.append(pd.Series(diffs).std() if len(diffs) >= 2 else float("nan"))
+    table["delta_vs_vanilla"] = deltas
+    table["delta_std"] = delta_stds
+    table["gap_closed"] = table.delta_vs_vanilla / (teacher - van) if teacher - van > 0 else float("nan")
     best = table.method.iloc[0]
-    ps, ties = [], []
+    ps, tests, ties = [], [], []
     for method in table.method:
         if method == best:
             ps.append(float("nan"))
+            tests.append("")
             ties.append("best")
             continue
-        p = welch_p(values[best], values[method])
+        p, test = paired_p(values[best], values[method])
         ps.append(p)
+        tests.append(test if not math.isnan(p) else "")
         ties.append("" if math.isnan(p) else ("tied" if p >= TIE_ALPHA else ""))
     table["p_vs_best"] = ps
+    table["test"] = tests
     table["tie"] = ties
     table["published"] = [published.get(method, float("nan")) for method in table.method]  # in %
     table["published_delta"] = 100 * table.score - table.published
@@ -186,7 +228,8 @@ def display_frame(table: pd.DataFrame, metric: str = "test_top1", notes: dict[st
         "test top-1 % (last)": [_pm(mean, std, n) for mean, std, n in zip(table.top1_mean, table.top1_std, table.runs)],
         "test top-1 % (best val)": [_pm(mean, std, n)
                                     for mean, std, n in zip(table.bestval_mean, table.bestval_std, table.runs)],
-        "Δ vs vanilla": [_pct(d, signed=True) for d in table.delta_vs_vanilla],
+        "Δ vs vanilla": [_pct(d, signed=True) + ("" if pd.isna(sd) else f" ± {100 * sd:.2f}")
+                         for d, sd in zip(table.delta_vs_vanilla, table.delta_std)],
         "gap closed": ["" if pd.isna(v) else f"{v:.2f}" for v in table.gap_closed],
         "p vs best": ["" if pd.isna(v) else f"{v:.3f}" for v in table.p_vs_best],
         "epochs→95%": ["" if pd.isna(v) else f"{v:.1f}" for v in table.epochs_to_95],
@@ -210,10 +253,11 @@ def footer(metric: str, suite=None) -> list[str]:
     lines = [
         f"Ranked by {'test top-1 at the last epoch' if metric == 'test_top1' else 'test top-1 at the best-validation epoch'}"
         " (mean over seeds; ± is the sample std).",
-        f"★ best; ≈ tied with the best: Welch's t-test (scipy.stats.ttest_ind, equal_var=False) of the "
-        f"per-seed values gives p ≥ {TIE_ALPHA} (difference within noise).",
-        "Δ vs vanilla and gap closed = (method − vanilla) / (teacher − vanilla) use the ranking metric's means; "
-        "epochs→95% = first epoch with validation top-1 ≥ 95 % of its final value; FLOPs per sample (student).",
+        f"★ best; ≈ tied with the best: the paired t-test over seeds (scipy.stats.ttest_rel) of the per-seed "
+        f"values against the best's gives p ≥ {TIE_ALPHA} (Welch's t-test where fewer than 2 seeds pair).",
+        "Δ vs vanilla = mean ± std of the per-seed differences (method − vanilla of the same seed), from this "
+        "table's vanilla runs; gap closed = Δ / (teacher − vanilla); epochs→95% = first epoch with validation "
+        "top-1 ≥ 95 % of its final value; FLOPs per sample (student).",
     ]
     if suite is not None:
         untuned = [f"{spec.name} ({spec.tune_trials} trials)" for spec in suite.methods if spec.tune_trials]

@@ -71,11 +71,16 @@ def test_aggregate_against_hand_computed_numbers(store):
     assert t.loc["kd", "gap_closed"] == pytest.approx(0.09 / 0.19)
     assert t.loc["kd", "delta_vs_vanilla"] == pytest.approx(0.09)
     assert t.loc["kd", "epochs_to_95"] == pytest.approx(4.0) and t.loc["kd", "train_seconds"] == pytest.approx(11.0)
-    # tie test: Welch's t-test against the best (kd)
+    # Δ vs vanilla is paired by seed: mean ± std of (method − vanilla) per seed
+    diffs = [k - v for k, v in zip(ACC["kd"], ACC["vanilla"])]  # 0.10, 0.09, 0.08
+    assert t.loc["kd", "delta_std"] == pytest.approx(statistics.stdev(diffs)) == pytest.approx(0.01)
+    assert t.loc["vanilla", "delta_std"] == 0.0
+    # tie test: the paired t-test over seeds against the best (kd)
     assert t.loc["kd", "tie"] == "best"
-    p_at = stats.ttest_ind(ACC["kd"], ACC["at"], equal_var=False).pvalue
+    p_at = stats.ttest_rel(ACC["kd"], ACC["at"]).pvalue
     assert p_at >= 0.05 and t.loc["at", "tie"] == "tied" and t.loc["at", "p_vs_best"] == pytest.approx(p_at)
-    p_fit = stats.ttest_ind(ACC["kd"], ACC["fitnets"], equal_var=False).pvalue
+    assert t.loc["at", "test"] == "paired"
+    p_fit = stats.ttest_rel(ACC["kd"], ACC["fitnets"]).pvalue
     assert p_fit < 0.05 and t.loc["fitnets", "tie"] == ""
 
 
@@ -116,7 +121,7 @@ def _invoke(*args):
 def test_formats_parse(store, tmp_path):
     text = _invoke("leaderboard")
     assert "mnist1d: cnn1d_4x32 → cnn1d_2x16" in text and "kd ★" in text and "at ≈" in text
-    assert "80.00 ± 1.00" in text and "+9.00" in text and "0.47" in text and "Welch" in text
+    assert "80.00 ± 1.00" in text and "+9.00 ± 1.00" in text and "0.47" in text and "ttest_rel" in text
 
     md = _invoke("leaderboard", "--format", "markdown")
     table_lines = [l for l in md.splitlines() if l.startswith("|")]

@@ -6,8 +6,8 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from kdbench.cli import main
-from kdbench.workflows.leaderboard import (aggregate, display_frame, pareto_front, plots, recipe_label,
-                                           to_text)
+from kdbench.workflows.leaderboard import (aggregate, display_frame, paired_differences, paired_p, pareto_front,
+                                           plots, recipe_label, to_text)
 
 
 def _rows(recipe_hash, recipe, acc):
@@ -78,3 +78,23 @@ def test_leaderboard_tags_hand_made_suite_runs(suite, env):
     assert "vanilla" in shown.output and "kd" in shown.output
     found = client.search_runs([exp.experiment_id], "tags.leaderboard = 'tiny'")
     assert sorted(r.info.run_id for r in found) == sorted(r.info.run_id for r in runs)
+
+
+def test_pairing_by_seed_and_its_fallbacks():
+    from scipy import stats
+
+    a, b = {0: 0.80, 1: 0.81, 2: 0.79, 3: 0.5}, {0: 0.70, 1: 0.72, 2: 0.71}
+    assert paired_differences(a, b) == pytest.approx([0.10, 0.09, 0.08])  # seed 3 has no partner
+    p, test = paired_p(a, b)
+    assert test == "paired" and p == pytest.approx(stats.ttest_rel([0.80, 0.81, 0.79], [0.70, 0.72, 0.71]).pvalue)
+    assert paired_p({0: 0.5, 1: 0.6}, {0: 0.5, 1: 0.6}) == (1.0, "paired")  # identical: tied
+    assert paired_p({0: 0.6, 1: 0.7}, {0: 0.5, 1: 0.6}) == (0.0, "paired")  # a constant shift: not tied
+    p, test = paired_p({0: 0.80, 1: 0.82}, {5: 0.70, 6: 0.73})  # no common seed: Welch
+    assert test == "Welch" and p == pytest.approx(stats.ttest_ind([0.80, 0.82], [0.70, 0.73], equal_var=False).pvalue)
+    # Δ vs vanilla without a common seed: the difference of the means, no std
+    rows = _rows("r", "", {"vanilla": [0.70, 0.72]}) + [
+        {**row, "seed": row["seed"] + 10} for row in _rows("r", "", {"kd": [0.80, 0.82]})]
+    (table,) = aggregate(pd.DataFrame(rows)).values()
+    by_method = table.set_index("method")
+    assert by_method.loc["kd", "delta_vs_vanilla"] == pytest.approx(0.10) and pd.isna(by_method.loc["kd", "delta_std"])
+    assert by_method.loc["vanilla", "test"] == "Welch"  # compared with the best (kd) without a common seed
