@@ -11,6 +11,11 @@ once per thing it provides::
     def register_methods(register):
         register(Method(name="mine", loss=my_loss, description="..."))
 
+A hook takes one argument, named ``register`` (pluggy passes it by name); a misnamed hook or
+argument is refused with one line, and a module that registers nothing is shown as ``empty`` with a
+warning. Names are unique per distribution; a name two distributions register is usable only as
+``DIST:NAME`` until one is removed (see :mod:`kdbench.core.plugins`).
+
 A module may declare ``KDBENCH_API = 1`` (the API version it targets); a plugin targeting a
 different major version is refused with a message and the rest of kdbench keeps working.
 """

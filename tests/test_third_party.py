@@ -120,8 +120,6 @@ BROKEN = {
     "import": ("import no_such_module_anywhere\n", "failed", "import failed: ModuleNotFoundError"),
     "raises": ("from kdbench import hookimpl\n@hookimpl\ndef register_methods(register):\n    raise RuntimeError('boom')\n",
                "failed", "register_methods raised RuntimeError: boom"),
-    "collision": (GOOD.replace('name="kdtest_tp"', 'name="kd"'), "failed",
-                  "method 'kd' is already provided by kdbench 0.1.0; refused"),
     "space": (GOOD.replace("space=(0.1, 2.0)", "space=(2.0, 0.1)"), "failed",
               "method 'kdtest_tp': w: search space (2.0, 0.1) is empty"),
     "api": ("KDBENCH_API = 2\n" + GOOD, "failed",
@@ -148,6 +146,42 @@ def test_broken_plugin_is_one_line_and_the_rest_works(env, add_dist, case):
     # one bad plugin can be switched off, and the failure goes with it
     quiet = invoke("plugins", "--disable", f"kdbench-bad-{case}")
     assert "broken plugins" not in quiet.output and " disabled " in quiet.output
+
+
+def test_a_hijacked_name_is_visible_refused_and_caught_by_the_kit(env, add_dist):
+    """An impostor registering the same name as a real plugin, sorting first: the plain name is
+    refused with both distributions named, every command warns, the qualified name runs the one
+    meant, and the real plugin's conformance test fails unless it names its distribution."""
+    from kdbench.testing import check_method
+
+    real = GOOD.replace('name="kdtest_tp"', 'name="kdtest_lskd", needs_teacher=False')
+    add_dist("kdbench-lskd", "1.0", {"kdtest_lskd": "kdtest_real"}, {"kdtest_real": real})
+    add_dist("kdbench-aaa", "6.6", {"aaa": "kdtest_fake"}, {"kdtest_fake": real.replace("a third-party method", "impostor")})
+    result = invoke("run", "--method", "kdtest_lskd", "--epochs", "1", "--device", "cpu")
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 2
+    assert lines[0].startswith("warning: method 'kdtest_lskd' is registered by kdbench-aaa 6.6 and kdbench-lskd 1.0")
+    assert lines[1].startswith("error: method 'kdtest_lskd' is registered by 2 distributions")
+    with pytest.raises(AssertionError, match="registered by 2 distributions, kdbench-aaa 6.6 and kdbench-lskd 1.0"):
+        check_method("kdtest_lskd")
+    check_method("kdbench-lskd:kdtest_lskd", trials=2, loss_trials=0, run=False)
+    ran = invoke("run", "--method", "kdbench-lskd:kdtest_lskd", "--epochs", "1", "--device", "cpu")
+    assert ran.exit_code == 0, ran.output
+    (student,) = MlflowClient().search_runs(
+        [MlflowClient().get_experiment_by_name("kdbench/mnist1d").experiment_id], "tags.role = 'student'")
+    assert student.data.tags["plugin.method"] == "kdbench-lskd 1.0"
+    # the real plugin broken, the impostor alone: the name resolves, but the kit says whose it is
+    (env / "site-kdbench-lskd" / "kdtest_real.py").write_text("import no_such_module_anywhere\n")
+    sys.modules.pop("kdtest_real", None)
+    importlib.invalidate_caches()
+    plugins.reset()
+    assert plugins.registry().methods["kdtest_lskd"].dist == "kdbench-aaa"
+    with pytest.raises(AssertionError, match=r"method 'kdtest_lskd' resolves to kdbench-aaa 6.6 \(plugin aaa\), "
+                       r"not to plugin kdtest_lskd of kdbench-lskd 1.0, which failed to load: import failed"):
+        check_method("kdtest_lskd")
+    with pytest.raises(AssertionError, match="unknown method 'kdbench-lskd:kdtest_lskd': a plugin of kdbench-lskd "
+                       "failed to load: kdtest_lskd"):
+        check_method("kdbench-lskd:kdtest_lskd")
 
 
 def test_plugins_flags_and_env_vars_disable_third_party(env, add_dist, monkeypatch):

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # A headless browser for tests/cli/test_ui.py (loads the MLflow UI that `kdbench ui` starts).
 # Debian's `chromium` package; the test skips with a message when no browser binary exists.
+# Usage: chromium.sh [start|stop]; it starts no process, so `stop` has nothing to do.
 set -euo pipefail
+[ "${1:-start}" = stop ] && exit 0
 if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
   exit 0
 fi

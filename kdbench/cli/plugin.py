@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from kdbench.cli.options import KIND, data_option_flags, data_options
+from kdbench.cli.options import KIND, data_option_flags, data_options, parse_key_values
 from kdbench.errors import KdbenchError
 
 
@@ -42,18 +42,33 @@ def new_cmd(name, kind, directory):
 @click.argument("name")
 @click.option("--trials", type=int, default=50, show_default=True,
               help="Optuna trials sampled from a method's search space.")
-@data_option_flags(dir_help="Where a dataset's files are.")
-def check_cmd(kind, name, trials, data_dir, data_opts):
-    """Run the conformance kit (kdbench.testing) on an installed method, model or dataset."""
+@click.option("--dataset", default=None, help="A method: check it on this dataset [default: the embedded one].")
+@click.option("--teacher", default=None, help="A method: this teacher [default: the dataset's].")
+@click.option("--student", default=None, help="A method: this student [default: the dataset's].")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="A method: a hyperparameter fixed in every check (repeatable).")
+@data_option_flags(dir_help="Where the dataset's files are (checking a dataset, or a method on one).")
+def check_cmd(kind, name, trials, dataset, teacher, student, sets, data_dir, data_opts):
+    """Run the conformance kit (kdbench.testing) on an installed method, model or dataset.
+
+    NAME may be DIST:NAME (e.g. kdbench-mymethod:mymethod) to check the one your distribution
+    registers, and to fail when any of its plugins failed to load."""
     from kdbench import testing
 
+    pair = {"dataset": dataset, "teacher": teacher, "student": student}
+    given = [f"--{key}" for key, value in {**pair, "set": sets}.items() if value]
+    if kind != "method" and given:
+        raise KdbenchError(f"{', '.join(given)} apply to `kdbench plugin check method`, not to a {kind}")
+    options = data_options(data_dir, data_opts)
+    if kind == "model" and options:
+        raise KdbenchError("--data-dir/--data-option apply to checking a method or a dataset, not a model")
     try:
         if kind == "method":
-            testing.check_method(name, trials=trials)
+            testing.check_method(name, trials=trials, options=options, hparams=parse_key_values(sets), **pair)
         elif kind == "model":
             testing.check_model(name)
         else:
-            testing.check_dataset(name, options=data_options(data_dir, data_opts))
+            testing.check_dataset(name, options=options)
     except AssertionError as exc:
         raise KdbenchError(f"does not conform: {exc}") from None
     click.echo(f"ok: {kind} {name!r} conforms to the kdbench plugin contract")

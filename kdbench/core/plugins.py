@@ -8,10 +8,19 @@ Environment:
   ``KDBENCH_PLUGINS``  unset: load every plugin. Otherwise a comma list of entry-point or
                        distribution names to load besides kdbench's own (empty: built-ins only).
   ``KDBENCH_DISABLE``  a comma list of entry-point or distribution names never to load.
+
+Names: a method, model or dataset registered by one distribution is used by its name. A name
+registered by several distributions is *contested*: using it plainly is an error that names them
+all (kdbench's own built-ins excepted: their plain name stays kdbench's), and every command that
+loads the plugins warns while the conflict lasts. ``DIST:NAME`` (``kdbench-lskd:lskd``) always
+names the one from distribution ``DIST``.
 """
 from __future__ import annotations
 
+import inspect
+import logging
 import os
+import re
 from dataclasses import dataclass, field, replace
 from importlib.metadata import EntryPoint, entry_points
 
@@ -24,6 +33,14 @@ from kdbench.errors import KdbenchError, closest
 GROUP = "kdbench"
 CORE_DIST = "kdbench"
 KINDS = {"methods": Method, "models": Model, "datasets": Dataset}
+HOOKS = tuple(f"register_{kind}" for kind in KINDS)
+
+log = logging.getLogger("kdbench.plugins")
+
+
+def normalize(dist: str) -> str:
+    """A distribution name as pip compares them (PEP 503): ``Kdbench_LSKD`` → ``kdbench-lskd``."""
+    return re.sub(r"[-_.]+", "-", dist).lower()
 
 
 class _FromDistribution:
@@ -72,36 +89,102 @@ class PluginInfo(PluginRef):
 
     module: str
     hooks: tuple[str, ...]
-    status: str  # loaded | failed | disabled
+    status: str  # loaded | empty (loaded, registered nothing) | failed | disabled
 
 
 @dataclass
 class Registry:
+    """What the plugins registered. ``methods``/``models``/``datasets`` map each usable plain name
+    to its :class:`Entry`; a contested name (see the module's doc) is absent from them (unless
+    kdbench's own: then it maps to kdbench's) and kept, with every provider, in ``contested``.
+    :meth:`entry` also takes ``DIST:NAME``; :meth:`listing` gives the names to show."""
+
     methods: dict[str, Entry] = field(default_factory=dict)
     models: dict[str, Entry] = field(default_factory=dict)
     datasets: dict[str, Entry] = field(default_factory=dict)
     failures: list[Failure] = field(default_factory=list)
     plugins: list[PluginInfo] = field(default_factory=list)
     model_sources: dict[str, Entry] = field(default_factory=dict)  # prefix -> ModelSource entry
+    #: (kind, name) -> every provider, in load order, of a name registered by several distributions
+    contested: dict[tuple[str, str], list[Entry]] = field(default_factory=dict)
+    #: one line each: contested names, plugins that registered nothing (see :func:`warn`)
+    warnings: list[str] = field(default_factory=list)
 
     def entry(self, kind: str, name: str) -> Entry:
         table: dict[str, Entry] = getattr(self, kind)
-        if name not in table and kind == "models" and ":" in name:
-            return self._from_source(name)
-        if name not in table:
-            singular = kind[:-1]
-            hint = closest(name, table)
-            raise KdbenchError(
-                f"unknown {singular} {name!r}{hint} (see `kdbench list {kind}`)"
-            )
-        return table[name]
+        if name in table:
+            return table[name]
+        if (kind, name) in self.contested:
+            raise KdbenchError(contested_error(kind, name, self.contested[kind, name]))
+        if ":" in name:
+            prefix = name.split(":", 1)[0]
+            if normalize(prefix) in self._dists():
+                return self._qualified(kind, name)
+            if kind == "models":
+                return self._from_source(name)
+        singular = kind[:-1]
+        raise KdbenchError(
+            f"unknown {singular} {name!r}{closest(name, table)} (see `kdbench list {kind}`)"
+            + self._failure_hint(name)
+        )
+
+    def listing(self, kind: str) -> list[tuple[str, Entry]]:
+        """(the name to use, entry) for everything of ``kind``, sorted: plain names, and
+        ``DIST:NAME`` for each provider of a contested name whose plain name is not its own."""
+        rows = dict(getattr(self, kind))
+        for (contested_kind, name), entries in self.contested.items():
+            if contested_kind == kind:
+                for entry in entries:
+                    if rows.get(name) is not entry:
+                        rows[f"{entry.dist}:{name}"] = entry
+        return sorted(rows.items())
+
+    def _dists(self) -> dict[str, str]:
+        """normalized name -> name of every distribution that has a plugin entry point."""
+        return {normalize(plugin.dist): plugin.dist for plugin in self.plugins}
+
+    def _qualified(self, kind: str, name: str) -> Entry:
+        """``DIST:NAME``: the ``NAME`` that distribution ``DIST`` registered."""
+        prefix, plain = name.split(":", 1)
+        dist = normalize(prefix)
+        providers = self.contested.get((kind, plain)) or [
+            entry for entry in [getattr(self, kind).get(plain)] if entry is not None
+        ]
+        for entry in providers:
+            if normalize(entry.dist) == dist:
+                return entry
+        singular = kind[:-1]
+        failed = [failure.line() for failure in self.failures if normalize(failure.dist) == dist]
+        if failed:
+            raise KdbenchError(f"unknown {singular} {name!r}: a plugin of {self._dists()[dist]} failed to "
+                               f"load: {'; '.join(failed)}")
+        own = sorted(plain_name for plain_name, entry in self.listing(kind) if normalize(entry.dist) == dist)
+        raise KdbenchError(
+            f"unknown {singular} {name!r}: {self._dists()[dist]} registers no {singular} {plain!r} "
+            f"(its {kind}: {', '.join(own) or 'none'})"
+        )
+
+    def _failure_hint(self, name: str) -> str:
+        """``; plugin … failed to load: …`` for the failed plugins that may have provided ``name``
+        (those whose entry point, distribution or error names it; else every failed one)."""
+        if not self.failures:
+            return ""
+        plain = name.split(":", 1)[-1]
+        related = [failure for failure in self.failures
+                   if plain in (failure.plugin, normalize(failure.dist).removeprefix("kdbench-"))
+                   or repr(plain) in failure.error]
+        shown = related or self.failures
+        label = "it may come from a plugin that failed to load" if related else \
+            f"{len(shown)} plugin(s) failed to load and may provide it"
+        return f"; {label}: " + "; ".join(failure.line() for failure in shown)
 
     def _from_source(self, name: str) -> Entry:
         """``PREFIX:NAME`` from a registered :class:`ModelSource`, resolved once and kept."""
         prefix, rest = name.split(":", 1)
         if prefix not in self.model_sources:
             known = ", ".join(f"{p}:NAME" for p in self.model_sources) or "none registered"
-            raise KdbenchError(f"unknown model source {prefix!r} in {name!r} (model sources: {known})")
+            raise KdbenchError(f"unknown model source {prefix!r} in {name!r} (model sources: {known})"
+                               + self._failure_hint(prefix))
         src = self.model_sources[prefix]
         try:
             model = src.obj.resolve(rest)
@@ -124,6 +207,31 @@ class Registry:
 
     def dataset(self, name: str) -> Dataset:
         return self.entry("datasets", name).obj
+
+
+def _choices(name: str, entries: list[Entry]) -> str:
+    return " or ".join(f"`{entry.dist}:{name}`" for entry in entries)
+
+
+def contested_error(kind: str, name: str, entries: list[Entry]) -> str:
+    """The error for a plain contested name: who provides it, and how to pick one."""
+    sources = " and ".join(entry.source for entry in entries)
+    others = ",".join(entry.dist for entry in entries[1:])
+    return (f"{kind[:-1]} {name!r} is registered by {len(entries)} distributions, {sources}: name the "
+            f"one you mean, {_choices(name, entries)}, or uninstall or disable the other "
+            f"(e.g. KDBENCH_DISABLE={others})")
+
+
+def contested_warning(kind: str, name: str, entries: list[Entry], winner: Entry | None) -> str:
+    """The one-line warning shown by every command while ``name`` is contested."""
+    sources = " and ".join(entry.source for entry in entries)
+    if winner is not None:
+        others = [entry for entry in entries if entry is not winner]
+        return (f"{kind[:-1]} {name!r} is registered by {sources}; {name!r} is {winner.dist}'s own, "
+                f"the other is {_choices(name, others)} (disable it: KDBENCH_DISABLE="
+                f"{','.join(entry.dist for entry in others)})")
+    return (f"{kind[:-1]} {name!r} is registered by {sources}; plain {name!r} is refused until one "
+            f"is uninstalled or disabled (KDBENCH_DISABLE=DIST) — use {_choices(name, entries)}")
 
 
 def _split_env(name: str) -> set[str] | None:
@@ -173,34 +281,81 @@ def load(eps=None, *, disable=(), only=None) -> Registry:
     eps = list(entry_points(group=GROUP) if eps is None else eps)
     # kdbench's own plugins first, then the rest in a stable order: collisions are deterministic.
     eps.sort(key=lambda ep: (_dist_of(ep)[0] != CORE_DIST, _dist_of(ep)[0], ep.name))
+    providers: dict[tuple[str, str], list[Entry]] = {}
     for ep in eps:
         dist, version = _dist_of(ep)
         info = dict(plugin=ep.name, dist=dist, version=version, module=ep.value)
         if not _wanted(ep, dist, disable, only):
             reg.plugins.append(PluginInfo(**info, hooks=(), status="disabled"))
             continue
-        error, hooks = _load_one(pm, ep, reg, dist, version)
+        error, hooks, count = _load_one(pm, ep, reg, providers, dist, version)
         if error:
             reg.failures.append(Failure(ep.name, dist, version, error))
-        reg.plugins.append(PluginInfo(**info, hooks=hooks, status="failed" if error else "loaded"))
+        status = "failed" if error else "loaded" if count else "empty"
+        if status == "empty":
+            what = ("implements none of kdbench's hooks (" + ", ".join(HOOKS) + ") — mark them with "
+                    "@kdbench.hookimpl" if not hooks else f"{', '.join(hooks)} registered nothing — call "
+                    "register(...) once per thing it provides")
+            reg.warnings.append(f"plugin {ep.name} ({dist} {version}, module {ep.value}) {what}")
+        reg.plugins.append(PluginInfo(**info, hooks=hooks, status=status))
+    _settle(reg, providers)
     return reg
 
 
-def _load_one(pm, ep, reg: Registry, dist: str, version: str) -> tuple[str | None, tuple]:
+def _settle(reg: Registry, providers: dict[tuple[str, str], list[Entry]]) -> None:
+    """Fill the name tables: a name of one distribution is used plainly; one of several is
+    contested (kdbench's own keeps its plain name) and warned about."""
+    for (kind, name), entries in providers.items():
+        table = getattr(reg, kind)
+        if len(entries) == 1:
+            table[name] = entries[0]
+            continue
+        reg.contested[kind, name] = entries
+        winner = next((entry for entry in entries if entry.dist == CORE_DIST), None)
+        if winner is not None:
+            table[name] = winner
+        reg.warnings.append(contested_warning(kind, name, entries, winner))
+
+
+def _hook_problem(module) -> str | None:
+    """One line for a hook pluggy would refuse with several: an unknown hook name, or a hook
+    whose argument is not ``register``."""
+    for attr in dir(module):
+        function = getattr(module, attr, None)
+        if not callable(function) or getattr(function, f"{GROUP}_impl", None) is None:
+            continue
+        if attr not in HOOKS:
+            return (f"{attr} is not a kdbench hook (kdbench's hooks: {', '.join(HOOKS)}); "
+                    "rename it or drop its @hookimpl")
+        try:
+            params = inspect.signature(function).parameters.values()
+        except (TypeError, ValueError):
+            return None  # let pluggy decide
+        args = [p.name for p in params if p.default is p.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if tuple(args) not in ((), ("register",)):
+            return f"{attr}({', '.join(args)}): a kdbench hook takes one argument, named `register`"
+    return None
+
+
+def _load_one(pm, ep, reg: Registry, providers: dict, dist: str,
+              version: str) -> tuple[str | None, tuple, int]:
+    """Load one entry point; (error or None, the hooks it implements, how many things it registered)."""
     try:
         module = ep.load()
     except Exception as exc:  # a plugin that fails to import must not take kdbench down
-        return f"import failed: {type(exc).__name__}: {exc}", ()
-    problem = _api_problem(module)
+        return f"import failed: {type(exc).__name__}: {exc}", (), 0
+    problem = _api_problem(module) or _hook_problem(module)
     if problem:
-        return problem, ()
+        return problem, (), 0
     try:
         pm.register(module, name=f"{dist}:{ep.name}")
         pm.check_pending()
     except Exception as exc:
         if pm.is_registered(module):
             pm.unregister(module)
-        return f"invalid hooks: {exc}", ()
+        first = str(exc).strip().splitlines()
+        return f"invalid hooks: {first[0] if first else type(exc).__name__}", (), 0
     impls = [
         (kind, impl)
         for kind in KINDS
@@ -208,6 +363,7 @@ def _load_one(pm, ep, reg: Registry, dist: str, version: str) -> tuple[str | Non
         if impl.plugin is module
     ]
     errors = []
+    count = 0
     for kind, impl in impls:
         staged: dict[str, object] = {}
 
@@ -220,17 +376,25 @@ def _load_one(pm, ep, reg: Registry, dist: str, version: str) -> tuple[str | Non
             errors.append(f"register_{kind} raised {type(exc).__name__}: {exc}")
             continue
         for name, obj in staged.items():
-            table = reg.model_sources if isinstance(obj, ModelSource) else getattr(reg, kind)
-            name = name.removesuffix(":*")
-            if name in table:
-                other = table[name]
-                errors.append(
-                    f"{kind[:-1]} {name!r} is already provided by {other.source}; refused "
-                    f"(rename it, or disable one with KDBENCH_DISABLE={ep.name})"
-                )
-            else:
-                table[name] = Entry(obj, ep.name, dist, version)
-    return ("; ".join(errors) or None), tuple(f"register_{kind}" for kind, _ in impls)
+            entry = Entry(obj, ep.name, dist, version)
+            if isinstance(obj, ModelSource):
+                name = name.removesuffix(":*")
+                if name in reg.model_sources:
+                    errors.append(f"model source {name!r} is already provided by "
+                                  f"{reg.model_sources[name].source}; refused (rename its prefix, or "
+                                  f"disable one with KDBENCH_DISABLE={ep.name})")
+                else:
+                    reg.model_sources[name] = entry
+                    count += 1
+                continue
+            same = [other for other in providers.get((kind, name), []) if other.dist == dist]
+            if same:
+                errors.append(f"{kind[:-1]} {name!r} is already provided by {same[0].plugin} of the "
+                              f"same distribution ({dist}); refused (rename one)")
+                continue
+            providers.setdefault((kind, name), []).append(entry)
+            count += 1
+    return ("; ".join(errors) or None), tuple(f"register_{kind}" for kind, _ in impls), count
 
 
 def _register(reg: Registry, kind: str, obj, staged: dict, dist: str) -> None:
@@ -255,11 +419,19 @@ _REGISTRY: Registry | None = None
 
 
 def registry() -> Registry:
-    """The process-wide registry, loaded on first use."""
+    """The process-wide registry, loaded on first use (its warnings logged then, once)."""
     global _REGISTRY
     if _REGISTRY is None:
         _REGISTRY = load()
+        warn(_REGISTRY)
     return _REGISTRY
+
+
+def warn(reg: Registry) -> None:
+    """Log the registry's warnings, one line each, on the ``kdbench`` logger (the CLI prints
+    them as ``warning: …`` on stderr)."""
+    for line in reg.warnings:
+        log.warning(line)
 
 
 def reset() -> None:

@@ -30,6 +30,7 @@ def check_method(
     dataset: str | None = None,
     teacher: str | None = None,
     student: str | None = None,
+    options: Mapping[str, Any] | None = None,
     hparams: Mapping[str, Any] | None = None,
     trials: int = 50,
     loss_trials: int = 3,
@@ -39,9 +40,11 @@ def check_method(
 ) -> None:
     """Check a method's contract; raise AssertionError saying what to fix.
 
-    ``name`` is a registered method name (or a :class:`Method` not registered yet). It is checked
+    ``name`` is a registered method name, ``DIST:NAME`` to insist that your distribution ``DIST``
+    provides it (or a :class:`Method` not registered yet). It is checked
     on ``dataset``/``teacher``/``student`` (default: the embedded dataset and its default pair,
-    MNIST-1D with cnn1d_4x32 → cnn1d_2x16), with an *untrained* teacher:
+    MNIST-1D with cnn1d_4x32 → cnn1d_2x16), with an *untrained* teacher; ``options`` are the
+    dataset's load options (e.g. ``{"data_dir": "~/data"}``, as ``--data-dir``):
 
     * declaration: every hyperparameter's default, valid range and search space; ``trials``
       Optuna trials sampled from the search space, each value checked;
@@ -61,8 +64,9 @@ def check_method(
     sampled = sample_hparams(fail, method, trials, seed)
 
     def plan_for(setting: Mapping[str, Any]):
-        config = RunConfig(method=method.name, dataset=dataset, teacher=teacher, student=student,
-                           hparams=dict(setting), recipe={"epochs": 1}, seed=seed, device="cpu")
+        config = RunConfig(method=name if isinstance(name, str) else method.name, dataset=dataset, teacher=teacher, student=student,
+                           hparams=dict(setting), recipe={"epochs": 1}, seed=seed, device="cpu",
+                           data_options=dict(options or {}))
         return _small_plan(fail, config, reg, samples)
 
     device = torch.device("cpu")

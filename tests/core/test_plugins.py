@@ -1,4 +1,5 @@
 """Plugin discovery through entry points: built-ins, broken plugins, collisions, env vars."""
+import pytest
 from click.testing import CliRunner
 
 from kdbench.core import plugins
@@ -58,14 +59,80 @@ def test_hook_that_raises_is_reported(env, add_dist):
     assert "kd" in reg.methods
 
 
-def test_name_collision_names_both_distributions_and_refuses(env, add_dist):
+def test_builtin_name_taken_by_another_distribution_stays_kdbench_and_warns(env, add_dist):
     add_dist("kdbench-evil", "9.9", {"evil": "kdtest_evil"},
              {"kdtest_evil": GOOD.replace('name="kdtest_good"', 'name="kd"')})
     reg = plugins.registry()
     assert reg.methods["kd"].dist == "kdbench"  # the built-in is not shadowed
+    assert reg.failures == []
+    assert reg.entry("methods", "kdbench-evil:kd").dist == "kdbench-evil"
+    assert reg.entry("methods", "kdbench:kd").dist == "kdbench"
+    (warning,) = reg.warnings
+    assert warning == ("method 'kd' is registered by kdbench 0.1.0 and kdbench-evil 9.9; 'kd' is "
+                       "kdbench's own, the other is `kdbench-evil:kd` (disable it: "
+                       "KDBENCH_DISABLE=kdbench-evil)")
+    plugins.reset()
+    listed = CliRunner().invoke(main, ["list", "methods"]).output
+    assert listed.startswith(f"warning: {warning}\n")
+    rows = [line.split()[0] for line in listed.splitlines() if line.strip().split(" ")[0] in ("kd", "kdbench-evil:kd")]
+    assert rows == ["kd", "kdbench-evil:kd"]
+
+
+LSKD = GOOD.replace('name="kdtest_good"', 'name="kdtest_lskd"')
+
+
+def test_contested_name_is_refused_at_use_naming_both_and_qualified_names_pick_one(env, add_dist):
+    add_dist("kdbench-lskd", "1.0", {"kdtest_lskd": "kdtest_real"}, {"kdtest_real": LSKD})
+    add_dist("kdbench-aaa-impostor", "6.6", {"lskd2": "kdtest_fake"},
+             {"kdtest_fake": LSKD.replace("a third-party method", "an impostor")})
+    reg = plugins.registry()
+    assert "kdtest_lskd" not in reg.methods and reg.failures == []
+    assert [e.dist for e in reg.contested["methods", "kdtest_lskd"]] == ["kdbench-aaa-impostor", "kdbench-lskd"]
+    assert reg.entry("methods", "kdbench-lskd:kdtest_lskd").obj.description == "a third-party method"
+    assert reg.entry("methods", "kdbench_LSKD:kdtest_lskd").dist == "kdbench-lskd"  # pip's name rules
+    assert reg.entry("methods", "kdbench-aaa-impostor:kdtest_lskd").obj.description == "an impostor"
+    runner = CliRunner()
+    result = runner.invoke(main, ["show", "method", "kdtest_lskd"])
+    assert result.exit_code == 1
+    error = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert error == ["error: method 'kdtest_lskd' is registered by 2 distributions, kdbench-aaa-impostor "
+                     "6.6 and kdbench-lskd 1.0: name the one you mean, `kdbench-aaa-impostor:kdtest_lskd` "
+                     "or `kdbench-lskd:kdtest_lskd`, or uninstall or disable the other (e.g. "
+                     "KDBENCH_DISABLE=kdbench-lskd)"]
+    shown = runner.invoke(main, ["show", "method", "kdbench-lskd:kdtest_lskd"])
+    assert shown.exit_code == 0 and "a third-party method  (kdbench-lskd 1.0)" in shown.output
+    # the warning on every command that loads the plugins, one line
+    plugins.reset()
+    listed = runner.invoke(main, ["list", "methods"])
+    warnings = [line for line in listed.output.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: method 'kdtest_lskd' is registered by kdbench-aaa-impostor 6.6 and "
+                        "kdbench-lskd 1.0; plain 'kdtest_lskd' is refused until one is uninstalled or "
+                        "disabled (KDBENCH_DISABLE=DIST) — use `kdbench-aaa-impostor:kdtest_lskd` or "
+                        "`kdbench-lskd:kdtest_lskd`"]
+    names = [line.split()[0] for line in listed.output.splitlines() if "kdtest_lskd" in line and not line.startswith("warning")]
+    assert names == ["kdbench-aaa-impostor:kdtest_lskd", "kdbench-lskd:kdtest_lskd"]
+    # the plan (what run, tune and bench use) takes the qualified name; the unknown one is explained
+    from kdbench.core.plan import RunConfig, make_plan
+
+    plan = make_plan(RunConfig(method="kdbench-lskd:kdtest_lskd"), plugins.registry())
+    assert plan.method.dist == "kdbench-lskd"
+    unknown = runner.invoke(main, ["show", "method", "kdbench-lskd:nope"])
+    assert "error: unknown method 'kdbench-lskd:nope': kdbench-lskd registers no method 'nope' " \
+           "(its methods: kdbench-lskd:kdtest_lskd)" in unknown.output
+    # disabling one settles it: the plain name works again and the warning is gone
+    disabled = runner.invoke(main, ["plugins", "--disable", "kdbench-aaa-impostor"])
+    assert "warning" not in disabled.output
+
+
+def test_same_name_twice_in_one_distribution_is_refused(env, add_dist):
+    add_dist("kdbench-twice", "1.0", {"one": "kdtest_one", "two": "kdtest_two"},
+             {"kdtest_one": GOOD, "kdtest_two": GOOD})
+    reg = plugins.registry()
+    assert reg.methods["kdtest_good"].plugin == "one"
     (failure,) = reg.failures
-    assert failure.dist == "kdbench-evil"
-    assert "method 'kd' is already provided by kdbench" in failure.error
+    assert failure.plugin == "two"
+    assert failure.error == ("method 'kdtest_good' is already provided by one of the same distribution "
+                             "(kdbench-twice); refused (rename one)")
 
 
 def test_env_var_restricts_to_builtins(env, add_dist, monkeypatch):
@@ -102,3 +169,60 @@ def test_unknown_name_suggests_the_closest(env):
     assert result.exit_code == 1
     assert result.output.strip().startswith("error: unknown method 'kdd'; did you mean kd")
     assert result.output.strip().endswith("? (see `kdbench list methods`)")
+
+
+def test_unknown_name_mentions_the_failed_plugin_that_may_provide_it(env, add_dist):
+    add_dist("kdbench-lskd", "1.0", {"lskd": "kdtest_broken"}, {"kdtest_broken": "import no_such_module_anywhere\n"})
+    result = CliRunner().invoke(main, ["show", "method", "lskd"])
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        "error: unknown method 'lskd'; did you mean kd or rkd or dkd? (see `kdbench list methods`); it may come from a plugin that failed "
+        "to load: lskd (kdbench-lskd 1.0): import failed: ModuleNotFoundError: No module named "
+        "'no_such_module_anywhere'")
+    other = CliRunner().invoke(main, ["show", "method", "zzz"])
+    assert other.output.strip().endswith(
+        "(see `kdbench list methods`); 1 plugin(s) failed to load and may provide it: lskd "
+        "(kdbench-lskd 1.0): import failed: ModuleNotFoundError: No module named 'no_such_module_anywhere'")
+
+
+EMPTY = {
+    "nohooks": ("def register_methods(register):\n    pass\n",
+                "implements none of kdbench's hooks (register_methods, register_models, register_datasets) "
+                "— mark them with @kdbench.hookimpl"),
+    "registers_nothing": ("from kdbench import hookimpl\n@hookimpl\ndef register_methods(register):\n    pass\n",
+                          "register_methods registered nothing — call register(...) once per thing it provides"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EMPTY))
+def test_entry_point_that_registers_nothing_is_shown_empty_with_a_warning(env, add_dist, case):
+    src, why = EMPTY[case]
+    add_dist("kdbench-empty", "0.1", {"empty": "kdtest_empty"}, {"kdtest_empty": src})
+    reg = plugins.registry()
+    assert reg.failures == []
+    assert reg.warnings == [f"plugin empty (kdbench-empty 0.1, module kdtest_empty) {why}"]
+    plugins.reset()
+    out = CliRunner().invoke(main, ["plugins"]).output
+    (row,) = [line for line in out.splitlines() if line.startswith("empty ")]
+    assert row.split()[3] == "empty"
+    assert f"warning: plugin empty (kdbench-empty 0.1, module kdtest_empty) {why}" in out
+
+
+BAD_HOOKS = {
+    "argument": ("def register_methods(regster):\n    pass\n",
+                 "register_methods(regster): a kdbench hook takes one argument, named `register`"),
+    "hook name": ("def register_method(register):\n    pass\n",
+                  "register_method is not a kdbench hook (kdbench's hooks: register_methods, "
+                  "register_models, register_datasets); rename it or drop its @hookimpl"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_HOOKS))
+def test_misdeclared_hook_is_one_line(env, add_dist, case):
+    src, error = BAD_HOOKS[case]
+    add_dist("kdbench-hooky", "0.1", {"hooky": "kdtest_hooky"},
+             {"kdtest_hooky": "from kdbench import hookimpl\n@hookimpl\n" + src})
+    (failure,) = plugins.registry().failures
+    assert failure.error == error
+    listed = CliRunner().invoke(main, ["list", "methods"]).output
+    assert f"  hooky (kdbench-hooky 0.1): {error}\n" in listed

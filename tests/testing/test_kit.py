@@ -4,7 +4,7 @@ from kdbench.testing import check_dataset, check_method, check_model
 
 
 def test_public_names():
-    assert kdbench.testing.__all__ == ["check_method", "check_model", "check_dataset"]
+    assert kdbench.testing.__all__ == ["check_method", "check_model", "check_dataset", "make_step"]
     assert kdbench.testing.__doc__.startswith("A conformance kit for plugin authors")
 
 
