@@ -10,7 +10,7 @@ plugin's method may use them too.
   :func:`check_classes` (each raises a one-line :class:`~kdbench.errors.KdbenchError` naming the
   method);
 * connectors (the method's extra modules): :func:`conv`, :func:`batch_norm`,
-  :func:`spatial_ratio`, :func:`set_identity`.
+  :func:`conv_regressor` (RepDistiller's ConvReg), :func:`spatial_ratio`, :func:`set_identity`.
 
 Conventions: ``z`` are logits [B, classes]; a feature map is [B, C, L] (1-D) or [B, C, H, W]
 (2-D) and ``dims`` is its number of spatial axes; ``step`` is a :class:`kdbench.contracts.Step`,
@@ -29,7 +29,8 @@ from kdbench.errors import KdbenchError
 
 __all__ = [
     "ATTENTION_MAPPINGS", "STAGE_TAPS", "adaptive_pool", "as_vectors", "attention", "batch_norm", "ce",
-    "ce_plus_optional_kd", "ce_weight", "check_classes", "check_pool", "check_stages", "conv", "frozen",
+    "ce_plus_optional_kd", "ce_weight", "check_classes", "check_pool", "check_stages", "conv", "conv_regressor",
+    "frozen",
     "hinton_kd", "kd_term", "match_size", "set_identity", "spatial_ratio", "stage_names", "stage_outputs",
 ]
 
@@ -214,3 +215,32 @@ def set_identity(module: nn.Module) -> None:
         w[(c, c) + (0,) * (w.dim() - 2)] = 1.0
     if module.bias is not None:
         module.bias.data.zero_()
+
+
+def conv_regressor(s_shape, t_shape, relu: bool = True) -> nn.Module:
+    """RepDistiller's convolutional regressor (``models/util.py`` ConvReg) from a student map of
+    per-sample shape ``s_shape`` [C_s, *spatial] to the teacher's ``t_shape``: a conv with bias, then
+    BN (then ReLU when ``relu``). Same size: 1×1; student 2× larger: 3×3 stride 2 (padding 1);
+    2× smaller: 4×4 stride-2 transposed conv (padding 1); otherwise larger: a valid conv of kernel
+    1 + s − t per axis; r× smaller (integer r ≠ 2, a kdbench extension): an r×r stride-r transposed
+    conv. Raises :class:`KdbenchError` for any other pair of sizes."""
+    dims = len(s_shape) - 1
+    c_s, c_t = s_shape[0], t_shape[0]
+    s_size, t_size = tuple(s_shape[1:]), tuple(t_shape[1:])
+    conv_cls = nn.Conv1d if dims == 1 else nn.Conv2d
+    transposed = nn.ConvTranspose1d if dims == 1 else nn.ConvTranspose2d
+    ratio = spatial_ratio(s_size, t_size)
+    if s_size == t_size:
+        layer = conv_cls(c_s, c_t, 1)
+    elif ratio == 2:
+        layer = conv_cls(c_s, c_t, 3, 2, 1)
+    elif ratio == 0.5:
+        layer = transposed(c_s, c_t, 4, 2, 1)
+    elif all(s >= t for s, t in zip(s_size, t_size)):
+        layer = conv_cls(c_s, c_t, tuple(1 + s - t for s, t in zip(s_size, t_size)))
+    elif ratio is not None and ratio < 1:
+        k = round(1 / ratio)
+        layer = transposed(c_s, c_t, k, k)
+    else:
+        raise KdbenchError(f"no regressor maps a {tuple(s_shape)} student map onto a {tuple(t_shape)} teacher map")
+    return nn.Sequential(layer, batch_norm(dims, c_t), *([nn.ReLU()] if relu else []))

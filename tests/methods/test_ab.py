@@ -1,4 +1,5 @@
 """ab: the activation-boundary margin loss against a loop, and its CE-only main stage."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,9 +25,8 @@ def _ab_loop(s, t, m):
 def test_ab_margin_loss_matches_loop(dims):
     s_shp, t_shp = shapes(dims, c_s=3, c_t=3)
     mods = ab.build(probe_of("ab", s_shp, t_shp))
-    for seq in mods:
-        set_identity(seq[0])
-        eval_identity_bn(seq[1])
+    # RepDistiller's Connector: the identity where the student map already has the teacher's shape
+    assert all(isinstance(m, torch.nn.Identity) for m in mods)
     g = torch.Generator().manual_seed(0)
     s_f, t_f = feats(s_shp, 4, g), feats(t_shp, 4, g)
     step = make_step("ab", Outputs(torch.zeros(4, 5), s_f), Outputs(torch.zeros(4, 5), t_f), torch.zeros(4, dtype=torch.long), mods, stage="init", margin=0.5)
@@ -49,3 +49,23 @@ def test_ab_main_stage_is_ce_only_by_default():
     terms = ab.METHODS[0].loss(make_step("ab", Outputs(z, {}), Outputs(torch.randn(3, 5), {}), y, None))
     assert set(terms) == {"ce"}
     assert terms["ce"].item() == pytest.approx(-F.log_softmax(z, 1)[range(3), y].mean().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_ab_connector_where_shapes_differ_is_conv_with_bias_and_bn(dims):
+    # RepDistiller models/util.py Connector: ConvReg(s, t, use_relu=False) — conv (bias) + BN, no ReLU
+    s_shp, t_shp = shapes(dims, c_s=3, c_t=5)
+    mods = ab.build(probe_of("ab", s_shp, t_shp))
+    for seq in mods:
+        assert [type(m).__name__ for m in seq] == [f"Conv{dims}d", f"BatchNorm{dims}d"]
+        assert seq[0].bias is not None and seq[0].kernel_size == (1,) * dims
+        set_identity(seq[0])
+        eval_identity_bn(seq[1])
+    g = torch.Generator().manual_seed(0)
+    s_f, t_f = feats(s_shp, 2, g), feats(t_shp, 2, g)
+    step = make_step("ab", Outputs(torch.zeros(2, 5), s_f), Outputs(torch.zeros(2, 5), t_f),
+                     torch.zeros(2, dtype=torch.long), mods, stage="init")
+    pad = lambda a: np.concatenate([a, np.zeros((a.shape[0], 2) + a.shape[2:], a.dtype)], 1)  # noqa: E731
+    want = (0.5 * _ab_loop(pad(s_f["stage1_pre"].numpy()), t_f["stage1_pre"].numpy(), 1.0)
+            + _ab_loop(pad(s_f["stage2_pre"].numpy()), t_f["stage2_pre"].numpy(), 1.0)) / 2 * 3 / 1000
+    assert ab.init_loss(step)["ab"].item() == pytest.approx(want, rel=1e-5)

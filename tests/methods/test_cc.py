@@ -1,4 +1,5 @@
-"""cc: the Taylor-RBF correlation congruence against explicit sums and the exact kernel."""
+"""cc: RepDistiller's consecutive-sample correlation (default) and the paper's Taylor-RBF correlation
+congruence (variant) against explicit sums and the exact kernel."""
 import math
 
 import numpy as np
@@ -39,12 +40,12 @@ def test_cc_value_against_exact_rbf_and_taylor():
     def exact(e, g):
         return np.array([[math.exp(-g * ((e[i] - e[j]) ** 2).sum()) for j in range(5)] for i in range(5)])
 
-    st = step_of("cc", {"pool": fs}, {"pool": ft}, modules=mods)
+    st = step_of("cc", {"pool": fs}, {"pool": ft}, modules=mods, variant="paper", paper_weight=0.02)
     got = method("cc").loss(st)["cc"].item()
     ref = 0.02 * ((taylor(es, 0.4, 2) - taylor(et, 0.4, 2)) ** 2).sum() / 25
     assert got == pytest.approx(ref, rel=1e-4)
     # a high order reproduces the exact Gaussian RBF on unit vectors
-    st = step_of("cc", {"pool": fs}, {"pool": ft}, modules=mods, order=12, weight=1.0)
+    st = step_of("cc", {"pool": fs}, {"pool": ft}, modules=mods, order=12, variant="paper")
     ref_exact = ((exact(es, 0.4) - exact(et, 0.4)) ** 2).sum() / 25
     assert method("cc").loss(st)["cc"].item() == pytest.approx(ref_exact, rel=1e-4)
 
@@ -55,3 +56,19 @@ def test_cc_zero_when_embeddings_equal():
     f = rnd(4, 6)
     st = step_of("cc", {"pool": f}, {"pool": f.detach().clone()}, modules=mods)
     assert method("cc").loss(st)["cc"].item() == 0.0
+
+
+def test_cc_default_is_repdistillers_consecutive_correlation():
+    # RepDistiller distiller_zoo/CC.py Correlation on LinearEmbed outputs (no normalisation):
+    # delta = |f_s − f_t|; loss = mean((delta[:-1] * delta[1:]).sum(1)); weight -b 0.02
+    mods = cc_probe_modules()
+    fs, ft = rnd(5, 6), rnd(5, 10, grad=False, seed=4)
+    es = npy(fs) @ npy(mods["embed_s"].weight).T + npy(mods["embed_s"].bias)
+    et = npy(ft) @ npy(mods["embed_t"].weight).T + npy(mods["embed_t"].bias)
+    total = 0.0
+    for i in range(4):
+        total += sum(abs(es[i, d] - et[i, d]) * abs(es[i + 1, d] - et[i + 1, d]) for d in range(128))
+    got = method("cc").loss(step_of("cc", {"pool": fs}, {"pool": ft}, modules=mods))
+    assert got["cc"].item() == pytest.approx(0.02 * total / 4, rel=1e-4)
+    one = method("cc").loss(step_of("cc", {"pool": fs[:1]}, {"pool": ft[:1]}, modules=mods))
+    assert one["cc"].item() == 0.0  # a batch of one has no consecutive pair

@@ -54,7 +54,7 @@ def test_combined_at_kd_namespaces_hparams_and_counts_ce_once():
 
 def test_combined_method_keeps_modules_stages_and_data_of_its_parts():
     reg = plugins.registry()
-    plan = make_plan(RunConfig(method="fitnets+dml"), reg)
+    plan = make_plan(RunConfig(method="fitnets+dml", hparams={"fitnets.variant": "paper"}), reg)  # the hint stage
     m = plan.method_obj
     assert m.peers is not None and m.stages is not None and m.needs_teacher
     stages = m.stages(SimpleNamespace(**plan.hp))

@@ -32,17 +32,41 @@ def test_reviewkd_hcl_matches_pyramid_by_hand():
 
 
 @pytest.mark.parametrize("dims", [1, 2])
-def test_reviewkd_fusion_shapes_and_warmup(dims):
+def test_reviewkd_reviews_stages_and_pooled_vector_against_teacher_preactivations(dims):
+    # mdistiller ReviewKD.py: student feats + pooled feat (as 1×1), abfs built deep → shallow,
+    # mid = min(512, in_channels[-1]); teacher preact_feats[1:] + pooled feat; HCL summed
     s_shp, t_shp = shapes(dims)
-    mods = reviewkd.build(probe_of("reviewkd", s_shp, t_shp, mid=5))
-    assert mods[0].att is not None and mods[1].att is None  # the deepest stage has nothing to fuse
+    probe = probe_of("reviewkd", s_shp, t_shp)
+    mods = reviewkd.build(probe)
+    pool_c = s_shp["pool"][0]
+    assert len(mods) == 3 and [m.att is None for m in mods] == [False, False, True]  # the deepest fuses nothing
+    assert mods[0].reduce[0].out_channels == min(512, pool_c)
+    assert [m.out[0].out_channels for m in mods] == [6, 6, t_shp["pool"][0]]
     g = torch.Generator().manual_seed(0)
     s_f, t_f = feats(s_shp, 2, g), feats(t_shp, 2, g)
-    out, res = mods[1](s_f["stage2"])
-    assert out.shape == t_f["stage2"].shape and res.shape[1] == 5
-    out1, _ = mods[0](s_f["stage1"], res)
-    assert out1.shape == t_f["stage1"].shape
     y = torch.zeros(2, dtype=torch.long)
-    r0 = reviewkd.loss(make_step("reviewkd", Outputs(torch.zeros(2, 5), s_f), Outputs(torch.zeros(2, 5), t_f), y, mods, epoch=0, warmup=4))["review"]
-    r3 = reviewkd.loss(make_step("reviewkd", Outputs(torch.zeros(2, 5), s_f), Outputs(torch.zeros(2, 5), t_f), y, mods, epoch=5, warmup=4))["review"]
-    assert r0.item() == pytest.approx(r3.item() / 4, rel=1e-5)
+    step = make_step("reviewkd", Outputs(torch.zeros(2, 5), s_f), Outputs(torch.zeros(2, 5), t_f), y, mods, epoch=300)
+    # the same computation written out: pool vector first, then stage2, then stage1
+    as_map = lambda v: v.reshape(2, -1, *([1] * dims))  # noqa: E731
+    with torch.no_grad():
+        out_p, res = mods[2](as_map(s_f["pool"]))
+        out_2, res = mods[1](s_f["stage2"], res)
+        out_1, _ = mods[0](s_f["stage1"], res)
+        want = (reviewkd.hcl(out_1, t_f["stage1_pre"]) + reviewkd.hcl(out_2, t_f["stage2_pre"])
+                + F.mse_loss(out_p, as_map(t_f["pool"])))
+        got = reviewkd.loss(step)["review"]
+    assert out_1.shape == t_f["stage1"].shape and out_p.shape[2:] == (1,) * dims
+    assert got.item() == pytest.approx(5.0 * want.item(), rel=1e-5)  # beta 5 (configs/cifar100/reviewkd.yaml)
+    with torch.no_grad():
+        post = reviewkd.review_term(make_step("reviewkd", Outputs(torch.zeros(2, 5), s_f), Outputs(torch.zeros(2, 5), t_f),
+                                              y, mods, teacher_preact=False))
+        want_post = (reviewkd.hcl(out_1, t_f["stage1"]) + reviewkd.hcl(out_2, t_f["stage2"])
+                     + F.mse_loss(out_p, as_map(t_f["pool"])))
+    assert post.item() == pytest.approx(want_post.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("epoch,epochs,factor", [(0, 240, 1 / 20), (19, 240, 1.0), (0, 24, 0.5), (1, 24, 1.0),
+                                                 (0, 2, 1.0)])
+def test_reviewkd_warmup_is_20_of_240_epochs_scaled(epoch, epochs, factor):
+    # mdistiller: min(epoch / WARMUP_EPOCHS, 1) with epochs counted from 1, WARMUP_EPOCHS = 20 of 240
+    assert reviewkd.warmup_factor(epoch, epochs, 20.0) == pytest.approx(factor)

@@ -1,7 +1,10 @@
 """ab: Heo et al. 2019, "Knowledge Transfer via Distillation of Activation Boundaries Formed by Hidden Neurons".
+Settings against the reference code: docs/FIDELITY.md.
 
-Init stage (``ab_epochs``) only: a connector (1×1 conv + BN, student → teacher channels) maps each
-student pre-ReLU stage map s; with t the teacher's pre-ReLU map and margin m,
+Init stage (``ab_epochs``: 30 of a 240-epoch run, scaled to the recipe) only: each student pre-ReLU
+stage map s goes through a connector as RepDistiller's (``models/util.py`` Connector): the identity
+where the student map already has the teacher map's shape, else a conv (with bias) + BN regressor
+(:func:`kdbench.losses.conv_regressor` without ReLU); with t the teacher's pre-ReLU map and margin m,
   ℓ = Σ (s + m)²·[s > −m ∧ t ≤ 0] + (s − m)²·[s ≤ m ∧ t > 0]
 per stage, weighted 2^(i−n) (deepest 1), divided by the batch size and scaled by 3/1000 as in
 RepDistiller. Main stage: CE (RepDistiller runs AB with -a 0, so no KD), plus ``alpha``·KD if set.
@@ -10,7 +13,10 @@ from torch import nn
 
 from kdbench.contracts import HParam, Method, Stage
 from kdbench.errors import KdbenchError
-from kdbench.losses import batch_norm, ce_plus_optional_kd, conv, frozen, match_size
+from kdbench.losses import ce_plus_optional_kd, conv_regressor, frozen, match_size
+
+#: RepDistiller's run length, in which ``ab_epochs`` is given
+REF_EPOCHS = 240
 
 
 def pre_names(names):
@@ -32,9 +38,10 @@ def boundary_loss(f_s, f_t, margin):
 
 
 def connector(s_shape, t_shape):
-    """1×1 conv + BN from the student's channels to the teacher's."""
-    dims = len(s_shape) - 1
-    return nn.Sequential(conv(dims, s_shape[0], t_shape[0]), batch_norm(dims, t_shape[0]))
+    """The identity where the shapes match, else conv (bias) + BN to the teacher's shape."""
+    if tuple(s_shape) == tuple(t_shape):
+        return nn.Identity()
+    return conv_regressor(s_shape, t_shape, relu=False)
 
 
 def build(probe):
@@ -65,9 +72,10 @@ METHODS = [
         taps=("stage[0-9]_pre", "stage[0-9][0-9]_pre"),
         check=_pairs,
         build=build,
-        stages=lambda hp: [Stage("init", "ab_epochs", init_loss)],
+        stages=lambda hp: [Stage("init", "ab_epochs", init_loss, ref_epochs=REF_EPOCHS)],
         hparams=(
-            HParam("ab_epochs", 3, "epochs of the AB init stage (reference 30 of 240; 0 skips it)", low=0, high=1000, space=(1, 10)),
+            HParam("ab_epochs", 30, f"epochs of the AB init stage in a {REF_EPOCHS}-epoch run (scaled to the recipe; "
+                   "a value set explicitly is used as is; 0 skips it)", low=0, high=1000, space=(1, 60)),
             HParam("margin", 1.0, "margin m of the boundary loss", low=0.0, space=(0.1, 4.0), log=True),
             HParam("beta", 1.0, "weight of the AB term in the init stage", low=0.0, open_low=True, space=(0.1, 10.0), log=True),
             HParam("alpha", 0.0, "weight of an optional KD term in the main stage (reference: 0)", low=0.0, space=(0.0, 1.0)),

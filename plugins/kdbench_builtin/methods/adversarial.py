@@ -8,6 +8,8 @@ both players, by detaching:
 * adv = BCE(D'(p_s), 1) with D' = D evaluated on detached copies of its parameters
   (torch.func.functional_call): gradients reach the student only (non-saturating generator loss).
 loss = CE + weight·adv + d_weight·d_loss (+ alpha·KD when alpha > 0).
+
+Defaults and settings against the reference code: docs/FIDELITY.md.
 """
 import torch
 import torch.nn.functional as F

@@ -6,6 +6,8 @@ max_p = max_c |f|^p (the paper's three maps; after the L2 normalisation sum_p eq
 sum_abs equals mean_p with p=1 — kept as named options for fidelity to the paper).
 Stage outputs are paired one to one, shallow to deep; where spatial sizes differ the larger
 attention map is average-pooled to the smaller.
+
+Defaults and settings against the reference code: docs/FIDELITY.md.
 """
 from kdbench.contracts import HParam, Method
 from kdbench.losses import ATTENTION_MAPPINGS, STAGE_TAPS, attention, ce, ce_weight, check_stages, frozen, match_size

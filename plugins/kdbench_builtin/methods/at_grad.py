@@ -9,6 +9,8 @@ optional flip-invariance term.
 
 It needs the two *networks* in the loss (to re-run them on an input that requires grad): it reads
 ``step.student_net`` and ``step.teacher_net`` (anything mapping x to logits or to ``Outputs``).
+
+Defaults and settings against the reference code: docs/FIDELITY.md.
 """
 import dataclasses
 

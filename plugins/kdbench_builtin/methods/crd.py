@@ -1,4 +1,5 @@
-"""crd: Tian et al. 2020, "Contrastive Representation Distillation".
+"""crd: Tian et al. 2020, "Contrastive Representation Distillation". Settings against the reference
+code: docs/FIDELITY.md.
 
 Student and teacher pooled features are embedded (linear → L2-normalise, ``feat_dim``). As in the
 reference (RepDistiller), a memory bank holds one student and one teacher embedding per training
@@ -12,7 +13,8 @@ sample indices ``step.index``:
 * after the loss, the bank rows of the batch are updated with momentum:
   memory[i] ← normalise(momentum·memory[i] + (1 − momentum)·e[i]) (momentum 0.5).
 
-loss = CE + alpha·KD + beta·(ℓ_s + ℓ_t).
+loss = CE + alpha·KD + beta·(ℓ_s + ℓ_t). Two methods, as RepDistiller's two rows: ``crd`` is the CRD
+row (``-a 0 -b 0.8``: no KD), ``crd_kd`` the CRD+KD row (``-a 1 -b 0.8``); same hyperparameters.
 
 Deviations from the reference, documented:
 * InfoNCE (softmax over 1 + K candidates) instead of the NCE estimator with a constant partition Z
@@ -98,23 +100,42 @@ def loss(step):
     return ce_plus_optional_kd(step, crd=step.hp.beta * crd_term(step))
 
 
+def _hparams(alpha):
+    return (
+        HParam("beta", 0.8, "weight of the contrastive term", low=0.0, space=(0.1, 5.0), log=True),
+        HParam("alpha", alpha, "weight of the KD term (crd: 0, the CRD row; crd_kd: 1, the CRD+KD row)",
+               low=0.0, space=(0.0, 2.0)),
+        HParam("T", 4.0, "KD temperature", low=0.0, open_low=True, space=(1.0, 20.0), log=True),
+        HParam("tau", 0.07, "temperature of the contrastive softmax", low=0.0, open_low=True, space=(0.02, 0.5), log=True),
+        HParam("feat_dim", 128, "embedding dimension", low=1, high=4096, space=(32, 512), log=True),
+        HParam("nce_k", 16384, "negatives per anchor from the memory bank (clamped to training samples − 1)", low=1, high=1 << 20, space=(256, 16384), log=True),
+        HParam("momentum", 0.5, "memory-bank update momentum", low=0.0, high=1.0, tune=False),
+    )
+
+
+def _taps(hp, s_taps, t_taps):
+    return [n for n in ("pool",) if n in s_taps and (t_taps is None or n in t_taps)]
+
+
 METHODS = [
     Method(
         name="crd",
         loss=loss,
-        description="CRD: contrast student and teacher embeddings against a memory bank of negatives, plus KD",
+        description="CRD: contrast student and teacher embeddings against a memory bank of negatives (no KD)",
         citation="Tian et al., ICLR 2020",
-        taps=lambda hp, s_taps, t_taps: [n for n in ("pool",) if n in s_taps and (t_taps is None or n in t_taps)],
+        taps=_taps,
         check=lambda probe: check_pool(probe, "crd"),
         build=build,
-        hparams=(
-            HParam("beta", 0.8, "weight of the contrastive term", low=0.0, space=(0.1, 5.0), log=True),
-            HParam("alpha", 1.0, "weight of the KD term (0: CRD alone)", low=0.0, space=(0.0, 2.0)),
-            HParam("T", 4.0, "KD temperature", low=0.0, open_low=True, space=(1.0, 20.0), log=True),
-            HParam("tau", 0.07, "temperature of the contrastive softmax", low=0.0, open_low=True, space=(0.02, 0.5), log=True),
-            HParam("feat_dim", 128, "embedding dimension", low=1, high=4096, space=(32, 512), log=True),
-            HParam("nce_k", 16384, "negatives per anchor from the memory bank (clamped to training samples − 1)", low=1, high=1 << 20, space=(256, 16384), log=True),
-            HParam("momentum", 0.5, "memory-bank update momentum", low=0.0, high=1.0, tune=False),
-        ),
-    )
+        hparams=_hparams(0.0),
+    ),
+    Method(
+        name="crd_kd",
+        loss=loss,
+        description="CRD+KD: CRD's contrastive term plus Hinton KD (RepDistiller's CRD+KD row)",
+        citation="Tian et al., ICLR 2020",
+        taps=_taps,
+        check=lambda probe: check_pool(probe, "crd_kd"),
+        build=build,
+        hparams=_hparams(1.0),
+    ),
 ]

@@ -9,6 +9,8 @@ Plackett–Luce: P(π|S) = Π_j exp(S_π_j) / Σ_{k≥j} exp(S_π_k).
 * hard: ListMLE, −log P(π_t|S_s) for the teacher's ranking π_t of all the batch's candidates.
 loss = CE + weight·mean over queries. Embeddings are L2-normalised (deviation: the teacher's and
 student's feature dimensions differ, and normalising puts both distances in [0, 2]).
+
+Defaults and settings against the reference code: docs/FIDELITY.md.
 """
 import itertools
 

@@ -15,6 +15,8 @@ synthesis settings) under the kdbench cache. The student is then distilled on th
 engine reports training accuracy against): the dataset's train split is never loaded for the
 student (``train_split_loaded`` = 0). Validation and test data are still read to measure.
 A teacher without BatchNorm layers cannot be served.
+
+Defaults and settings against the reference code: docs/FIDELITY.md.
 """
 import hashlib
 import io

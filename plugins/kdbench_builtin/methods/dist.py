@@ -1,10 +1,13 @@
-"""dist: Huang et al. 2022, "Knowledge Distillation from A Stronger Teacher" (DIST).
+"""dist: Huang et al. 2022, "Knowledge Distillation from A Stronger Teacher" (DIST). Settings against
+the reference code (the official loss, hunto/DIST_KD ``dist_kd.py``): docs/FIDELITY.md.
 
 y = softmax(z/T). inter = 1 − mean_i pearson(y_s[i, :], y_t[i, :]) (each sample's class
 distribution); intra = 1 − mean_c pearson(y_s[:, c], y_t[:, c]) (each class over the batch).
-loss = ce_weight·CE + T²·(β·inter + γ·intra). Defaults β=γ=1, T=4 (the official loss's defaults;
-mdistiller's CIFAR configs use β=γ=2). Pearson = cosine of the centred vectors (ε=1e-8).
-A batch of one has no intra-class relation: that term is 0.
+loss = ce_weight·CE + T²·(β·inter + γ·intra), as the official loss. pearson(a, b) = a'·b' /
+(‖a'‖·‖b'‖ + 1e-8) with a', b' the centred vectors (ε added to the product of the norms, as the
+official code). Defaults β=γ=1 are the official loss's; its default temperature is τ=1, kdbench's
+T=4 is the KD temperature of the CIFAR recipe (see docs/FIDELITY.md). A batch of one has no
+intra-class relation: kdbench makes that term 0 (the official code gives 1·τ² there).
 """
 from kdbench.contracts import HParam, Method
 from kdbench.losses import ce, ce_weight, check_classes, frozen

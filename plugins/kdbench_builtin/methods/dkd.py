@@ -1,4 +1,5 @@
-"""dkd: Zhao et al. 2022, "Decoupled Knowledge Distillation".
+"""dkd: Zhao et al. 2022, "Decoupled Knowledge Distillation". Settings against the reference code
+(mdistiller): docs/FIDELITY.md.
 
 With p = softmax(z/T): TCKD = KL([p_t^gt, 1−p_t^gt] ‖ [p_s^gt, 1−p_s^gt]); NCKD = KL between the
 softmaxes over the non-target classes only. loss = ce_weight·CE + w·(α·TCKD + β·NCKD)·T², batch
@@ -7,14 +8,30 @@ mean, with the warm-up factor w = min((epoch+1)/W, 1) (mdistiller counts epochs 
 Warm-up scaling: ``warmup`` is given in epochs of the reference 240-epoch schedule, so a run of
 ``epochs`` epochs warms up over W = warmup·epochs/240 epochs (the same fraction, 1/12, of the run):
 a 24-epoch run ramps 1/2, 1; a 2-epoch run uses the full weight from the start.
+
+Per-pair β: mdistiller's ``configs/cifar100/dkd/*.yaml`` set β per CIFAR-100 pair (8, its default,
+unless the file says otherwise); :data:`PAIR_BETA` declares them as ``Method.defaults_for``, so a
+run of such a pair gets that β without any ``--set`` (recorded as ``hp_source``).
 """
 import torch
 import torch.nn.functional as F
 
-from kdbench.contracts import HParam, Method
+from kdbench.contracts import Defaults, HParam, Method
 from kdbench.losses import ce, ce_weight, check_classes, frozen
 
 REF_EPOCHS = 240
+
+#: β of mdistiller's CIFAR-100 DKD configs that differ from its default 8 (configs/cifar100/dkd/):
+#: (teacher, student, β, config file). res32x4_res8x4, res32x4_shuv1/2, res50_mv2 and wrn40_2_shuv1
+#: keep 8; resnet110→resnet20 has no config (and no published DKD number).
+PAIR_BETA = (
+    ("resnet56", "resnet20", 2.0, "res56_res20.yaml"),
+    ("resnet110", "resnet32", 2.0, "res110_res32.yaml"),
+    ("vgg13", "vgg8", 6.0, "vgg13_vgg8.yaml"),
+    ("vgg13", "mobilenetv2", 6.0, "vgg13_mv2.yaml"),
+    ("wrn_40_2", "wrn_16_2", 6.0, "wrn40_2_wrn_16_2.yaml"),
+    ("wrn_40_2", "wrn_40_1", 6.0, "wrn40_2_wrn_40_1.yaml"),
+)
 
 
 def _kl(log_q, log_p):
@@ -53,6 +70,11 @@ METHODS = [
         description="decoupled KD: separately weighted target-class and non-target-class KL",
         citation="Zhao et al., CVPR 2022",
         check=lambda probe: check_classes(probe, "dkd", 3),
+        defaults_for=tuple(
+            Defaults({"beta": beta}, dataset="cifar100", teacher=teacher, student=student,
+                     source=f"mdistiller configs/cifar100/dkd/{config}")
+            for teacher, student, beta, config in PAIR_BETA
+        ),
         hparams=(
             HParam("alpha", 1.0, "weight of TCKD", low=0.0, space=(0.1, 4.0), log=True),
             HParam("beta", 8.0, "weight of NCKD", low=0.0, space=(0.5, 16.0), log=True),

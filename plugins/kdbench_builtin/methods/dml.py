@@ -9,6 +9,8 @@ detaching keeps each peer's gradient its own). Every peer's accuracy is reported
 (``peer{i}_val_top1``, ``peer{i}_test_top1``; ``test_top1`` is peer 0's).
 
 Terms: ``ce``/``kl`` are peer 0's, ``peers_ce``/``peers_kl`` the sum over the other peers.
+
+Defaults and settings against the reference code: docs/FIDELITY.md.
 """
 import torch.nn.functional as F
 from torch import nn

@@ -1,22 +1,36 @@
-"""fitnets: Romero et al. 2015, "FitNets: Hints for Thin Deep Nets".
+"""fitnets: Romero et al. 2015, "FitNets: Hints for Thin Deep Nets". Settings against the reference
+code: docs/FIDELITY.md.
 
-Stage "hint" (``hint_epochs``): the student's guided stage, through a regressor r, regresses the
-teacher's hint stage: hint_weight·MSE(r(f_s), f_t); only the layers below the guided stage get
-gradients. Main stage: Hinton KD (1−α)·CE + α·T²·KL, plus ``hint_main``·MSE (0 = the paper's
-stage 2). r = conv + BN + ReLU: 1×1 where spatial sizes match, a stride-r conv (kernel r) when the
-student map is r× larger, a transposed conv (kernel r, stride r) when it is r× smaller.
-``hint``/``guided`` = stage index (1-based); 0 = the middle stage, ceil(N/2): stage2 of three as
-in the reference (f2), stage1 of the two-stage embedded CNNs (stage2 feeds the classifier
-directly, so hinting it would leave nothing for stage 2 to teach).
+The hint term: hint_weight·MSE(r(f_s), f_t), the student's guided stage f_s through a regressor r
+regressing the teacher's hint stage f_t. Two variants:
+
+* ``repdistiller`` (default, the code behind the published CIFAR-100 row: ``--distill hint -a 0
+  -b 100``): one stage, loss = CE + hint_weight·hint (+ ``alpha``·KD when set; 0 there) every
+  epoch, no separate hint stage;
+* ``paper``: the paper's two stages: a "hint" stage (``hint_epochs``, 30 of a 240-epoch run,
+  scaled to the recipe) minimising hint_weight·hint, then Hinton KD
+  (1−paper_alpha)·CE + paper_alpha·T²·KL.
+
+r = RepDistiller's ConvReg (:func:`kdbench.losses.conv_regressor`): conv (with bias) + BN + ReLU;
+1×1 where spatial sizes match, 3×3 stride 2 when the student map is 2× larger, a 4×4 stride-2
+transposed conv when it is 2× smaller. ``hint``/``guided`` = stage index (1-based); 0 = the middle
+stage, ceil(N/2): stage2 of three as RepDistiller's ``--hint_layer 2`` (feat[2]), stage1 of the
+two-stage embedded CNNs.
 """
 import math
+from dataclasses import replace
+from types import SimpleNamespace
 
 import torch.nn.functional as F
 from torch import nn
 
 from kdbench.contracts import HParam, Method, Stage
 from kdbench.errors import KdbenchError
-from kdbench.losses import STAGE_TAPS, batch_norm, conv, frozen, hinton_kd, spatial_ratio, stage_names
+from kdbench.losses import STAGE_TAPS, ce_plus_optional_kd, conv_regressor, frozen, hinton_kd, stage_names
+
+#: RepDistiller's run length, in which ``hint_epochs`` is given
+REF_EPOCHS = 240
+VARIANTS = ("repdistiller", "paper")
 
 
 def _pick(names, index, what):
@@ -32,19 +46,10 @@ def pair(hp, s_names, t_names):
 
 
 def regressor(s_shape, t_shape):
-    dims = len(s_shape) - 1
-    r = spatial_ratio(s_shape[1:], t_shape[1:])
-    c_s, c_t = s_shape[0], t_shape[0]
-    if r is None:
-        raise KdbenchError(f"fitnets cannot regress a {tuple(s_shape)} student map onto a {tuple(t_shape)} hint")
-    if r == 1:
-        layer = conv(dims, c_s, c_t, 1)
-    elif r > 1:
-        layer = conv(dims, c_s, c_t, int(r), int(r))
-    else:
-        k = round(1 / r)
-        layer = (nn.ConvTranspose1d if dims == 1 else nn.ConvTranspose2d)(c_s, c_t, k, k, bias=False)
-    return nn.Sequential(layer, batch_norm(dims, c_t), nn.ReLU())
+    try:
+        return conv_regressor(s_shape, t_shape)
+    except KdbenchError:
+        raise KdbenchError(f"fitnets cannot regress a {tuple(s_shape)} student map onto a {tuple(t_shape)} hint") from None
 
 
 def check(probe):
@@ -67,30 +72,39 @@ def hint_loss(step):
 
 
 def loss(step):
-    terms = hinton_kd(step)
-    if step.hp.hint_main > 0:
-        terms["hint"] = step.hp.hint_main * hint_term(step)
-    return terms
+    hp = step.hp
+    if hp.variant == "paper":
+        return hinton_kd(replace(step, hp=SimpleNamespace(alpha=hp.paper_alpha, T=hp.T)))
+    return ce_plus_optional_kd(step, hint=hp.hint_weight * hint_term(step))
+
+
+def stages(hp):
+    return [Stage("hint", "hint_epochs", hint_loss, ref_epochs=REF_EPOCHS)] if hp.variant == "paper" else []
 
 
 METHODS = [
     Method(
         name="fitnets",
         loss=loss,
-        description="FitNets: a hint stage regressing a teacher stage through a conv regressor, then KD",
+        description="FitNets: CE plus a hint regressing a teacher stage through a conv regressor (paper variant: hint stage, then KD)",
         citation="Romero et al., ICLR 2015",
         taps=STAGE_TAPS,
         check=check,
         build=build,
-        stages=lambda hp: [Stage("hint", "hint_epochs", hint_loss)],
+        stages=stages,
         hparams=(
-            HParam("hint_epochs", 3, "epochs of the hint stage (reference 30 of 240; 0 skips it)", low=0, high=1000, space=(0, 10)),
-            HParam("hint_weight", 100.0, "weight of the hint MSE in the hint stage", low=0.0, open_low=True, space=(1.0, 1000.0), log=True),
-            HParam("hint_main", 0.0, "weight of the hint MSE in the main stage (0: KD only, as in the paper)", low=0.0, space=(0.0, 100.0)),
+            HParam("variant", "repdistiller", "repdistiller: CE + hint every epoch; paper: hint stage, then KD",
+                   choices=VARIANTS, tune=False),
+            HParam("hint_weight", 100.0, "weight of the hint MSE", low=0.0, open_low=True, space=(1.0, 1000.0), log=True),
+            HParam("alpha", 0.0, "weight of an optional KD term (repdistiller variant; reference: 0)", low=0.0,
+                   space=(0.0, 1.0)),
+            HParam("hint_epochs", 30, f"paper variant: epochs of the hint stage in a {REF_EPOCHS}-epoch run (scaled to "
+                   "the recipe; a value set explicitly is used as is; 0 skips it)", low=0, high=1000, space=(0, 60)),
+            HParam("paper_alpha", 0.9, "paper variant: weight of KD in the second stage; CE gets 1 − it", low=0.0,
+                   high=1.0, space=(0.1, 0.99)),
             HParam("hint", 0, "teacher hint stage, 1-based (0: middle stage)", low=0, high=99, tune=False),
             HParam("guided", 0, "student guided stage, 1-based (0: middle stage)", low=0, high=99, tune=False),
-            HParam("T", 4.0, "softmax temperature of the KD stage", low=0.0, open_low=True, space=(1.0, 20.0), log=True),
-            HParam("alpha", 0.9, "weight of the KD term; CE gets 1 − alpha", low=0.0, high=1.0, space=(0.1, 0.99)),
+            HParam("T", 4.0, "KD temperature", low=0.0, open_low=True, space=(1.0, 20.0), log=True),
         ),
     )
 ]

@@ -1,32 +1,60 @@
 """ft: Kim et al. 2018, "Paraphrasing Complex Network: Network Compression via Factor Transfer".
+Settings against the reference code: docs/FIDELITY.md.
 
-Pre-stage "paraphraser" (``para_epochs``, student frozen): an autoencoder on the teacher's last
-stage map (3×3 conv + BN + LeakyReLU ×2 down to k·C_t "factor" channels and ×2 back) learns to
-reconstruct it: MSE(dec(enc(f_t)), f_t). Main stage: a translator (the same encoder shape on the
-student's last stage) gives the student factor; loss = CE + beta·mean|F_s/‖F_s‖₂ − F_t/‖F_t‖₂|
-(L1 between the per-sample L2-normalised flattened factors, p=1 as in the paper), with the
-paraphraser frozen (no gradient, eval mode) in the main stage. The larger map is pooled to the
-smaller. Simplification: 2 conv layers each way instead of RepDistiller's 3.
+As RepDistiller (``models/util.py`` Paraphraser/Translator, ``distiller_zoo/FT.py``,
+``helper/pretrain.py``), on the last stage map of each network:
+
+* pre-stage "paraphraser" (``para_epochs``: 30 of a 240-epoch run, scaled to the recipe; student
+  frozen; learning rate ``para_lr``, 0.01 for ResNet/WRN students as in the reference, else the
+  recipe's): an autoencoder on the teacher map — encoder 3×3 convs C_t→C_t→k→k, decoder 3×3
+  transposed convs k→k→C_t→C_t, each followed by LeakyReLU(0.1), no BN — learns to reconstruct
+  it: MSE(dec(enc(f_t)), f_t), with k = ⌊rate·C_t⌋ (rate 0.5);
+* main stage: a translator (3×3 convs C_s→C_s→k→k, each with BN and LeakyReLU(0.1)) gives the
+  student factor, the frozen paraphraser encoder (eval mode, no gradient) the teacher's;
+  loss = CE + beta·mean|φ(F_s) − φ(F_t)| (L1, p=1), the larger factor map pooled to the smaller.
+
+The factor φ: ``variant`` "repdistiller" (default) φ(F) = L2-normalise(flatten(mean_c F²)), H·W
+values per sample as in RepDistiller's FactorTransfer (p1=2); "paper": φ(F) =
+L2-normalise(flatten(F)), all C·H·W values, as written in the paper (same beta).
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdbench.contracts import HParam, Method, Stage
+from kdbench.contracts import Defaults, HParam, Method, Stage
 from kdbench.losses import STAGE_TAPS, batch_norm, check_stages, conv, frozen, match_size, stage_outputs
 
+#: RepDistiller's run length, in which ``para_epochs`` is given
+REF_EPOCHS = 240
+VARIANTS = ("repdistiller", "paper")
+#: students whose paraphraser RepDistiller trains at lr 0.01 (helper/pretrain.py: 'factor' and a
+#: ResNet/WRN student; every other student uses the run's lr)
+LOW_LR_STUDENTS = ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+                   "resnet8x4", "resnet32x4", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2")
 
-def _block(dims, c_in, c_out):
-    return [conv(dims, c_in, c_out, 3, 1, 1), batch_norm(dims, c_out), nn.LeakyReLU(0.1)]
+
+def _layer(dims, c_in, c_out, bn, transposed=False):
+    if transposed:
+        layer = (nn.ConvTranspose1d if dims == 1 else nn.ConvTranspose2d)(c_in, c_out, 3, 1, 1)
+    else:
+        layer = conv(dims, c_in, c_out, 3, 1, 1, bias=True)
+    return [layer, *([batch_norm(dims, c_out)] if bn else []), nn.LeakyReLU(0.1)]
 
 
-def encoder(dims, c_in, c_out):
-    return nn.Sequential(*_block(dims, c_in, c_in), *_block(dims, c_in, c_out))
+def encoder(dims, c_in, k, bn):
+    """3×3 convs c_in → c_in → k → k, each followed by (BN and) LeakyReLU(0.1)."""
+    return nn.Sequential(*_layer(dims, c_in, c_in, bn), *_layer(dims, c_in, k, bn), *_layer(dims, k, k, bn))
+
+
+def decoder(dims, k, c_out):
+    """3×3 transposed convs k → k → c_out → c_out, each followed by LeakyReLU(0.1) (no BN)."""
+    return nn.Sequential(*_layer(dims, k, k, False, True), *_layer(dims, k, c_out, False, True),
+                         *_layer(dims, c_out, c_out, False, True))
 
 
 def factor_channels(hp, c_t):
-    return max(1, int(round(c_t * hp.rate)))
+    return max(1, int(c_t * hp.rate))
 
 
 def build(probe):
@@ -35,9 +63,9 @@ def build(probe):
     dims, c_t = len(t_shape) - 1, t_shape[0]
     k = factor_channels(probe.hp, c_t)
     return nn.ModuleDict({
-        "enc": encoder(dims, c_t, k),
-        "dec": nn.Sequential(*_block(dims, k, c_t), *_block(dims, c_t, c_t)[:-1]),
-        "trans": encoder(dims, s_shape[0], k),
+        "enc": encoder(dims, c_t, k, bn=False),
+        "dec": decoder(dims, k, c_t),
+        "trans": encoder(dims, s_shape[0], k, bn=True),
     })
 
 
@@ -51,9 +79,15 @@ def para_loss(step):
     return {"recon": F.mse_loss(ae["dec"](ae["enc"](f_t)), f_t)}
 
 
-def factor_l1(fac_s, fac_t):
+def factor(f, variant):
+    """The normalised factor vector of a factor map [B, k, *sp]."""
+    flat = f.pow(2).mean(1).flatten(1) if variant == "repdistiller" else f.flatten(1)
+    return F.normalize(flat, dim=1)
+
+
+def factor_l1(fac_s, fac_t, variant="repdistiller"):
     fac_s, fac_t = match_size(fac_s, fac_t)
-    return (F.normalize(fac_s.flatten(1), dim=1) - F.normalize(fac_t.flatten(1), dim=1)).abs().mean()
+    return (factor(fac_s, variant) - factor(fac_t, variant)).abs().mean()
 
 
 def loss(step):
@@ -63,7 +97,8 @@ def loss(step):
     with torch.no_grad():
         fac_t = mods["enc"](frozen(_last(step.teacher)))
     fac_s = mods["trans"](_last(step.student))
-    return {"ce": F.cross_entropy(step.student.logits, step.y), "ft": step.hp.beta * factor_l1(fac_s, fac_t)}
+    return {"ce": F.cross_entropy(step.student.logits, step.y),
+            "ft": step.hp.beta * factor_l1(fac_s, fac_t, step.hp.variant)}
 
 
 METHODS = [
@@ -75,11 +110,21 @@ METHODS = [
         taps=STAGE_TAPS,
         check=lambda probe: check_stages(probe, "ft", equal=False),
         build=build,
-        stages=lambda hp: [Stage("paraphraser", "para_epochs", para_loss, train_student=False)],
+        stages=lambda hp: [Stage("paraphraser", "para_epochs", para_loss, train_student=False,
+                                 ref_epochs=REF_EPOCHS, lr="para_lr")],
         hparams=(
-            HParam("para_epochs", 3, "epochs training the paraphraser (reference 30 of 240; 0 skips it)", low=0, high=1000, space=(1, 10)),
-            HParam("rate", 0.5, "paraphrase rate k: factor channels = k·C_teacher", low=0.0, open_low=True, high=4.0, space=(0.25, 1.0)),
+            HParam("para_epochs", 30, f"epochs training the paraphraser in a {REF_EPOCHS}-epoch run (scaled to the "
+                   "recipe; a value set explicitly is used as is; 0 skips it)", low=0, high=1000, space=(1, 60)),
+            HParam("para_lr", 0.0, "learning rate of the paraphraser stage (0: the recipe's; RepDistiller 0.01 "
+                   "for ResNet/WRN students)", low=0.0, tune=False),
+            HParam("rate", 0.5, "paraphrase rate k: factor channels = ⌊k·C_teacher⌋", low=0.0, open_low=True, high=4.0,
+                   space=(0.25, 1.0)),
             HParam("beta", 200.0, "weight of the factor L1 term", low=0.0, space=(10.0, 1000.0), log=True),
+            HParam("variant", "repdistiller", "factor: repdistiller = normalised channel mean of F²; paper = "
+                   "normalised flattened F", choices=VARIANTS, tune=False),
         ),
+        defaults_for=tuple(Defaults({"para_lr": 0.01}, student=name,
+                                    source="RepDistiller helper/pretrain.py (lr 0.01 for ResNet/WRN students)")
+                           for name in LOW_LR_STUDENTS),
     )
 ]

@@ -1,6 +1,8 @@
 """kd: Hinton et al. 2015, "Distilling the Knowledge in a Neural Network".
 
 loss = (1 − α)·CE(z_s, y) + α·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)), KL averaged over the batch.
+
+Defaults and settings against the reference code: docs/FIDELITY.md.
 """
 from kdbench.contracts import HParam, Method
 from kdbench.losses import hinton_kd

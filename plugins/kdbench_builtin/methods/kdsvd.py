@@ -1,4 +1,5 @@
 """kdsvd: Lee et al. 2018, "Self-supervised Knowledge Distillation Using Singular Value Decomposition".
+Settings against the reference code (RepDistiller ``distiller_zoo/KDSVD.py``): docs/FIDELITY.md.
 
 Per stage, a feature map f [B, C, *sp] is read as F [B, N=prod(sp), C] and decomposed,
 F = U Σ Vᵀ. The teacher keeps its top ``k`` right singular vectors; the student its top k+3, and
@@ -16,9 +17,8 @@ width there. Where they differ a learnable 1×1 connector (bias-free linear map 
 this method's extra module) maps the student's channels to the teacher's first; the reference
 has none (its pairs share widths). Spatial sizes may differ freely.
 
-Simplifications: the loss is divided by the batch size (the reference sums over the batch), and
-the student's singular vectors are differentiated through one power-iteration step at the exact
-solution, v = normalise(FᵀF·v̂) with v̂ the exact (detached) singular vector — the same value, and
+Like the reference, each pair's sum is divided by the batch size. Simplification: the student's
+singular vectors are differentiated through one power-iteration step at the exact solution, v = normalise(FᵀF·v̂) with v̂ the exact (detached) singular vector — the same value, and
 the first-order gradient without the 1/(σ_i² − σ_j²) factors that make SVD's exact backward blow
 up at repeated (e.g. zero) singular values of ReLU maps.
 """

@@ -2,6 +2,8 @@
 
 loss = ce_weight·CE(z_s, y) + weight·mean((z_s − z_t)²), the mean over batch and classes of the
 raw pre-softmax logits (no temperature).
+
+Defaults and settings against the reference code: docs/FIDELITY.md.
 """
 import torch.nn.functional as F
 

@@ -10,6 +10,8 @@ scaled by T² (Hinton's factor, so the gradients keep their size at T = 20):
 Terms: ``ce`` = the one-hot part, ``kd`` = the soft part (their sum is the loss above).
 Defaults from the seed note: T = 20, a = 0.1, b = 0.9. With no extra teachers it is Hinton KD
 with cross-entropy (not KL) against the main teacher's target.
+
+Defaults and settings against the reference code: docs/FIDELITY.md.
 """
 import torch
 import torch.nn.functional as F

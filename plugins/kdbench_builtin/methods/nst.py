@@ -6,6 +6,8 @@ channel pairs (student and teacher may have different channel counts) and the ba
 Kernels: linear x·y; poly (x·y + c)^d (reference c=0, d=2); gaussian exp(−‖x−y‖²/(2σ²)).
 Where spatial sizes differ the larger map is average-pooled to the smaller (as the reference).
 loss = ce_weight·CE + weight·Σ_stages MMD².
+
+Defaults and settings against the reference code: docs/FIDELITY.md.
 """
 import torch.nn.functional as F
 

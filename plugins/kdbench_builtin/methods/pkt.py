@@ -4,6 +4,8 @@ On the pooled feature: cosine similarities of the batch's samples, mapped to [0,
 row-normalised into conditional probabilities P (teacher) and Q (student);
 loss = ce_weight·CE + weight·mean_{i,j} P_ij·log((P_ij + ε)/(Q_ij + ε)), ε = 1e-7.
 The reference averages over all B² entries (not a per-row sum), hence the large weight 30000.
+
+Defaults and settings against the reference code: docs/FIDELITY.md.
 """
 import torch.nn.functional as F
 

@@ -4,6 +4,8 @@ Distance: ψ_D = pairwise Euclidean distances divided by their mean over distinc
 angle: ψ_A(i, j, k) = cos∠(e_i − e_j, e_k − e_j) over all triplets; each matched with smooth-L1
 (Huber, δ=1, mean). loss = ce_weight·CE + w_dist·L_D + w_angle·L_A. Needs a batch of ≥ 2 (≥ 3 for
 angles to carry anything): a batch of one contributes 0.
+
+Defaults and settings against the reference code: docs/FIDELITY.md.
 """
 import torch
 import torch.nn.functional as F

@@ -6,6 +6,8 @@ global average pooling, linear) shares the student's lower layers up to stage ``
 trained jointly with the light net (the student). loss = CE(light) + CE(booster)
 + hint·MSE(z_light, z_booster.detach()): the gradient block keeps the hint from pulling the
 booster toward the light net (the booster's CE still trains the shared layers).
+
+Defaults and settings against the reference code: docs/FIDELITY.md.
 """
 import torch.nn.functional as F
 from torch import nn

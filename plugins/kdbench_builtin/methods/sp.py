@@ -2,6 +2,8 @@
 
 On the last stage map: G = row-L2-normalise(F Fᵀ) with F = flatten(f) [B, D] (a B×B similarity
 of the batch's samples, so any widths pair up); loss = ce_weight·CE + weight·‖G_s − G_t‖²_F / B².
+
+Defaults and settings against the reference code: docs/FIDELITY.md.
 """
 import torch.nn.functional as F
 

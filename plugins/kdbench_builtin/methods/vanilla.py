@@ -1,4 +1,7 @@
-"""vanilla: the student alone, cross-entropy on the labels; the baseline every method is compared to."""
+"""vanilla: the student alone, cross-entropy on the labels; the baseline every method is compared to.
+
+Defaults and settings against the reference code: docs/FIDELITY.md.
+"""
 import torch.nn.functional as F
 
 from kdbench.contracts import Method

@@ -1,9 +1,12 @@
-"""vid: Ahn et al. 2019, "Variational Information Distillation for Knowledge Transfer".
+"""vid: Ahn et al. 2019, "Variational Information Distillation for Knowledge Transfer". Settings
+against the reference code: docs/FIDELITY.md.
 
-Per stage pair: μ = 1×1 conv → ReLU → 1×1 conv → ReLU → 1×1 conv (student → teacher channels,
+As RepDistiller's VIDLoss (``distiller_zoo/VID.py``, built as VIDLoss(C_s, C_t, C_t)), per stage
+pair: first the larger of the two maps is average-pooled to the other's size, then
+μ = 1×1 conv → ReLU → 1×1 conv → ReLU → 1×1 conv, all without bias (student → teacher channels,
 hidden = teacher channels), σ²_c = softplus(θ_c) + eps per teacher channel (θ set so σ² starts
 at ``init_var``); term = mean ½[(μ(f_s) − f_t)²/σ² + log σ²] (the Gaussian negative log-likelihood
-without its constant). loss = CE + beta·Σ_stages term. The larger map is pooled to the smaller.
+without its constant). loss = CE + beta·Σ_stages term.
 """
 import math
 
@@ -19,15 +22,15 @@ class VIDRegressor(nn.Module):
     def __init__(self, dims, c_s, c_t, init_var, eps):
         super().__init__()
         self.eps = eps
-        self.mu = nn.Sequential(conv(dims, c_s, c_t, bias=True), nn.ReLU(), conv(dims, c_t, c_t, bias=True),
-                                nn.ReLU(), conv(dims, c_t, c_t, bias=True))
+        self.mu = nn.Sequential(conv(dims, c_s, c_t), nn.ReLU(), conv(dims, c_t, c_t), nn.ReLU(), conv(dims, c_t, c_t))
         self.theta = nn.Parameter(torch.full((c_t,), math.log(math.expm1(init_var - eps))))
 
     def var(self):
         return F.softplus(self.theta) + self.eps
 
     def nll(self, f_s, f_t):
-        mu, f_t = match_size(self.mu(f_s), f_t)
+        f_s, f_t = match_size(f_s, f_t)
+        mu = self.mu(f_s)
         var = self.var().view(1, -1, *([1] * (f_t.dim() - 2)))
         return (0.5 * ((mu - f_t) ** 2 / var + torch.log(var))).mean()
 
