@@ -17,7 +17,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from kdbench.contracts import HParam, Method, Step
+from kdbench.contracts import Defaults, HParam, Method, Step
 from kdbench.errors import KdbenchError
 from kdbench.losses import ce, ce_weight, check_classes
 
@@ -60,6 +60,14 @@ def check(probe, step_fields=None):
     check_classes(probe, "at_grad")  # for its cross-entropy gradients
 
 
+#: Defaults on the embedded MNIST-1D data, where the CIFAR values above hurt (1-D maps of length
+#: 20, 10 classes): the best trial of `kdbench tune --method at_grad --trials 20` on the mnist1d
+#: validation split (cnn1d_4x32 → cnn1d_2x16), rounded; retrained, test top-1 over seeds 0-2:
+#: 91.87 ± 1.01 % (77.33 ± 0.40 at the defaults).
+EMBEDDED = Defaults({"beta": 0.011}, dataset="mnist1d",
+                    source="kdbench tune on the mnist1d validation split (20 trials)")
+
+
 METHODS = [
     Method(
         name="at_grad",
@@ -67,6 +75,7 @@ METHODS = [
         description="gradient-based attention transfer: match input gradients of the losses",
         citation="Zagoruyko & Komodakis, ICLR 2017",
         check=check,
+        defaults_for=(EMBEDDED,),
         hparams=(
             HParam("beta", 1.0, "weight of the input-gradient term (β; the loss is β/2·‖J_s − J_t‖²)", low=0.0,
                    space=(0.01, 100.0), log=True),

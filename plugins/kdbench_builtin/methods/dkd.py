@@ -63,6 +63,14 @@ def loss(step):
     return {"ce": ce(step), "tckd": ramp * hp.alpha * tckd, "nckd": ramp * hp.beta * nckd}
 
 
+#: Defaults on the embedded MNIST-1D data, where the CIFAR values above hurt (1-D maps of length
+#: 20, 10 classes): the best trial of `kdbench tune --method dkd --trials 20` on the mnist1d
+#: validation split (cnn1d_4x32 → cnn1d_2x16), rounded; retrained, test top-1 over seeds 0-2:
+#: 92.63 ± 0.25 % (88.00 ± 1.47 at the CIFAR defaults).
+EMBEDDED = Defaults({"alpha": 0.3, "beta": 0.74, "T": 4.4}, dataset="mnist1d",
+                    source="kdbench tune on the mnist1d validation split (20 trials)")
+
+
 METHODS = [
     Method(
         name="dkd",
@@ -70,11 +78,11 @@ METHODS = [
         description="decoupled KD: separately weighted target-class and non-target-class KL",
         citation="Zhao et al., CVPR 2022",
         check=lambda probe: check_classes(probe, "dkd", 3),
-        defaults_for=tuple(
+        defaults_for=(EMBEDDED, *(
             Defaults({"beta": beta}, dataset="cifar100", teacher=teacher, student=student,
                      source=f"mdistiller configs/cifar100/dkd/{config}")
             for teacher, student, beta, config in PAIR_BETA
-        ),
+        )),
         hparams=(
             HParam("alpha", 1.0, "weight of TCKD", low=0.0, space=(0.1, 4.0), log=True),
             HParam("beta", 8.0, "weight of NCKD", low=0.0, space=(0.5, 16.0), log=True),

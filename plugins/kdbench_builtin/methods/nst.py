@@ -11,7 +11,7 @@ Defaults and settings against the reference code: docs/FIDELITY.md.
 """
 import torch.nn.functional as F
 
-from kdbench.contracts import HParam, Method
+from kdbench.contracts import Defaults, HParam, Method
 from kdbench.losses import STAGE_TAPS, ce, ce_weight, check_stages, frozen, match_size, stage_outputs
 
 
@@ -38,6 +38,14 @@ def loss(step):
     return {"ce": ce(step), "nst": step.hp.weight * sum(mmd2(f_s, f_t, step.hp) for f_s, f_t in pairs)}
 
 
+#: Defaults on the embedded MNIST-1D data, where the CIFAR values above hurt (1-D maps of length
+#: 20, 10 classes): the best trial of `kdbench tune --method nst --trials 20` on the mnist1d
+#: validation split (cnn1d_4x32 → cnn1d_2x16), rounded; retrained, test top-1 over seeds 0-2:
+#: 90.80 ± 0.87 % (84.93 ± 1.53 at the defaults).
+EMBEDDED = Defaults({"weight": 2.33, "d": 1}, dataset="mnist1d",
+                    source="kdbench tune on the mnist1d validation split (20 trials)")
+
+
 METHODS = [
     Method(
         name="nst",
@@ -46,6 +54,7 @@ METHODS = [
         citation="Huang & Wang, arXiv 2017",
         taps=STAGE_TAPS,
         check=lambda probe: check_stages(probe, "nst"),
+        defaults_for=(EMBEDDED,),
         hparams=(
             HParam("weight", 50.0, "weight of the MMD² term", low=0.0, space=(1.0, 500.0), log=True),
             HParam("kernel", "poly", "MMD kernel", choices=("poly", "linear", "gaussian")),
