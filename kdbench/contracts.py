@@ -202,6 +202,18 @@ class ModelSource:
     description: str = ""
 
 
+@dataclass(frozen=True)
+class Leaderboard:
+    """A benchmark suite a plugin ships (``register_leaderboards``): ``kdbench bench NAME`` and
+    ``kdbench leaderboard NAME`` then find it by ``name``. ``path`` is the suite's TOML file (e.g.
+    ``importlib.resources.files(__package__) / "leaderboards" / "mine.toml"`` installed as package
+    data); its format is that of ``leaderboards/*.toml`` (see the README's Leaderboards section)."""
+
+    name: str
+    path: Any  # str | os.PathLike: where the TOML file is
+    description: str = ""
+
+
 # --------------------------------------------------------------------------- datasets and recipes
 
 
@@ -388,12 +400,51 @@ class Stage:
 
     Runs ``epochs`` epochs (an int, or the name of an int hyperparameter) with ``loss``; the
     student's parameters are optimised when ``train_student`` (else only the method's modules).
+    ``ref_epochs`` (0: off): the hyperparameter named by ``epochs`` counts epochs of a main stage
+    ``ref_epochs`` long (e.g. RepDistiller's 30 init epochs of 240), so when a run is planned its
+    default (or per-run default, :class:`Defaults`) is scaled to the recipe's length,
+    ``max(1, round(value·epochs/ref_epochs))`` (0 stays 0); a value set explicitly is used as is.
+    ``lr``: the stage's constant learning rate — a number, or the name of a float hyperparameter
+    (whose value 0 means "the recipe's"); None: the recipe's base lr (see :meth:`lr_for`).
     """
 
     name: str
     epochs: int | str
     loss: LossFn
     train_student: bool = True
+    ref_epochs: int = 0
+    lr: float | str | None = None
+
+    def lr_for(self, hp: SimpleNamespace, base_lr: float) -> float:
+        """The stage's learning rate given the run's hyperparameters and the recipe's base lr."""
+        lr = getattr(hp, self.lr) if isinstance(self.lr, str) else self.lr
+        return float(lr) if lr else base_lr
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Hyperparameter defaults for the runs of one dataset/teacher/student (``Method.defaults_for``).
+
+    ``dataset``, ``teacher``, ``student`` are fnmatch patterns (``"*"`` matches anything; a run
+    without a teacher has teacher ``""``); ``values`` replace the method's declared defaults in a
+    matching run; ``source`` says where they come from (e.g. the reference config file) and is
+    recorded with the run (``hp_source``). Values set explicitly (``--set``) always win.
+    """
+
+    values: Mapping[str, Any]
+    dataset: str = "*"
+    teacher: str = "*"
+    student: str = "*"
+    source: str = ""
+
+    def matches(self, dataset: str, teacher: str, student: str) -> bool:
+        from fnmatch import fnmatchcase
+
+        return (fnmatchcase(dataset, self.dataset) and fnmatchcase(teacher, self.teacher)
+                and fnmatchcase(student, self.student))
+
+    def label(self) -> str:
+        return self.source or f"{self.dataset}/{self.teacher}/{self.student}"
 
 
 @dataclass(frozen=True)
@@ -418,6 +469,10 @@ class Method:
       the network's input space: already normalised) replacing the dataset's train split, which
       is then never loaded for the student (data-free distillation); ``y`` are the labels the
       batches carry (the engine reports training accuracy against them).
+    * ``defaults_for``: :class:`Defaults` replacing the declared defaults for matching
+      dataset/teacher/student triples (per-pair or per-dataset reference values); the first
+      matching entry applies, explicit ``--set`` values win over it, and the run records which one
+      applied (``hp_source``). Default ``()``: the declared defaults everywhere (API version 1).
     """
 
     name: str
@@ -433,6 +488,14 @@ class Method:
     uses_teachers: bool = False
     peers: Callable[[nn.Module], Sequence[nn.Module]] | None = None
     train_data: Callable[[Probe, nn.Module | None, torch.device], tuple[torch.Tensor, torch.Tensor]] | None = None
+    defaults_for: tuple[Defaults, ...] = ()
+    #: False: the training step cannot be captured as a CUDA graph or compiled (host-side
+    #: sampling, data-dependent shapes, host reads in the loss); ``--capture`` then runs it eagerly
+    capturable: bool = True
+
+    def defaults_of(self, dataset: str, teacher: str, student: str) -> Defaults | None:
+        """The first :attr:`defaults_for` entry matching the triple, or None."""
+        return next((d for d in self.defaults_for if d.matches(dataset, teacher, student)), None)
 
     def hparam_defaults(self) -> dict:
         return {h.name: h.default for h in self.hparams}
@@ -452,3 +515,8 @@ class Method:
                 h.validate_declaration()
             except (ValueError, KdbenchError) as exc:
                 raise ValueError(f"method {self.name!r}: {exc}") from None
+        for entry in self.defaults_for:
+            try:
+                resolve_hparams(self.hparams, entry.values, f"method {self.name!r} defaults_for {entry.label()}")
+            except KdbenchError as exc:
+                raise ValueError(str(exc)) from None

@@ -37,3 +37,9 @@ def register_models(register):
 @hookspec
 def register_datasets(register):
     """Call ``register(dataset)`` with a :class:`kdbench.contracts.Dataset` for each dataset."""
+
+
+@hookspec
+def register_leaderboards(register):
+    """Call ``register(leaderboard)`` with a :class:`kdbench.contracts.Leaderboard` for each suite
+    file the plugin ships (found by name by ``kdbench bench`` and ``kdbench leaderboard``)."""

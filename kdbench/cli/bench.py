@@ -1,6 +1,7 @@
 """`kdbench bench`: run a leaderboard suite, or with --dry-run list its cells and which would run."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -31,11 +32,14 @@ def bench_cmd(suite, dry_run, jobs, tracking_uri):
     started = time.time()
     results = bench.run_suite(loaded, tracker.uri, jobs=jobs, on_event=_echo_event, cells=cells)
     failed = [result for result in results if not result.ok]
-    click.echo(f"\n{loaded.name}: ran {len(results)} cells in {time.time() - started:.0f} s, "
-               f"{len(results) - len(failed)} finished, {len(failed)} failed")
+    skipped = [result for result in results if result.skipped]
+    click.echo(f"\n{loaded.name}: ran {len(results) - len(skipped)} cells in {time.time() - started:.0f} s, "
+               f"{len(results) - len(failed) - len(skipped)} finished, {len(failed)} failed"
+               + (f", {len(skipped)} skipped (run by another process)" if skipped else ""))
     for result in failed:
         click.echo(f"  FAILED {result.cell_key}: {result.reason}  (run {result.run_id})")
-    click.echo(f"render: kdbench leaderboard {loaded.name}")
+    by_path = suite.endswith(".toml") or os.sep in suite  # a suite given by its file is rendered by it
+    click.echo(f"render: kdbench leaderboard {suite if by_path else loaded.name}")
     if failed:
         sys.exit(1)
 
@@ -75,5 +79,7 @@ def _event_line(event) -> str:
     if isinstance(event, bench.TeacherFailed):
         return f"  failed: {event.reason}"
     result = event.result
+    if result.skipped:
+        return f"[{event.done}/{event.total}] {result.cell_key}  skipped: {result.reason}"
     state = f"{100 * result.top1:.2f} %" if result.ok and result.top1 is not None else f"FAILED: {result.reason}"
     return f"[{event.done}/{event.total}] {result.cell_key}  {state}  ({result.seconds:.0f} s)"

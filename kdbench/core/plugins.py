@@ -23,16 +23,17 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
 
 import pluggy
 
 from kdbench import API_VERSION, hookspecs
-from kdbench.contracts import Dataset, Method, Model, ModelSource
+from kdbench.contracts import Dataset, Leaderboard, Method, Model, ModelSource
 from kdbench.errors import KdbenchError, closest
 
 GROUP = "kdbench"
 CORE_DIST = "kdbench"
-KINDS = {"methods": Method, "models": Model, "datasets": Dataset}
+KINDS = {"methods": Method, "models": Model, "datasets": Dataset, "leaderboards": Leaderboard}
 HOOKS = tuple(f"register_{kind}" for kind in KINDS)
 
 log = logging.getLogger("kdbench.plugins")
@@ -102,6 +103,7 @@ class Registry:
     methods: dict[str, Entry] = field(default_factory=dict)
     models: dict[str, Entry] = field(default_factory=dict)
     datasets: dict[str, Entry] = field(default_factory=dict)
+    leaderboards: dict[str, Entry] = field(default_factory=dict)  # suites plugins ship (Leaderboard)
     failures: list[Failure] = field(default_factory=list)
     plugins: list[PluginInfo] = field(default_factory=list)
     model_sources: dict[str, Entry] = field(default_factory=dict)  # prefix -> ModelSource entry
@@ -410,6 +412,8 @@ def _register(reg: Registry, kind: str, obj, staged: dict, dist: str) -> None:
         raise TypeError(f"register() expects a kdbench.contracts.{expected.__name__}{extra}, got {obj!r}")
     if isinstance(obj, Method):
         obj.validate_declaration()
+    if isinstance(obj, Leaderboard) and not Path(obj.path).is_file():
+        raise ValueError(f"leaderboard {obj.name!r}: no suite file at {obj.path}")
     if key in staged:
         raise ValueError(f"{kind[:-1]} {key!r} registered twice by {dist}")
     staged[key] = obj

@@ -8,7 +8,8 @@ A suite file (read with tomllib)::
     seeds = [0, 1, 2]                 # at least 3
     teacher_seed = 0                  # teachers are trained by the harness with this seed
     metric = "test_top1"              # ranking: test_top1 (last epoch) | test_top1_bestval
-    methods = ["all"]                 # every registered built-in method, default hparams
+    methods = ["all"]                 # every built-in method, default hparams; "installed": every
+                                      # registered method, third-party ones too; add names after it
     # or a list of tables: [[methods]] name = "kd", params = {T = 4}, tune_trials = 20
     [recipe]                          # optional: name = "cifar100-fast" and/or overrides (epochs = 1)
     [[pairs]]
@@ -32,9 +33,9 @@ from kdbench.errors import KdbenchError
 
 MIN_SEEDS = 3
 METRICS = ("test_top1", "test_top1_bestval")
-BUILTIN_SOURCE_PREFIX = "kdbench"
+BUILTIN_DIST = "kdbench"  # "all": the methods of this distribution (not kdbench-foo)
 SUITE_KEYS = {"name", "description", "dataset", "seeds", "teacher_seed", "metric", "methods", "recipe",
-              "pairs", "published", "published_note"}
+              "pairs", "published", "published_note", "precision"}
 PAIR_KEYS = {"teacher", "student", "teacher_checkpoint", "teacher_sha256"}
 METHOD_KEYS = {"name", "params", "tune_trials"}
 
@@ -73,6 +74,7 @@ class Suite:
     description: str = ""
     published: dict[str, dict[str, float]] = field(default_factory=dict)
     published_note: str = ""
+    precision: str | None = None  # RunConfig.precision of every cell; None: the device's default
 
     def recipe_for(self, student: str) -> dict[str, Any]:
         """The student recipe overrides handed to RunConfig.recipe for this student."""
@@ -108,7 +110,13 @@ def find_suite(name: str) -> Path:
     for folder in leaderboard_dirs():
         if (folder / f"{name}.toml").is_file():
             return folder / f"{name}.toml"
-    known = sorted({p.stem for folder in leaderboard_dirs() if folder.is_dir() for p in folder.glob("*.toml")})
+    from kdbench.core import plugins
+
+    shipped = plugins.registry().leaderboards  # suites that installed plugins ship
+    if name in shipped:
+        return Path(shipped[name].obj.path)
+    known = sorted({p.stem for folder in leaderboard_dirs() if folder.is_dir() for p in folder.glob("*.toml")}
+                   | set(shipped))
     raise KdbenchError(f"unknown leaderboard {name!r} (known: {', '.join(known) or 'none'})")
 
 
@@ -136,10 +144,81 @@ def load_suite(name_or_path: str, reg=None) -> Suite:
         seeds=seeds, teacher_seed=int(doc.get("teacher_seed", 0)), metric=metric,
         recipe_name=recipe_name, recipe_overrides=recipe_overrides,
         description=doc.get("description", ""), published=_published(doc),
-        published_note=doc.get("published_note", ""),
+        published_note=doc.get("published_note", ""), precision=_precision(doc, where),
     )
-    suite.recipe_for(pairs[0].student)  # a bad recipe name or field fails here, not mid-suite
+    check_suite(suite, reg, where)
     return suite
+
+
+# --------------------------------------------------------------------------- checking as a whole
+
+
+RECIPE_LIMITS = {"lr": (0.0, False), "batch_size": (1, True), "eval_batch_size": (1, True),
+                 "weight_decay": (0.0, True), "momentum": (0.0, True), "gamma": (0.0, False)}
+
+
+def check_suite(suite: Suite, reg, where: str) -> None:
+    """Plan one cell per (pair, method) before anything runs, so a bad ``params``, ``[recipe]``
+    or checkpoint stops the suite with one line naming the key, instead of failing every cell."""
+    from kdbench.core.plan import RunConfig, make_plan
+
+    for pair in suite.pairs:
+        _check_checkpoint(pair, where)
+        try:
+            recipe = suite.recipe_for(pair.student)
+        except KdbenchError as exc:
+            raise KdbenchError(f"{where}: [recipe]: {exc}; fix the [recipe] table") from None
+        for method in suite.methods:
+            config = RunConfig(method=method.name, dataset=suite.dataset, teacher=pair.teacher,
+                               student=pair.student, hparams=dict(method.params), recipe=dict(recipe))
+            try:
+                plan = make_plan(config, reg)
+            except KdbenchError as exc:
+                key = "params" if method.params and _params_at_fault(config, reg) else None
+                if key:
+                    raise KdbenchError(f"{where}: methods entry {method.name!r}, params {method.params}: {exc}; "
+                                       "fix its params table") from None
+                raise KdbenchError(f"{where}: [recipe] (for {pair.label}): {exc}; fix the [recipe] table") from None
+            _check_recipe_values(plan.recipe, where, pair)
+
+
+def _params_at_fault(config, reg) -> bool:
+    """Whether the plan fails because of the method's params (it plans without them)."""
+    from dataclasses import replace
+
+    from kdbench.core.plan import make_plan
+
+    try:
+        make_plan(replace(config, hparams={}), reg)
+    except KdbenchError:
+        return False
+    return True
+
+
+def _check_recipe_values(recipe, where: str, pair: Pair) -> None:
+    for name, (low, inclusive) in RECIPE_LIMITS.items():
+        value = getattr(recipe, name, None)
+        if value is None or not isinstance(value, (int, float)):
+            continue
+        if value < low or (value == low and not inclusive):
+            rel = ">=" if inclusive else ">"
+            raise KdbenchError(f"{where}: [recipe] {name} = {value} (for {pair.label}) must be {rel} {low}; "
+                               "fix the [recipe] table")
+
+
+def _check_checkpoint(pair: Pair, where: str) -> None:
+    """A pair's teacher checkpoint exists and has the sha256 the suite states."""
+    if not pair.checkpoint:
+        return
+    from kdbench.workflows.teachers import checkpoint_sha256
+
+    label = f"{where}: pairs entry {pair.label}"
+    if not Path(pair.checkpoint).is_file():
+        raise KdbenchError(f"{label}: teacher_checkpoint {pair.checkpoint!r} does not exist; fix the path")
+    sha = checkpoint_sha256(pair.checkpoint)
+    if len(pair.sha256 or "") < 16 or not sha.startswith(pair.sha256):
+        raise KdbenchError(f"{label}: teacher_sha256 {pair.sha256!r} does not match the checkpoint "
+                           f"(its sha256 is {sha}; at least 16 hex digits); fix teacher_sha256 or the file")
 
 
 def _read_toml(path: Path) -> dict:
@@ -154,6 +233,15 @@ def _check_keys(doc: dict, where: str) -> None:
     bad = sorted(set(doc) - SUITE_KEYS)
     if bad:
         raise KdbenchError(f"{where}: unknown key {bad[0]!r} (known: {', '.join(sorted(SUITE_KEYS))})")
+
+
+def _precision(doc: dict, where: str) -> str | None:
+    from kdbench.core.precision import check_precision
+
+    try:
+        return check_precision(doc.get("precision"))
+    except KdbenchError as exc:
+        raise KdbenchError(f"{where}: {exc}") from None
 
 
 def _dataset(doc: dict, reg, where: str) -> str:
@@ -225,9 +313,9 @@ def _pair(raw: dict, path: Path, reg, where: str) -> Pair:
 def _methods(raw, reg, where: str) -> list[MethodSpec]:
     specs: list[MethodSpec] = []
     for item in raw:
-        if item == "all":
+        if item in ("all", "installed"):  # built-in methods; every registered method
             specs += [MethodSpec(name=name) for name, entry in sorted(reg.methods.items())
-                      if entry.source.startswith(BUILTIN_SOURCE_PREFIX)]
+                      if item == "installed" or entry.dist == BUILTIN_DIST]
             continue
         specs.append(_method(item, reg, where))
     by_name = {}
@@ -246,5 +334,11 @@ def _method(item, reg, where: str) -> MethodSpec:
     if extra or "name" not in item:
         raise KdbenchError(f"{where}: a method entry has name, params, tune_trials; got {item}")
     reg.entry("methods", item["name"])
-    return MethodSpec(name=item["name"], params=dict(item.get("params", {})),
-                      tune_trials=int(item.get("tune_trials", 0)))
+    params, trials = item.get("params", {}), item.get("tune_trials", 0)
+    if not isinstance(params, dict):
+        raise KdbenchError(f"{where}: methods entry {item['name']!r}: params = {params!r} must be a table, "
+                           "e.g. params = {T = 4.0}")
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 0:
+        raise KdbenchError(f"{where}: methods entry {item['name']!r}: tune_trials = {trials!r} must be a whole "
+                           "number >= 0 (0: not tuned); fix tune_trials")
+    return MethodSpec(name=item["name"], params=dict(params), tune_trials=trials)
