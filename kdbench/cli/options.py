@@ -70,3 +70,48 @@ def data_options(data_dir: str | None, pairs) -> dict[str, str]:
     if data_dir:
         options["data_dir"] = data_dir
     return options
+
+
+#: kdbench.core.precision.PRECISIONS and kdbench.core.capture.CAPTURES, spelled out here so that
+#: ``kdbench --help`` does not import torch (a test keeps them equal)
+PRECISIONS = ("bf16", "fp32")
+CAPTURES = ("none", "compile", "graphs")
+
+
+def _one_of(choices: tuple[str, ...]):
+    """A click callback: the value if it is one of ``choices``, else one error line and exit 2."""
+    def check(ctx, param, value):
+        if value is None or value in choices:
+            return value
+        click.echo(f"error: unknown {param.opts[0]} {value!r}; choose one of: {', '.join(choices)}", err=True)
+        ctx.exit(2)
+
+    return check
+
+
+def engine_flags(command):
+    """Adds ``--precision`` (parameter ``precision``) and ``--capture`` (parameter ``capture``)."""
+    precision = click.option(
+        "--precision", default=None, metavar="[bf16|fp32]", callback=_one_of(PRECISIONS),
+        help="Numeric precision of the networks (losses are always float32) [default: bf16 on CUDA, fp32 on CPU].")
+    capture = click.option(
+        "--capture", default=None, metavar="[none|compile|graphs]", callback=_one_of(CAPTURES),
+        help="How training steps run: none (eager), compile (torch.compile of the networks), graphs "
+             "(the whole step replayed as a CUDA graph; CUDA only) [default: none]. A method whose "
+             "step cannot be captured runs eagerly, saying so.")
+    return precision(capture(command))
+
+
+threads_option = click.option(
+    "--threads", type=int, default=None, metavar="N", envvar="KDBENCH_THREADS",
+    help="CPU threads of this process [default: a fair share of the cores among the kdbench trainings "
+         "running on this machine, adjusted between epochs].")
+
+
+def cpu_share(threads: int | None):
+    """Register this training process and set its CPU threads (:mod:`kdbench.core.threads`);
+    returns a per-epoch callback that keeps the share fair while other trainings start and stop."""
+    from kdbench.core import threads as cpu
+
+    share = cpu.take_share(threads)
+    return lambda event: cpu.rebalance(share)

@@ -6,7 +6,8 @@ import sys
 
 import click
 
-from kdbench.cli.options import data_option_flags, data_options, open_tracker, parse_key_values, tracking_option
+from kdbench.cli.options import (cpu_share, data_option_flags, data_options, engine_flags, open_tracker,
+                                 parse_key_values, threads_option, tracking_option)
 from kdbench.errors import KdbenchError
 
 
@@ -31,10 +32,12 @@ from kdbench.errors import KdbenchError
 @click.option("--params-from", "params_from", default=None, metavar="STUDY",
               help="Use the best params of a `kdbench tune` study (--set still wins).")
 @click.option("--storage", default=None, help="Optuna storage of --params-from [default: as kdbench tune].")
+@engine_flags
+@threads_option
 @tracking_option
 def run_cmd(method, dataset, teacher, student, epochs, seed, teacher_seed, device,
             teacher_checkpoint, sets, data_dir, data_opts, recipe_name, params_from, storage, tracking_uri,
-            teachers):
+            teachers, precision=None, capture=None, threads=None):
     """Train a student with a distillation method and record it in MLflow."""
     from kdbench.core.plan import RunConfig
     from kdbench.workflows.run import run
@@ -44,7 +47,9 @@ def run_cmd(method, dataset, teacher, student, epochs, seed, teacher_seed, devic
         hparams, recipe, tuned_student = _best_of_study(params_from, storage, tracking_uri, method)
         student = student or tuned_student
     hparams.update(parse_key_values(sets))
-    if epochs:
+    if epochs is not None:
+        if epochs < 1:
+            raise KdbenchError(f"--epochs must be at least 1, got {epochs}")
         recipe["epochs"] = epochs
     config = RunConfig(
         method=method, dataset=dataset, teacher=teacher, student=student,
@@ -53,12 +58,13 @@ def run_cmd(method, dataset, teacher, student, epochs, seed, teacher_seed, devic
         teacher_checkpoint=teacher_checkpoint,
         data_options=data_options(data_dir, data_opts),
         teachers=tuple(name.strip() for name in teachers.split(",") if name.strip()),
-        recipe_name=recipe_name,
+        recipe_name=recipe_name, precision=precision, capture=capture,
     )
     tracker = open_tracker(tracking_uri)
+    rebalance = cpu_share(threads)
     progress = Progress()
     try:
-        outcome = run(config, tracker, on_epoch=progress)
+        outcome = run(config, tracker, on_epoch=lambda event: (rebalance(event), progress(event)))
     finally:
         progress.close()
     click.echo(summary(outcome, tracker.uri))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from kdbench.cli.options import data_option_flags, data_options, tracking_option
+from kdbench.cli.options import cpu_share, data_option_flags, data_options, engine_flags, threads_option, tracking_option
 from kdbench.errors import KdbenchError
 
 
@@ -38,10 +38,12 @@ from kdbench.errors import KdbenchError
               help="Tune with this recipe instead of the dataset's (e.g. cifar100-fast).")
 @click.option("--show", "show_study", default=None, metavar="STUDY",
               help="Print a study's best params, trials and importances, and exit.")
+@engine_flags
+@threads_option
 @tracking_option
 def tune_cmd(method, dataset, teacher, student, trials, epochs, tune_recipe, objective, pruner,
              storage, study_name, retrain, seeds, heartbeat, device, teacher_checkpoint, data_dir, data_opts,
-             recipe_name, show_study, tracking_uri):
+             recipe_name, show_study, tracking_uri, precision=None, capture=None, threads=None):
     """Tune a method's hyperparameters on the validation split with Optuna."""
     from kdbench.workflows import studies, tune
 
@@ -57,8 +59,10 @@ def tune_cmd(method, dataset, teacher, student, trials, epochs, tune_recipe, obj
         seeds=seeds, retrain=retrain, device=device, teacher_checkpoint=teacher_checkpoint,
         tracking_uri=tracking_uri, heartbeat=heartbeat,
         data_options=data_options(data_dir, data_opts), recipe_name=recipe_name,
+        precision=precision, capture=capture,
     )
-    result = tune.run_study(config, on_event=lambda event: click.echo(_event_line(event), err=True))
+    result = tune.run_study(config, on_event=lambda event: click.echo(_event_line(event), err=True),
+                            on_epoch=cpu_share(threads))
     click.echo(_report(result))
 
 

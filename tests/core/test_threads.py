@@ -65,3 +65,19 @@ def test_bad_thread_counts_are_one_line_errors(four_cores, monkeypatch):
     monkeypatch.setenv(threads.ENV, "many")
     with pytest.raises(KdbenchError, match="KDBENCH_THREADS='many' is not a whole number"):
         threads.take_share()
+
+
+def test_run_and_tune_take_the_threads_option(env):
+    from click.testing import CliRunner
+
+    from kdbench.cli import main
+
+    before = torch.get_num_threads()
+    try:
+        result = CliRunner().invoke(main, ["run", "--method", "vanilla", "--epochs", "1", "--threads", "1"])
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == 1
+        bad = CliRunner().invoke(main, ["tune", "--method", "kd", "--trials", "1", "--threads", "0"])
+        assert bad.exit_code == 1 and "--threads must be at least 1, got 0" in bad.output
+    finally:
+        torch.set_num_threads(before)
