@@ -136,7 +136,9 @@ class CombinedMethod:
         for part in self.parts:
             for stage in part.stages(self.hp_of(part, hp)) if part.stages is not None else []:
                 epochs = self.prefix[part.name] + stage.epochs if isinstance(stage.epochs, str) else stage.epochs
-                out.append(Stage(f"{part.name}.{stage.name}", epochs, self._stage_loss(part, stage), stage.train_student))
+                lr = self.prefix[part.name] + stage.lr if isinstance(stage.lr, str) else stage.lr
+                out.append(replace(stage, name=f"{part.name}.{stage.name}", epochs=epochs, lr=lr,
+                                   loss=self._stage_loss(part, stage)))
         return out
 
     def _stage_loss(self, part: Method, stage: Stage):
@@ -187,6 +189,7 @@ def combine_methods(parts: list[Method]) -> Method:
         uses_teachers=any(part.uses_teachers for part in parts),
         peers=combined.peers if any(part.peers is not None for part in parts) else None,
         train_data=combined.train_data if any(part.train_data is not None for part in parts) else None,
+        capturable=all(getattr(part, "capturable", True) for part in parts),
     )
 
 

@@ -6,7 +6,6 @@ reads losses and accuracy once per epoch.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import operator
 import math
@@ -21,7 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdbench.contracts import Augment, Dataset, LossFn, Method, Model, Outputs, Probe, Recipe, Stage, Step
+from kdbench.core import capture as capturing
 from kdbench.core import metrics
+from kdbench.core.precision import float32_outputs, loss_region, resolve_precision
+from kdbench.core.precision import autocast as precision_autocast
 from kdbench.core.splits import DeviceSplit, load_split
 from kdbench.core.taps import Tapped, wanted_taps
 from kdbench.errors import KdbenchError, NonFiniteLoss
@@ -48,6 +50,7 @@ class FitResult:
     seconds: list[float] = field(default_factory=list)  # cumulative training seconds
     state_dict: dict | None = None
     peer_val: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)  # how the run was executed, e.g. capture fallback
 
 
 def select_device(name: str | None = None) -> torch.device:
@@ -62,11 +65,10 @@ def select_device(name: str | None = None) -> torch.device:
     return device
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; a no-op elsewhere (no autocast state toggled per step on CPU)."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(device: torch.device, precision: str | None = None):
+    """The networks' autocast region at ``precision`` (None: the device's default — bf16 on CUDA,
+    nothing on the CPU); see :mod:`kdbench.core.precision`."""
+    return precision_autocast(device, resolve_precision(precision, device))
 
 
 def lr_at(recipe: Recipe, epoch: int) -> float:
@@ -80,16 +82,20 @@ def lr_at(recipe: Recipe, epoch: int) -> float:
     raise KdbenchError(f"unknown lr schedule {recipe.schedule!r} (multistep, cosine or constant)")
 
 
-def make_optimizer(params, recipe: Recipe) -> torch.optim.Optimizer:
+def make_optimizer(params, recipe: Recipe, device_lr: torch.device | None = None) -> torch.optim.Optimizer:
+    """The recipe's optimizer. ``device_lr``: fused, with the learning rate in a tensor on that
+    device (what a captured step needs: the schedule writes into it); else the plain one."""
     params = [p for p in params if p.requires_grad]
+    fused = {} if device_lr is None else {"fused": True}
+    lr = recipe.lr if device_lr is None else torch.tensor(float(recipe.lr), device=device_lr)
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(
-            params, lr=recipe.lr, momentum=recipe.momentum,
-            weight_decay=recipe.weight_decay, nesterov=recipe.nesterov,
+            params, lr=lr, momentum=recipe.momentum,
+            weight_decay=recipe.weight_decay, nesterov=recipe.nesterov, **fused,
         )
     if recipe.optimizer in ("adam", "adamw"):
         cls = torch.optim.Adam if recipe.optimizer == "adam" else torch.optim.AdamW
-        return cls(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+        return cls(params, lr=lr, weight_decay=recipe.weight_decay, **fused)
     raise KdbenchError(f"unknown optimizer {recipe.optimizer!r} (sgd, adam or adamw)")
 
 
@@ -109,6 +115,16 @@ def build_model(model: Model, dataset: Dataset, device: torch.device, seed: int)
     return net.to(device)
 
 
+def unreadable_reason(exc: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` failed, in one line and without torch's advice to
+    unpickle arbitrary objects (``weights_only=False`` runs code from the file)."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        return "the file is damaged or holds pickled objects other than tensors (kdbench loads weights only)"
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return f"damaged or not a PyTorch file ({type(exc).__name__}: {lines[0] if lines else '?'})"
+
+
 def load_checkpoint(net: nn.Module, path: str, owner: str) -> None:
     """Load ``{'model': state_dict}`` or a bare state dict; name the first mismatch."""
     try:
@@ -116,7 +132,7 @@ def load_checkpoint(net: nn.Module, path: str, owner: str) -> None:
     except FileNotFoundError:
         raise KdbenchError(f"teacher checkpoint {path!r} does not exist") from None
     except Exception as exc:
-        raise KdbenchError(f"teacher checkpoint {path!r} could not be read: {exc}") from None
+        raise KdbenchError(f"teacher checkpoint {path!r} could not be read: {unreadable_reason(exc)}") from None
     state = blob.get("model", blob) if isinstance(blob, dict) else None
     if not isinstance(state, dict):
         raise KdbenchError(f"teacher checkpoint {path!r} holds no state dict")
@@ -139,16 +155,18 @@ def load_checkpoint(net: nn.Module, path: str, owner: str) -> None:
 
 
 @torch.no_grad()
-def evaluate(net: nn.Module, split: DeviceSplit, batch_size: int, device: torch.device) -> dict:
-    """Top-1 and top-5 accuracy (fractions) of ``net`` (returning logits or Outputs)."""
+def evaluate(net: nn.Module, split: DeviceSplit, batch_size: int, device: torch.device,
+             precision: str | None = None) -> dict:
+    """Top-1 and top-5 accuracy (fractions) of ``net`` (returning logits or Outputs); the network
+    runs at ``precision`` (None: the device's default), the accuracy is counted in float32."""
     was = net.training
     net.eval()
     correct = torch.zeros(2, device=device, dtype=torch.long)
-    with autocast(device):
-        for x, y in split.batches(batch_size):
+    for x, y in split.batches(batch_size):
+        with autocast(device, precision):
             out = net(x)
-            logits = out.logits if hasattr(out, "logits") else out
-            correct += metrics.topk_correct(logits.float(), y)
+        logits = out.logits if hasattr(out, "logits") else out
+        correct += metrics.topk_correct(logits.float(), y)
     net.train(was)
     top1, top5 = (correct.double() / max(len(split), 1)).tolist()
     return {"top1": top1, "top5": top5}
@@ -171,16 +189,22 @@ class Trainee:
     hp: SimpleNamespace
     teachers: list[Tapped] = field(default_factory=list)  # extra frozen teachers (Step.teachers)
     peers: list[nn.Module] = field(default_factory=list)  # extra evaluated networks (Method.peers)
+    precision: str | None = None  # "bf16" | "fp32"; None: the device's default
+    capture: str = "none"  # how steps are captured: kdbench.core.capture.CAPTURES
+    capturable: bool = True  # False: the method's step cannot be captured (Method.capturable)
+    method_name: str = ""
+    capture_state: capturing.CaptureState | None = None  # set by the first stage trained
 
 
-def _stage_optimizer(trainee: Trainee, stage: Stage, recipe: Recipe) -> torch.optim.Optimizer:
+def _stage_optimizer(trainee: Trainee, stage: Stage, recipe: Recipe,
+                     device_lr: torch.device | None = None) -> torch.optim.Optimizer:
     """The optimizer of a stage: the method's modules, and the student when the stage trains it."""
     params = list(trainee.modules.parameters()) if trainee.modules is not None else []
     if stage.train_student:
         params = list(trainee.student.parameters()) + params
     if not params:
         raise KdbenchError(f"stage {stage.name!r} has no parameters to train")
-    return make_optimizer(params, recipe)
+    return make_optimizer(params, recipe, device_lr)
 
 
 def _forward(trainee: Trainee, x: torch.Tensor) -> tuple[Outputs, Outputs | None, list[Outputs] | None]:
@@ -196,17 +220,41 @@ def _forward(trainee: Trainee, x: torch.Tensor) -> tuple[Outputs, Outputs | None
     return trainee.student(x), teacher, teachers
 
 
+class _AtPrecision(nn.Module):
+    """A network as a method's loss re-runs it (``Step.student_net``/``teacher_net``): under the
+    run's autocast, its outputs cast to float32 — the loss itself runs with autocast off."""
+
+    def __init__(self, net: nn.Module, device: torch.device, precision: str, cache: bool = True):
+        super().__init__()
+        self.net, self.device, self.precision, self.cache = net, device, precision, cache
+
+    def forward(self, x):
+        with precision_autocast(self.device, self.precision, self.cache):
+            out = self.net(x)
+        return float32_outputs(out) if isinstance(out, Outputs) else out.float()
+
+
 def _batch_loss(trainee: Trainee, stage: Stage, epoch: int, epochs: int, x: torch.Tensor, y: torch.Tensor,
-                index: torch.Tensor | None) -> tuple[Outputs, dict[str, torch.Tensor], torch.Tensor]:
-    """One batch through the networks and the stage's loss: the student's outputs, the named
-    loss terms and their sum."""
-    student, teacher, teachers = _forward(trainee, x)
+                index: torch.Tensor | None, device: torch.device | None = None,
+                precision: str = "fp32", cache: bool = True) -> tuple[Outputs, dict[str, torch.Tensor], torch.Tensor]:
+    """One batch through the networks (under ``precision``'s autocast) and the stage's loss (in
+    float32, autocast off): the student's outputs, the named loss terms and their sum."""
+    device = device if device is not None else x.device
+    with precision_autocast(device, precision, cache):
+        student, teacher, teachers = _forward(trainee, x)
+    student_net, teacher_net = trainee.student, trainee.teacher
+    if precision == "bf16":  # cast at the one boundary; a no-op for float32 tensors
+        student, teacher = float32_outputs(student), float32_outputs(teacher)
+        teachers = [float32_outputs(t) for t in teachers] if teachers is not None else None
+        student_net = _AtPrecision(trainee.student, device, precision, cache)
+        teacher_net = _AtPrecision(trainee.teacher, device, precision, cache) if trainee.teacher is not None else None
     step = Step(
         x=x, y=y, student=student, teacher=teacher, hp=trainee.hp, modules=trainee.modules,
         epoch=epoch, epochs=epochs, stage=stage.name, index=index,
-        student_net=trainee.student, teacher_net=trainee.teacher, teachers=teachers,
+        student_net=student_net, teacher_net=teacher_net, teachers=teachers,
     )
-    terms = stage.loss(step)
+    with loss_region(device, precision):
+        terms = stage.loss(step)
     return student, terms, functools.reduce(operator.add, list(terms.values()))
 
 
@@ -252,6 +300,50 @@ def _check_finite(names: list[str], means: list[float], stage: Stage, epoch: int
         )
 
 
+def _capture_state(trainee: Trainee, device: torch.device) -> capturing.CaptureState:
+    """The run's capture state (made by its first stage; the networks compiled once)."""
+    if trainee.capture_state is None:
+        trainee.capture_state = capturing.start(trainee.capture, device, trainee.capturable, trainee.method_name)
+        capturing.compile_networks(trainee.capture_state,
+                                   [trainee.student.model, trainee.teacher.model if trainee.teacher else None,
+                                    *(t.model for t in trainee.teachers)])
+    return trainee.capture_state
+
+
+class _StageStep:
+    """One training step of a stage — eager, or replayed as a CUDA graph (``--capture graphs``) —
+    returning the student's logits and the loss terms. A step that fails while it is being
+    compiled or captured makes the run fall back to eager (:class:`capturing.CaptureState`)."""
+
+    def __init__(self, trainee: Trainee, stage: Stage, epochs: int, opt: torch.optim.Optimizer,
+                 device: torch.device, precision: str, state: capturing.CaptureState):
+        self.trainee, self.stage, self.epochs, self.opt = trainee, stage, epochs, opt
+        self.device, self.precision, self.state = device, precision, state
+        self.graphed = capturing.GraphedSteps(self.eager, device) if state.used == "graphs" else None
+
+    def eager(self, epoch: int, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None,
+              to_none: bool = True):
+        graphs = self.graphed is not None
+        student, terms, loss = _batch_loss(self.trainee, self.stage, epoch, self.epochs, x, y, index,
+                                           self.device, self.precision, cache=not graphs)
+        self.opt.zero_grad(set_to_none=to_none and not graphs)
+        loss.backward()
+        self.opt.step()
+        return student.logits, terms
+
+    def __call__(self, epoch: int, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None):
+        if self.state.used == "none":
+            return self.eager(epoch, x, y, index)
+        try:
+            return self.graphed(epoch, x, y, index) if self.graphed is not None else self.eager(epoch, x, y, index)
+        except KdbenchError:
+            raise
+        except Exception as exc:  # compiling or capturing failed: the same batch again, eagerly
+            self.state.fall_back(capturing.failure_reason(exc))
+            self.graphed = None
+            return self.eager(epoch, x, y, index)
+
+
 def train_stage(
     trainee: Trainee,
     stage: Stage,
@@ -266,24 +358,23 @@ def train_stage(
 ) -> float:
     """Run one stage; returns its training seconds. ``after_epoch(epoch0, metrics)`` is called
     with the epoch's mean loss terms and training accuracy (one host read per epoch)."""
-    opt = _stage_optimizer(trainee, stage, recipe)
+    precision = resolve_precision(trainee.precision, device)
+    state = _capture_state(trainee, device)
+    graphs = state.used == "graphs"
+    opt = _stage_optimizer(trainee, stage, recipe, device if graphs else None)
     total_seconds = 0.0
     trainee.student.train()
     if trainee.modules is not None:
         trainee.modules.train()
+    step = _StageStep(trainee, stage, epochs, opt, device, precision, state)
     for epoch in range(epochs):
-        lr = lr_at(recipe, epoch) if scheduled else recipe.lr
-        for group in opt.param_groups:
-            group["lr"] = lr
+        lr = lr_at(recipe, epoch) if scheduled else stage.lr_for(trainee.hp, recipe.lr)
+        capturing.set_lr(opt, lr)
         start = time.perf_counter()
         totals = _EpochTotals(device)
         for x, y, index in train.shuffled(recipe.batch_size, generator, augment):
-            with autocast(device):
-                student, terms, loss = _batch_loss(trainee, stage, epoch, epochs, x, y, index)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            totals.add(terms, student.logits, y)
+            logits, terms = step(epoch, x, y, index)
+            totals.add(terms, logits, y)
         means = totals.means()
         epoch_metrics = totals.metrics(means, lr, start)
         _check_finite(totals.names, means, stage, epoch)
@@ -332,7 +423,7 @@ class _Validation:
         self.best_top1, self.best_epoch, self.best_state = -1.0, 0, None
 
     def evaluate(self, net: nn.Module, split: DeviceSplit) -> dict:
-        return evaluate(net, split, self.job.recipe.eval_batch_size, self.device)
+        return evaluate(net, split, self.job.recipe.eval_batch_size, self.device, self.job.trainee.precision)
 
     def __call__(self, epoch: int, epoch_metrics: dict) -> None:
         result, student = self.result, self.job.trainee.student
@@ -374,6 +465,11 @@ def fit(job: FitJob, device: torch.device, on_epoch: OnEpoch) -> FitResult:
         result.state_dict = _snapshot(job.trainee.student.model)
     result.metrics.update(result.peer_val)  # last epoch's validation accuracy of each peer
     result.metrics["peak_mem_mb"] = peak_memory_mb(device)[0]
+    state = job.trainee.capture_state
+    if state is not None:
+        result.tags.update(state.tags())
+        capturing.uncompile(state.compiled)  # the networks outlive the run (a cached teacher): eager again
+        state.compiled = []
     return result
 
 
@@ -445,7 +541,8 @@ def run_teacher(plan, device: torch.device, on_epoch: OnEpoch) -> tuple[nn.Modul
     seed = plan.config.teacher_seed
     net = build_model(plan.teacher_obj, dataset, device, seed)
     job = FitJob(
-        trainee=Trainee(student=Tapped(net, {}, [], "teacher"), teacher=None, modules=None, hp=SimpleNamespace()),
+        trainee=Trainee(student=Tapped(net, {}, [], "teacher"), teacher=None, modules=None, hp=SimpleNamespace(),
+                        precision=plan.config.precision, capture=plan.config.capture or "none"),
         role="teacher",
         main_loss=cross_entropy,
         recipe=plan.teacher_recipe,
@@ -589,6 +686,7 @@ def setup_student(plan, teacher_net: nn.Module | None, device: torch.device,
     then never loaded (``train_split_loaded`` = 0)."""
     method: Method = plan.method_obj
     dataset: Dataset = plan.dataset_obj
+    capturing.check_capture(plan.config.capture, device)  # e.g. graphs off CUDA: fail before any work
     hp = SimpleNamespace(**plan.hp)
     own_data = method.train_data is not None
     splits = load_splits(dataset, device, plan.config.data_options, ("val",) if own_data else ("train", "val"))
@@ -607,7 +705,9 @@ def setup_student(plan, teacher_net: nn.Module | None, device: torch.device,
     teacher_nets = ([teacher_net] if teacher_net is not None else []) + list(extra_teachers)
     info = _cost_info(student_net, teacher_nets, modules, dataset, device, own_data, bool(networks.extra))
     trainee = Trainee(student=networks.student, teacher=networks.teacher, modules=modules, hp=hp,
-                      teachers=networks.extra, peers=peers)
+                      teachers=networks.extra, peers=peers, precision=plan.config.precision,
+                      capture=plan.config.capture or "none", capturable=getattr(method, "capturable", True),
+                      method_name=method.name)
     return StudentSetup(trainee, pre_stages, info, splits)
 
 

@@ -3,6 +3,7 @@ and the identities derived from a plan: the teacher's cache key and the run's co
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -11,6 +12,7 @@ from kdbench import API_VERSION
 from kdbench.contracts import Dataset, Method, Model, Recipe, resolve_hparams
 from kdbench.core.compose import combine_entries
 from kdbench.core.plugins import Entry, Registry
+from kdbench.core.precision import non_default
 from kdbench.errors import KdbenchError
 from kdbench.recipes import load_recipe
 
@@ -36,6 +38,8 @@ class RunConfig:
     tags: dict[str, str] = field(default_factory=dict)
     teachers: tuple[str, ...] = ()  # extra teachers beyond ``teacher``, for methods that use them
     recipe_name: str | None = None  # a named recipe (kdbench/recipes) or .toml path replacing the dataset's
+    precision: str | None = None  # "bf16" | "fp32"; None: the device's default (kdbench.core.precision)
+    capture: str | None = None  # how training steps are captured (kdbench.core.capture); never hashed
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,9 @@ class Plan:
     recipe: Recipe
     teacher_recipe: Recipe
     extra_teachers: tuple[Entry, ...] = ()  # RunConfig.teachers, resolved
+    #: where ``hp`` came from: "defaults", a matching ``Method.defaults_for`` entry, scaled stage
+    #: lengths, explicit values ("set"), joined with " + "; recorded with the run's parameters
+    hp_source: str = "defaults"
 
     @property
     def method_obj(self) -> Method:
@@ -73,8 +80,15 @@ class Plan:
         teacher_recipe = teacher_recipe_of(self.dataset_obj, entry.obj.name)
         return replace(self, config=config, teacher=entry, extra_teachers=(), teacher_recipe=teacher_recipe)
 
+    def _precision_key(self) -> dict:
+        """``{"precision": …}`` when the run's precision is not its device's default, else empty:
+        runs at the default precision keep the identities they had before it was an option."""
+        other = non_default(self.config.precision, self.config.device)
+        return {"precision": other} if other else {}
+
     def teacher_key(self) -> str:
-        """Cache key of the trained teacher: dataset, model, recipe, seed, recipe version."""
+        """Cache key of the trained teacher: dataset, model, recipe, seed, recipe version (and a
+        non-default precision)."""
         return _digest(
             {
                 "dataset": [self.dataset_obj.name, self.dataset_obj.version],
@@ -83,6 +97,7 @@ class Plan:
                 "recipe": self.teacher_recipe.as_dict(),
                 "seed": self.config.teacher_seed,
                 "teacher_recipe_version": TEACHER_RECIPE_VERSION,
+                **self._precision_key(),
             }
         )
 
@@ -99,6 +114,7 @@ class Plan:
                 "recipe": self.recipe.as_dict(),
                 "seed": self.config.seed,
                 "api": API_VERSION,
+                **self._precision_key(),
             }
         )
 
@@ -107,6 +123,7 @@ class Plan:
         out = {f"hp.{k}": v for k, v in self.hp.items()}
         out.update({f"recipe.{k}": v for k, v in self.recipe.as_dict().items()})
         out.update({f"data.{k}": v for k, v in self.config.data_options.items()})
+        out["hp_source"] = self.hp_source
         return out
 
 
@@ -125,17 +142,62 @@ def default_dataset(reg: Registry) -> str:
 
 def make_plan(config: RunConfig, reg: Registry) -> Plan:
     """Resolve names against the registry and check the hyperparameters; errors are one line."""
+    non_default(config.precision, config.device)  # an unknown precision is a one-line error
     method = resolve_method(config.method, reg)
     dataset = _dataset_entry(config, reg)
     ds: Dataset = dataset.obj
     student, teacher, extra = _network_entries(config, method.obj, ds, reg)
-    hp = resolve_hparams(method.obj.hparams, config.hparams, f"method {method.obj.name!r}")
     recipe = _student_recipe(config, ds, student.obj.name)
+    hp, hp_source = plan_hparams(method.obj, config, ds.name, teacher.obj.name if teacher else "",
+                                 student.obj.name, recipe)
     # student overrides and --recipe never touch the teacher: it is trained with the dataset's own
     teacher_recipe = teacher_recipe_of(ds, teacher.obj.name if teacher else "")
     if recipe.epochs < 1:
         raise KdbenchError(f"epochs must be at least 1, got {recipe.epochs}")
-    return Plan(config, method, dataset, teacher, student, hp, recipe, teacher_recipe, extra)
+    return Plan(config, method, dataset, teacher, student, hp, recipe, teacher_recipe, extra, hp_source)
+
+
+def plan_hparams(method: Method, config: RunConfig, dataset: str, teacher: str, student: str,
+                 recipe: Recipe) -> tuple[dict[str, Any], str]:
+    """The hyperparameters a run uses and where they came from: the declared defaults, replaced by
+    the first matching ``Method.defaults_for`` entry, pre-stage lengths with a ``ref_epochs``
+    scaled to the recipe's length, then the explicit values (never scaled, always winning)."""
+    owner = f"method {method.name!r}"
+    entry = method.defaults_of(dataset, teacher, student)
+    sources = ["defaults"] + ([entry.label()] if entry is not None else [])
+    hp = resolve_hparams(method.hparams, dict(entry.values) if entry is not None else {}, owner)
+    explicit = resolve_hparams(method.hparams, config.hparams, owner)
+    hp.update({key: explicit[key] for key in config.hparams})
+    scaled = _scaled_stage_lengths(method, hp, recipe.epochs, set(config.hparams))
+    if any(hp[k] != v for k, v in scaled.items()):
+        sources.append(f"stage epochs x{recipe.epochs}/{_ref_epochs(method, hp)}")
+    hp.update(scaled)
+    if config.hparams:
+        sources.append("set")
+    return hp, " + ".join(sources)
+
+
+def _ref_stages(method: Method, hp: dict[str, Any]) -> list:
+    if method.stages is None:
+        return []
+    from types import SimpleNamespace
+
+    return [s for s in method.stages(SimpleNamespace(**hp)) if isinstance(s.epochs, str) and s.ref_epochs > 0]
+
+
+def _ref_epochs(method: Method, hp: dict[str, Any]) -> int:
+    return next((s.ref_epochs for s in _ref_stages(method, hp)), 0)
+
+
+def _scaled_stage_lengths(method: Method, hp: dict[str, Any], epochs: int, explicit: set[str]) -> dict[str, int]:
+    """Pre-stage lengths given in epochs of a ``Stage.ref_epochs``-long run, at ``epochs`` epochs
+    (at least 1 unless 0); explicitly set ones are left out."""
+    out = {}
+    for stage in _ref_stages(method, hp):
+        value = hp[stage.epochs]
+        if stage.epochs not in explicit and value > 0:
+            out[stage.epochs] = max(1, round(value * epochs / stage.ref_epochs))
+    return out
 
 
 def _dataset_entry(config: RunConfig, reg: Registry) -> Entry:
@@ -143,7 +205,29 @@ def _dataset_entry(config: RunConfig, reg: Registry) -> Entry:
     dataset = reg.entry("datasets", config.dataset or default_dataset(reg))
     if dataset.obj.resolve is not None:
         dataset = replace(dataset, obj=resolve_dataset(dataset.obj, config.data_options))
+    _check_load_options(dataset.obj, config.data_options)
     return dataset
+
+
+def _check_load_options(ds: Dataset, options: dict) -> None:
+    """``--data-dir``/``--data-option`` that the dataset's ``load`` does not take: one line, before
+    anything runs (not a TypeError from inside the first split's load)."""
+    if not options:
+        return
+    try:
+        signature = inspect.signature(ds.load)
+    except (TypeError, ValueError):
+        return  # not introspectable (a C function): let load decide
+    try:
+        signature.bind("train", **options)
+    except TypeError:
+        taken = [p.name for p in signature.parameters.values()
+                 if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
+        flags = ", ".join(("--data-dir" if key == "data_dir" else f"--data-option {key}=…") for key in options)
+        raise KdbenchError(
+            f"dataset {ds.name!r} takes no option {', '.join(map(repr, options))} (its load takes "
+            f"{', '.join(taken) or 'none'}); drop {flags}"
+        ) from None
 
 
 def _network_entries(config: RunConfig, method: Method, ds: Dataset,

@@ -1,37 +1,44 @@
-"""One epoch of CIFAR-100 KD (resnet32x4 → resnet8x4 by default): the harness's device-resident
-path vs the same step written as a plain PyTorch loop fed by a CPU DataLoader.
+"""Training-step speed of kdbench's engine on CIFAR-100-shaped data (resnet32x4 → resnet8x4 KD by
+default), and the checks the GPU run needs. Numbers, never pass/fail: a benchmark, not a test.
 
-Harness: the whole split lives on the device as uint8; normalisation, pad-4 random crop and flip
-are batched on the device; shuffling is a device permutation; kdbench.core.engine.train_stage runs the
-KD step (taps, named loss terms, bf16 autocast and channels_last on CUDA).
-Plain loop: the same models and loss, fed by a torch DataLoader whose workers crop, flip and
-normalise each sample on the CPU (the usual torchvision-style pipeline, written with numpy since
-there is no CPU torchvision here), pinned memory, non_blocking copies, the same autocast and
-memory format.
+Modes (several may be given; figures go to ``--json``):
 
-Data: the real CIFAR-100 train split when ``--data-dir`` holds it, else synthetic CIFAR-shaped
-uint8 data (the speed of either path does not depend on the pixel values). Prints samples/s of
-each path for each batch size, the implied time of 240 epochs (training steps only, no
-evaluation) and the ratio harness / plain.
+* ``--steps`` (default when no mode is named): ms per training step of ``kdbench.core.engine.train_stage``
+  eager vs captured (``--captures``, default ``none,graphs`` on CUDA and ``none,compile`` on the
+  CPU) at each batch size (``--batch-sizes``, default 64,256,1024), samples/s, and the projected
+  time of 240 epochs of ``--epoch-samples`` samples (training steps only). Each figure is the best
+  epoch after the first (which compiles/captures) of ``--epochs`` epochs.
+* ``--methods``: every built-in method's step time relative to KD's (same pair, batch, precision,
+  capture); over 2× is flagged, a method that cannot serve the pair says why.
+* ``--losses``: the loss terms and the student's gradient of every built-in method on one batch
+  (same weights, same inputs) at bf16 vs fp32 — as the engine computes them now (float32 loss
+  boundary) and as it did before (the loss inside autocast): relative gap per term, gradient cosine.
+* ``--fits``: every built-in method through one short fit (``--fit-epochs``) on the embedded
+  dataset, eager and with ``--fit-capture``: ok/failed, seconds, first-epoch loss terms and the
+  eager-vs-captured gap, and the run tags (a capture fallback shows there).
+* ``--plain``: the harness vs a plain PyTorch loop fed by a CPU DataLoader (the earlier benchmark).
 
-    python tests/benchmarks/cifar_epoch.py [--device cuda] [--batch-sizes 64,1024] [--samples 50000]
-    python tests/benchmarks/cifar_epoch.py --device cpu --samples 512 --teacher resnet8 --student resnet8  # smoke
+    python tests/benchmarks/cifar_epoch.py --device cuda --json out.json                  # the timing table
+    python tests/benchmarks/cifar_epoch.py --device cuda --methods --batch-sizes 64
+    python tests/benchmarks/cifar_epoch.py --device cpu --samples 256 --batch-sizes 32 \
+        --teacher resnet8 --student resnet8 --compile-backend aot_eager                       # CPU smoke
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import math
 import os
+import statistics
 import time
-from types import SimpleNamespace
+import traceback
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdbench.core import engine, plugins
 from kdbench.contracts import Augment, Dataset, Recipe
+from kdbench.core import capture, engine, plugins
 from kdbench.core.engine import Stage
 from kdbench.core.plan import RunConfig, make_plan
 from kdbench.core.plugins import Entry
@@ -54,7 +61,9 @@ class PerSample(torch.utils.data.Dataset):
     """What a plain pipeline does per sample in its DataLoader workers: pad 4, random 32x32 crop,
     horizontal flip, scale to [0, 1], normalise."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray):
+    def __init__(self, x, y):
+        import numpy as np  # only the plain loop needs numpy
+
         self.x, self.y = x, y
         self.mean = np.asarray(MEAN, dtype=np.float32)[:, None, None]
         self.std = np.asarray(STD, dtype=np.float32)[:, None, None]
@@ -63,6 +72,8 @@ class PerSample(torch.utils.data.Dataset):
         return len(self.y)
 
     def __getitem__(self, i):
+        import numpy as np
+
         img = np.pad(self.x[i], ((0, 0), (4, 4), (4, 4)))
         r, c = np.random.randint(0, 9, size=2)
         img = img[:, r : r + 32, c : c + 32]
@@ -108,6 +119,184 @@ def plain_epoch(student, teacher, loader, device, lr, max_steps=None) -> tuple[f
     loss.item()
     sync(device)
     return time.perf_counter() - start, seen
+
+
+def bench_registry(x, y, batch_size: int, name: str = "cifar100_bench"):
+    """The registry with a CIFAR-100-shaped dataset serving ``x, y`` for every split."""
+    reg = plugins.registry()
+    ds = Dataset(
+        name=name, load=lambda split: (x, y), num_classes=100, input_shape=(3, 32, 32),
+        recipe=Recipe(epochs=1, batch_size=batch_size, lr=0.05, schedule="constant", milestones=()),
+        mean=MEAN, std=STD, augment=Augment(crop_pad=4, flip=True),
+    )
+    reg.datasets[ds.name] = Entry(ds, "bench", "bench", "0")
+    return reg, ds
+
+
+_TEACHERS: dict = {}
+
+
+def _teacher(plan, device):
+    key = (plan.teacher_obj.name, str(device))
+    if key not in _TEACHERS:
+        _TEACHERS[key] = engine.build_teacher(plan, device).eval().requires_grad_(False)
+    return _TEACHERS[key]
+
+
+def step_time(args, device, x, y, batch_size: int, method: str = "kd", capture_mode: str = "none") -> dict:
+    """ms per training step (best epoch after the first) of ``method`` through train_stage."""
+    reg, ds = bench_registry(x, y, batch_size)
+    plan = make_plan(RunConfig(method=method, dataset=ds.name, teacher=args.teacher, student=args.student,
+                               device=str(device), precision=args.precision, capture=capture_mode,
+                               recipe={"batch_size": batch_size, "epochs": args.epochs}), reg)
+    teacher = _teacher(plan, device) if plan.method_obj.needs_teacher else None
+    setup = engine.setup_student(plan, teacher, device)
+    split = setup.splits["train"]
+    steps = len(split) // batch_size
+    if steps < 1:
+        raise SystemExit(f"--samples {len(split)} gives no full batch of {batch_size}")
+    seconds = []
+    stage = Stage("main", args.epochs, plan.method_obj.loss)
+    gen = torch.Generator(device=device).manual_seed(0)
+    sync(device)
+    engine.train_stage(setup.trainee, stage, args.epochs, plan.recipe, split, gen, ds.augment, device,
+                       lambda e, m: seconds.append(m["epoch_seconds"]), scheduled=False)
+    state = setup.trainee.capture_state
+    capture.uncompile([m for m in (setup.trainee.student.model, teacher) if m is not None])
+    best = min(seconds[1:]) if len(seconds) > 1 else seconds[0]
+    ms = 1000 * best / steps
+    rate = batch_size * steps / best
+    return {"ms_per_step": ms, "samples_per_s": rate, "steps_per_epoch": steps,
+            "epoch_seconds": seconds, "minutes_240_epochs": 240 * args.epoch_samples / rate / 60,
+            "tags": state.tags() if state else {}}
+
+
+def steps_mode(args, device, x, y) -> dict:
+    out = {}
+    for bs in args.batch_sizes:
+        row = {}
+        for mode in args.captures:
+            row[mode] = r = step_time(args, device, x, y, bs, "kd", mode)
+            print(f"batch {bs:>5} {mode:>8}: {r['ms_per_step']:8.2f} ms/step {r['samples_per_s']:>10.0f} samples/s "
+                  f"240 epochs {r['minutes_240_epochs']:7.1f} min {r['tags'] or ''}", flush=True)
+        base = row[args.captures[0]]["ms_per_step"]
+        for mode in args.captures[1:]:
+            row[f"speedup_{mode}"] = base / row[mode]["ms_per_step"]
+        out[f"batch_{bs}"] = row
+    return out
+
+
+def methods_mode(args, device, x, y) -> dict:
+    bs, mode = args.batch_sizes[0], args.captures[-1]
+    out = {"batch_size": bs, "capture": mode, "methods": {}}
+    kd = step_time(args, device, x, y, bs, "kd", mode)["ms_per_step"]
+    for name in sorted(plugins.registry().methods):
+        try:
+            r = step_time(args, device, x, y, bs, name, mode)
+            r["relative_to_kd"] = r["ms_per_step"] / kd
+            flag = "  > 2x KD" if r["relative_to_kd"] > 2 else ""
+            print(f"{name:>14}: {r['ms_per_step']:8.2f} ms/step = {r['relative_to_kd']:5.2f}x KD{flag} {r['tags'] or ''}", flush=True)
+        except Exception as exc:  # a method that cannot serve this pair, or a failure: named
+            r = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"}
+            print(f"{name:>14}: {r['error']}", flush=True)
+        out["methods"][name] = r
+    return out
+
+
+def _cosine(a, b) -> float:
+    return float(F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
+def losses_mode(args, device, x, y) -> dict:
+    """bf16 vs fp32 loss terms and gradient on one batch, now and with the loss under autocast."""
+    import contextlib
+
+    bs = min(args.batch_sizes[0], 64)
+    reg, ds = bench_registry(x, y, bs)
+    out = {"batch_size": bs, "methods": {}}
+    old_region = engine.loss_region
+    old_cast = engine.float32_outputs
+
+    def terms_and_grad(setup, stage, prec, before: bool):
+        trainee = setup.trainee
+        xb, yb = next(iter(setup.splits["train"].batches(bs)))  # normalised, not augmented
+        params = [p for p in trainee.student.parameters() if p.requires_grad]
+        if before:
+            engine.loss_region = lambda d, p: precision_autocast_old(d, p)
+            engine.float32_outputs = lambda o: o
+        try:
+            trainee.student.eval()  # no BN statistics update: both precisions see the same weights
+            _, terms, loss = engine._batch_loss(trainee, stage, 0, 1, xb, yb, None, device, prec)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        finally:
+            engine.loss_region, engine.float32_outputs = old_region, old_cast
+        grad = torch.cat([g.flatten() for g in grads if g is not None])
+        return {k: float(v.detach()) for k, v in terms.items()}, grad
+
+    def precision_autocast_old(d, p):
+        return torch.autocast(d.type, dtype=torch.bfloat16) if p == "bf16" else contextlib.nullcontext()
+
+    for name in sorted(plugins.registry().methods):
+        try:
+            plan = make_plan(RunConfig(method=name, dataset=ds.name, teacher=args.teacher, student=args.student,
+                                       device=str(device), recipe={"batch_size": bs}), reg)
+            setup = engine.setup_student(plan, _teacher(plan, device) if plan.method_obj.needs_teacher else None, device)
+            stage = Stage("main", 1, plan.method_obj.loss)
+            ref, g_ref = terms_and_grad(setup, stage, "fp32", False)
+            row = {"fp32": ref}
+            for label, before in (("now", False), ("loss_under_autocast", True)):
+                got, g = terms_and_grad(setup, stage, "bf16", before)
+                gaps = {k: abs(got[k] - ref[k]) / max(abs(ref[k]), 1e-4) for k in ref}  # terms ~0: absolute
+                row[label] = {"terms": got, "worst_rel_gap": max(gaps.values()),
+                              "worst_term": max(gaps, key=gaps.get), "grad_cosine": _cosine(g, g_ref)}
+            print(f"{name:>14}: bf16 now worst gap {row['now']['worst_rel_gap']:.4f} ({row['now']['worst_term']}), "
+                  f"grad cos {row['now']['grad_cosine']:.4f} | loss under autocast: "
+                  f"{row['loss_under_autocast']['worst_rel_gap']:.4f}, cos {row['loss_under_autocast']['grad_cosine']:.4f}",
+                  flush=True)
+        except Exception as exc:
+            row = {"error": f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"}
+            print(f"{name:>14}: {row['error']}", flush=True)
+        out["methods"][name] = row
+    return out
+
+
+def fits_mode(args, device) -> dict:
+    """Every built-in method, one short fit on the embedded dataset, eager and captured."""
+    out = {"capture": args.fit_capture, "epochs": args.fit_epochs, "methods": {}}
+    reg = plugins.registry()
+    for name in sorted(reg.methods):
+        row = {}
+        for mode in dict.fromkeys(["none", args.fit_capture]):
+            start = time.perf_counter()
+            try:
+                plan = make_plan(RunConfig(method=name, device=str(device), precision=args.precision, capture=mode,
+                                           recipe={"epochs": args.fit_epochs}), reg)
+                teacher = None
+                if plan.method_obj.needs_teacher:
+                    teacher = _teacher(plan, device)
+                setup = engine.setup_student(plan, teacher, device)
+                logs = []
+                result = engine.run_student(plan, setup, device, logs.append)
+                capture.uncompile([m for m in (setup.trainee.student.model, teacher) if m is not None])
+                first = {k: v for log in logs if log.epoch == 1 for k, v in log.metrics.items() if "loss" in k}
+                row[mode] = {"ok": True, "seconds": time.perf_counter() - start, "tags": result.tags,
+                             "test_top1": result.metrics["test_top1"], "first_epoch_losses": first,
+                             "finite": all(math.isfinite(v) for v in first.values())}
+            except Exception as exc:
+                row[mode] = {"ok": False, "seconds": time.perf_counter() - start,
+                             "error": f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}",
+                             "traceback": traceback.format_exc()[-2000:]}
+        if len(row) == 2 and all(r["ok"] for r in row.values()):
+            a, b = row["none"]["first_epoch_losses"], row[args.fit_capture]["first_epoch_losses"]
+            row["capture_worst_rel_gap"] = max((abs(b[k] - a[k]) / max(abs(a[k]), 1e-8) for k in a), default=0.0)
+        summary = " | ".join(f"{m}: {'ok' if r['ok'] else r['error']} {r['seconds']:.1f}s {r.get('tags') or ''}"
+                             for m, r in row.items() if isinstance(r, dict))
+        gap = f" gap {row['capture_worst_rel_gap']:.4f}" if "capture_worst_rel_gap" in row else ""
+        print(f"{name:>14}: {summary}{gap}", flush=True)
+        out["methods"][name] = row
+    out["failed"] = sorted(n for n, row in out["methods"].items()
+                           if any(isinstance(r, dict) and not r["ok"] for r in row.values()))
+    return out
 
 
 def measure(args, device, x, y, batch_size):
@@ -165,37 +354,71 @@ def measure(args, device, x, y, batch_size):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch-sizes", default="64,1024")
-    ap.add_argument("--samples", type=int, default=50000)
+    ap.add_argument("--steps", action="store_true", help="ms per step eager vs captured (the default mode)")
+    ap.add_argument("--methods", action="store_true", help="every built-in method's step time relative to KD")
+    ap.add_argument("--losses", action="store_true", help="bf16 vs fp32 loss terms and gradients, every method")
+    ap.add_argument("--fits", action="store_true", help="every built-in method through one short fit")
+    ap.add_argument("--plain", action="store_true", help="harness vs a plain loop with a CPU DataLoader")
+    ap.add_argument("--batch-sizes", default="64,256,1024")
+    ap.add_argument("--captures", default=None,
+                    help="capture modes compared, the first is the baseline [none,graphs on CUDA; none,compile on CPU]")
+    ap.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="[bf16 on CUDA, fp32 on CPU]")
+    ap.add_argument("--compile-backend", default=None, help="torch.compile backend for --capture compile (e.g. aot_eager)")
+    ap.add_argument("--epochs", type=int, default=3, help="epochs per step-time measurement (the first is not counted)")
+    ap.add_argument("--samples", type=int, default=8192, help="samples per epoch of the step-time measurements")
     ap.add_argument("--epoch-samples", type=int, default=45000,
                     help="samples per epoch for the 240-epoch estimate [kdbench's CIFAR-100 train split: "
                          "50000 less the 10 %% validation]")
+    ap.add_argument("--fit-epochs", type=int, default=1)
+    ap.add_argument("--fit-capture", default=None, help="capture mode of --fits besides eager [graphs on CUDA, none on CPU]")
     ap.add_argument("--teacher", default="resnet32x4")
     ap.add_argument("--student", default="resnet8x4")
     ap.add_argument("--data-dir", default=None, help="a folder holding cifar-100-python/ (else synthetic)")
-    ap.add_argument("--workers", type=int, default=None, help="plain loop's DataLoader workers [min(8, cores)]")
-    ap.add_argument("--repeats", type=int, default=1, help="timed epochs per path (median reported)")
+    ap.add_argument("--workers", type=int, default=None, help="--plain: the DataLoader's workers [min(8, cores)]")
+    ap.add_argument("--repeats", type=int, default=1, help="--plain: timed epochs per path (median reported)")
     ap.add_argument("--warmup-steps", type=int, default=20)
-    ap.add_argument("--warmup-full", action="store_true", help="also run one untimed harness epoch first")
+    ap.add_argument("--warmup-full", action="store_true", help="--plain: also run one untimed harness epoch first")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args()
     device = torch.device(args.device)
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    args.captures = (args.captures or ("none,graphs" if cuda else "none,compile")).split(",")
+    args.fit_capture = args.fit_capture or ("graphs" if cuda else "none")
+    if args.compile_backend:
+        capture.COMPILE_OPTIONS["backend"] = args.compile_backend
+    if cuda:
         torch.backends.cudnn.benchmark = True
-    x, y, what = cifar_like(args.samples, args.data_dir)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-    print(f"{args.teacher} -> {args.student} KD, one epoch of {len(y)} samples ({what}) on {name}")
-    report = {"device": name, "samples": len(y), "data": what, "teacher": args.teacher, "student": args.student}
-    for bs in [int(b) for b in args.batch_sizes.split(",")]:
-        r = measure(args, device, x, y, bs)
-        report[f"batch_{bs}"] = r
-        h, p = r["harness"], r["plain"]
-        print(f"batch {bs:>5}: harness {h['samples_per_s']:>9.0f} samples/s ({h['epoch_s']:.2f} s/epoch, "
-              f"240 epochs {h['hours_240_epochs']:.2f} h) | plain loop + DataLoader({r['workers']} workers) "
-              f"{p['samples_per_s']:>9.0f} samples/s ({p['hours_240_epochs']:.2f} h) | ratio {r['ratio_harness_over_plain']:.2f}")
+    name = torch.cuda.get_device_name(device) if cuda else f"cpu ({os.cpu_count()} cores)"
+    report = {"device": name, "torch": torch.__version__, "teacher": args.teacher, "student": args.student,
+              "precision": args.precision or ("bf16" if cuda else "fp32")}
+    if not (args.methods or args.losses or args.fits or args.plain):
+        args.steps = True
+    if args.fits:
+        print(f"== every built-in method, {args.fit_epochs}-epoch fit on the embedded dataset, {name}", flush=True)
+        report["fits"] = fits_mode(args, device)
+    if args.steps or args.methods or args.losses or args.plain:
+        x, y, what = cifar_like(args.samples, args.data_dir)
+        report.update(samples=len(y), data=what)
+    if args.steps:
+        print(f"== {args.teacher} -> {args.student} KD, ms per step ({what}, {len(y)} samples/epoch) on {name}", flush=True)
+        report["steps"] = steps_mode(args, device, x, y)
+    if args.methods:
+        print(f"== every built-in method relative to KD, batch {args.batch_sizes[0]}, capture {args.captures[-1]}", flush=True)
+        report["methods"] = methods_mode(args, device, x, y)
+    if args.losses:
+        print("== bf16 vs fp32 loss terms on one batch (same weights and inputs)", flush=True)
+        report["losses"] = losses_mode(args, device, x, y)
+    if args.plain:
+        for bs in args.batch_sizes:
+            r = measure(args, device, x, y, bs)
+            report[f"plain_batch_{bs}"] = r
+            h, p = r["harness"], r["plain"]
+            print(f"batch {bs:>5}: harness {h['samples_per_s']:>9.0f} samples/s | plain loop + DataLoader("
+                  f"{r['workers']} workers) {p['samples_per_s']:>9.0f} samples/s | ratio {r['ratio_harness_over_plain']:.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+            json.dump(report, f, indent=2, default=str)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,202 @@
+"""Captured training steps: how the engine turns a training step into fewer kernel launches.
+
+Three modes (``RunConfig.capture``, ``--capture``):
+
+* ``none`` — eager PyTorch, the reference (and the default until the GPU check has measured
+  the others; see docs/PERFORMANCE.md).
+* ``compile`` — the networks (student, teacher, extra teachers) are compiled in place with
+  ``nn.Module.compile`` (``torch.compile``, default mode: kernel fusion, no CUDA graphs); the
+  loss, backward and optimizer step stay eager. Works on the CPU too, which is how CI checks that
+  it gives eager's numbers.
+* ``graphs`` — CUDA only: the *whole* step (teacher forward, student forward, float32 loss,
+  backward, optimizer step) is captured once per epoch with ``torch.cuda.graph`` on static
+  input buffers and replayed for every full batch. What makes that valid (the pitfalls the H100
+  probe found): the optimizer is fused with its learning rate in a device tensor (the schedule
+  writes into it, so nothing is recaptured for it), gradients are zeroed with
+  ``set_to_none=False`` (their buffers stay put), autocast runs with ``cache_enabled=False``, a
+  few eager warm-up steps on a side stream precede the first capture (lazy optimizer state,
+  cuDNN autotuning), the outputs (loss terms, logits) are consumed before the next replay, and
+  a batch of another shape (the last, partial one) runs eagerly. The step reads ``Step.epoch``
+  as a Python int, so the graph is recaptured at each epoch (one capture per epoch, no warm-up).
+
+A method whose step cannot be captured says so with ``Method.capturable = False`` (host-side
+sampling, data-dependent shapes, host reads inside the loss); if capturing fails at run time
+the run falls back to eager. Either way one line is logged and the run is tagged
+``capture=eager (…reason…)``: never a crash, never a silently different step.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from kdbench.errors import KdbenchError
+
+CAPTURES = ("none", "compile", "graphs")
+
+#: keyword arguments of ``torch.compile`` in ``compile`` mode (tests use {"backend": "aot_eager"})
+COMPILE_OPTIONS: dict = {}
+
+#: eager steps before the first CUDA-graph capture of a stage
+WARMUP_STEPS = 3
+
+log = logging.getLogger("kdbench")
+
+
+def check_capture(name: str | None, device: torch.device | None = None) -> str:
+    """The capture mode (None: ``none``); a one-line error for an unknown one, or ``graphs``
+    asked for off CUDA."""
+    name = name or "none"
+    if name not in CAPTURES:
+        raise KdbenchError(f"unknown capture mode {name!r}; choose one of: {', '.join(CAPTURES)}")
+    if name == "graphs" and device is not None and device.type != "cuda":
+        raise KdbenchError(f"--capture graphs needs a CUDA device (this run is on {device.type}); "
+                           "use --capture compile or none")
+    return name
+
+
+@dataclass
+class CaptureState:
+    """What one run's capture did: the mode asked for, the mode used, and why they differ."""
+
+    asked: str
+    used: str
+    reason: str = ""
+    compiled: list[nn.Module] = field(default_factory=list)
+
+    def fall_back(self, reason: str) -> None:
+        """Run eagerly from now on, saying so once."""
+        if self.used == "none":
+            return
+        log.warning("kdbench: training steps run eagerly (--capture %s not used): %s", self.asked, reason)
+        uncompile(self.compiled)
+        self.compiled = []
+        self.used, self.reason = "none", reason
+
+    def tags(self) -> dict[str, str]:
+        """Run tags: ``capture`` (the mode used), and the fallback's reason when there was one."""
+        if self.asked == "none":
+            return {}
+        out = {"capture": self.used if self.used != "none" else "eager"}
+        if self.reason:
+            out["capture_fallback"] = self.reason
+        return out
+
+
+def start(asked: str | None, device: torch.device, capturable: bool, method_name: str = "") -> CaptureState:
+    """The run's capture state; a method that declares ``capturable=False`` runs eagerly."""
+    asked = check_capture(asked, device)
+    state = CaptureState(asked=asked, used=asked)
+    if asked != "none" and not capturable:
+        state.fall_back(f"method {method_name!r} declares that its step cannot be captured")
+    return state
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line for a failed compile or capture: the exception's type and the first line of its
+    innermost cause (Dynamo wraps a backend's error in BackendCompilerFailed)."""
+    inner = exc
+    while getattr(inner, "inner_exception", None) is not None or inner.__cause__ is not None:
+        inner = getattr(inner, "inner_exception", None) or inner.__cause__
+    lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
+    detail = f"{type(inner).__name__}: {lines[0] if lines else ''}"
+    return (detail if inner is exc else f"{type(exc).__name__} ({detail})")[:240]
+
+
+# --------------------------------------------------------------------------- compile
+
+
+def compile_networks(state: CaptureState, nets: list[nn.Module]) -> None:
+    """Compile ``nets`` in place (their state dicts keep their keys), once per run."""
+    if state.used != "compile":
+        return
+    # the taps are forward hooks: Dynamo must guard on them (by default it does not), or code
+    # compiled for one run's hooks would be reused for another's (another method, another trial)
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    for net in nets:
+        if net is not None and not any(net is done for done in state.compiled):
+            net.compile(**COMPILE_OPTIONS)
+            state.compiled.append(net)
+
+
+def uncompile(nets: list[nn.Module]) -> None:
+    """Undo :func:`compile_networks` (``nn.Module.compile`` sets ``_compiled_call_impl``)."""
+    for net in nets:
+        net._compiled_call_impl = None
+
+
+# --------------------------------------------------------------------------- CUDA graphs
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """The learning rate of every group: written into the device tensor when it is one (the
+    captured step reads it from there), else set as a float."""
+    for group in opt.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+StepFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor | None, bool],
+                  tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class GraphedSteps:
+    """A stage's training step replayed as a CUDA graph.
+
+    ``step(epoch, x, y, index, zero_to_none)`` runs one eager step (forward, loss, backward,
+    optimizer) and returns the student's logits and the loss terms. The first full batches of the
+    stage run eagerly (:data:`WARMUP_STEPS`, on a side stream); then the step is captured on
+    static copies of the batch and replayed. A batch of another shape runs eagerly."""
+
+    def __init__(self, step: StepFn, device: torch.device):
+        self.step, self.device = step, device
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.pool = None
+        self.epoch = -1
+        self.shape: tuple | None = None
+        self.warm = 0
+        self.static: tuple | None = None  # x, y, index
+        self.out: tuple | None = None  # logits, terms
+
+    def __call__(self, epoch: int, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None):
+        if self.shape is None:
+            self.shape = tuple(x.shape)
+        if tuple(x.shape) != self.shape:
+            return self.step(epoch, x, y, index, False)
+        if self.warm < WARMUP_STEPS:
+            self.warm += 1
+            return self._side_stream(lambda: self.step(epoch, x, y, index, False))
+        if self.graph is None or epoch != self.epoch:
+            self._capture(epoch, x, y, index)
+        sx, sy, si = self.static
+        sx.copy_(x)
+        sy.copy_(y)
+        if si is not None:
+            si.copy_(index)
+        self.graph.replay()
+        return self.out
+
+    def _side_stream(self, fn):
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            out = fn()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        return out
+
+    def _capture(self, epoch, x, y, index) -> None:
+        self.graph = None  # the previous epoch's graph goes back to the pool first
+        self.static = (x.clone(), y.clone(), index.clone() if index is not None else None)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize(self.device)
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits, terms = self.step(epoch, *self.static, False)
+            self.out = (logits, terms)
+        self.graph, self.epoch = graph, epoch

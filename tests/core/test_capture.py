@@ -1,0 +1,183 @@
+"""Captured steps on the CPU: torch.compile gives eager's numbers, a method that cannot be
+captured (or a capture that fails) runs eagerly and says so, the lr lives in a tensor."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from kdbench.cli import options
+from kdbench.contracts import Method
+from kdbench.core import capture, engine, plugins, precision
+from kdbench.core.plan import RunConfig, make_plan
+from kdbench.core.plugins import Entry
+from kdbench.errors import KdbenchError
+
+CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    torch.manual_seed(0)
+    plan = make_plan(RunConfig(method="kd"), plugins.load())
+    return engine.build_teacher(plan, CPU).eval().requires_grad_(False)
+
+
+@pytest.fixture
+def aot_eager(monkeypatch):
+    """torch.compile through Dynamo and AOT autograd, without generating C++ (fast on CI)."""
+    monkeypatch.setattr(capture, "COMPILE_OPTIONS", {"backend": "aot_eager"})
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def fit(reg, method, teacher, **config):
+    plan = make_plan(RunConfig(method=method, recipe={"epochs": 2}, **config), reg)
+    setup = engine.setup_student(plan, teacher if plan.method_obj.needs_teacher else None, CPU)
+    logs = []
+    result = engine.run_student(plan, setup, CPU, logs.append, with_test=False)
+    for net in (setup.trainee.student.model, setup.trainee.teacher.model if setup.trainee.teacher else None):
+        if net is not None:
+            capture.uncompile([net])
+    return result, {k: v for log in logs for k, v in log.metrics.items() if k.startswith("loss")}
+
+
+@pytest.mark.parametrize("method", ["kd", "at", "rkd"])
+def test_compiled_networks_give_eager_numbers(teacher, aot_eager, method):
+    reg = plugins.load()
+    eager, eager_terms = fit(reg, method, teacher)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
+    compiled, compiled_terms = fit(reg, method, teacher, capture="compile")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # student and teacher at least
+    assert compiled.tags == {"capture": "compile"} and eager.tags == {}
+    assert set(eager_terms) == set(compiled_terms)
+    for k, v in eager_terms.items():
+        assert compiled_terms[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+    assert compiled.curve == pytest.approx(eager.curve, abs=0.01)
+    for k, v in eager.state_dict.items():
+        if v.is_floating_point():
+            assert torch.allclose(compiled.state_dict[k], v, rtol=1e-3, atol=1e-4), k
+
+
+def _uncapturable(seen: list) -> Method:
+    kd = plugins.load().methods["kd"].obj
+
+    def loss(step):
+        seen.append(step.student_net.model._compiled_call_impl)
+        return kd.loss(step)
+    return Method(name="hostside", loss=loss, hparams=kd.hparams, capturable=False)
+
+
+def test_a_method_that_cannot_be_captured_runs_eagerly_and_is_tagged(teacher, aot_eager, caplog):
+    seen = []
+    reg = plugins.registry()
+    reg.methods["hostside"] = Entry(_uncapturable(seen), "test", "tests", "0")
+    eager, _ = fit(reg, "hostside", teacher)
+    asked, _ = fit(reg, "hostside", teacher, capture="compile")
+    assert asked.tags == {"capture": "eager",
+                          "capture_fallback": "method 'hostside' declares that its step cannot be captured"}
+    assert all(impl is None for impl in seen)  # the networks were never compiled
+    assert any("training steps run eagerly (--capture compile not used): method 'hostside'" in r.getMessage()
+               for r in caplog.records)
+    for k, v in eager.state_dict.items():
+        assert torch.equal(asked.state_dict[k], v), k  # bitwise: the same eager step
+
+
+def test_combined_method_with_an_uncapturable_part_is_uncapturable():
+    reg = plugins.registry()
+    seen = []
+    reg.methods["hostside"] = Entry(_uncapturable(seen), "test", "tests", "0")
+    assert make_plan(RunConfig(method="hostside+at"), reg).method_obj.capturable is False
+    assert make_plan(RunConfig(method="kd+at"), reg).method_obj.capturable is True
+
+
+def test_a_capture_that_fails_at_run_time_falls_back_to_eager(teacher, monkeypatch, caplog):
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("data-dependent shape\nsecond line")
+
+    monkeypatch.setattr(capture, "COMPILE_OPTIONS", {"backend": broken_backend})
+    torch._dynamo.reset()
+    reg = plugins.load()
+    eager, eager_terms = fit(reg, "kd", teacher)
+    fell, fell_terms = fit(reg, "kd", teacher, capture="compile")
+    torch._dynamo.reset()
+    assert fell.tags["capture"] == "eager" and "data-dependent shape" in fell.tags["capture_fallback"]
+    assert "second line" not in fell.tags["capture_fallback"]
+    warned = [r.getMessage() for r in caplog.records if "eagerly" in r.getMessage()]
+    assert len(warned) == 1 and "\n" not in warned[0]
+    assert fell_terms == eager_terms
+    for k, v in eager.state_dict.items():
+        assert torch.equal(fell.state_dict[k], v), k
+
+
+def test_graphs_need_cuda_and_unknown_modes_are_one_line():
+    reg = plugins.load()
+    plan = make_plan(RunConfig(method="kd", capture="graphs", recipe={"epochs": 1}), reg)
+    with pytest.raises(KdbenchError, match="--capture graphs needs a CUDA device"):
+        engine.setup_student(plan, None, CPU)
+    with pytest.raises(KdbenchError, match="unknown capture mode 'graph'; choose one of: none, compile, graphs"):
+        capture.check_capture("graph")
+
+
+def test_lr_in_a_device_tensor_trains_like_a_float_lr():
+    """What a captured step needs: a fused optimizer reading its lr from a tensor that the
+    schedule writes into."""
+    from kdbench.contracts import Recipe
+
+    recipe = Recipe(epochs=3, batch_size=8, lr=0.1, schedule="multistep", milestones=(1, 2), momentum=0.9,
+                    weight_decay=5e-4, nesterov=True)
+
+    def train(device_lr):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(5, 3)
+        opt = engine.make_optimizer(net.parameters(), recipe, device_lr)
+        x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+        lrs = []
+        for epoch in range(3):
+            capture.set_lr(opt, engine.lr_at(recipe, epoch))
+            lrs.append(float(opt.param_groups[0]["lr"]))
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+        return net, opt, lrs
+
+    plain, plain_opt, plain_lrs = train(None)
+    fused, fused_opt, fused_lrs = train(CPU)
+    assert isinstance(fused_opt.param_groups[0]["lr"], torch.Tensor) and fused_opt.defaults["fused"]
+    assert plain_lrs == pytest.approx(fused_lrs) and plain_lrs == pytest.approx([0.1, 0.01, 0.001])
+    assert torch.allclose(plain.weight, fused.weight, atol=1e-6)
+
+
+def test_cli_names_the_choices_of_precision_and_capture():
+    from kdbench.cli import main as cli
+
+    assert options.PRECISIONS == precision.PRECISIONS and options.CAPTURES == capture.CAPTURES
+    for args, line in ((["--precision", "fp16"], "error: unknown --precision 'fp16'; choose one of: bf16, fp32"),
+                       (["--capture", "cuda-graphs"], "error: unknown --capture 'cuda-graphs'; choose one of: none, compile, graphs")):
+        for command in ("run", "tune"):
+            result = CliRunner().invoke(cli, [command, *args])
+            assert result.exit_code == 2, result.output
+            assert result.output.strip() == line
+
+
+def test_engine_and_benchmarks_import_neither_mlflow_nor_optuna():
+    code = ("import sys, runpy; import kdbench.core.engine, kdbench.core.capture, kdbench.core.precision, "
+            "kdbench.core.plan, kdbench.core.plugins; "
+            f"runpy.run_path({str(ROOT / 'tests/benchmarks/cifar_epoch.py')!r}, run_name='not_main'); "
+            "bad = [m for m in ('mlflow', 'optuna') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_runs_in_one_process_with_other_taps_do_not_reuse_each_others_compiled_code(teacher, aot_eager):
+    """The taps are forward hooks: code compiled for one run's hooks must not serve the next run
+    (another method, another tuning trial) — it would miss taps, or read stale ones."""
+    reg = plugins.load()
+    for method in ("kd", "at", "fitnets"):  # kd has no taps: compiled without hooks first
+        result, terms = fit(reg, method, teacher, capture="compile")
+        assert result.tags == {"capture": "compile"}, (method, result.tags)
