@@ -3,6 +3,7 @@ input is one line on stderr and a non-zero exit; ``--debug`` shows the traceback
 one module each."""
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -17,9 +18,13 @@ class OneLineErrorGroup(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+            return result
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
+        except BrokenPipeError:
+            _quiet_broken_pipe()
         except KeyboardInterrupt:
             click.echo("interrupted; the run is marked KILLED in MLflow", err=True)
             sys.exit(130)
@@ -30,11 +35,23 @@ class OneLineErrorGroup(click.Group):
             sys.exit(1)
 
 
+def _quiet_broken_pipe() -> None:
+    """The reader of stdout went away (``kdbench show … | head``): stop without a message, as
+    other command-line tools do. stdout is pointed at /dev/null so that Python's own flush at exit
+    does not report the broken pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (tests)
+        pass
+    sys.exit(1)
+
+
 def one_line(exc: Exception) -> str:
     """The error line for ``exc``: a :class:`KdbenchError` as it is, anything else as a failure
     of a plugin or kdbench with its first line."""
     if isinstance(exc, KdbenchError):
-        return f"error: {exc}"
+        return "error: " + " ".join(str(exc).split())
     lines = str(exc).strip().splitlines()
     return (f"error: {type(exc).__name__}: {lines[0] if lines else ''} "
             "(a plugin or kdbench failed; rerun with --debug for the traceback)")
@@ -47,6 +64,26 @@ def one_line(exc: Exception) -> str:
 def main(ctx, debug):
     """kdbench: benchmark knowledge-distillation methods."""
     ctx.obj = {"debug": debug}
+    _warnings_as_lines()
+
+
+def _warnings_as_lines() -> None:
+    """kdbench's own warnings (e.g. a damaged cache file set aside) as ``warning: …`` lines on stderr."""
+    import logging
+
+    log = logging.getLogger("kdbench")
+    if not any(getattr(handler, "kdbench", False) for handler in log.handlers):
+        class _Stderr(logging.StreamHandler):
+            """Writes to the current ``sys.stderr``, looked up per line (click's test runner and
+            pytest swap it between commands)."""
+
+            stream = property(lambda self: sys.stderr, lambda self, value: None)
+
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("warning: %(message)s"))
+        handler.kdbench = True
+        log.addHandler(handler)
+        log.propagate = False
 
 
 COMMANDS = (

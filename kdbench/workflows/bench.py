@@ -60,6 +60,7 @@ class CellResult:
     top1: float | None = None
     reason: str | None = None
     seconds: float = 0.0
+    skipped: bool = False  # claimed by another live process: not run here
 
 
 # --------------------------------------------------------------------------- events
@@ -176,6 +177,7 @@ def cell_config(suite: Suite, pair: Pair, method: MethodSpec, seed: int, recipe:
         method=method.name, dataset=suite.dataset, teacher=pair.teacher, student=pair.student,
         hparams={**(tuned or {}), **method.params}, recipe=dict(recipe), seed=seed,
         teacher_seed=suite.teacher_seed, teacher_checkpoint=pair.checkpoint, tags=tags,
+        precision=suite.precision,
     )
 
 
@@ -264,17 +266,19 @@ def _record_failure(tracker, cell: Cell, reason: str, started: float) -> str:
         if runs[0].info.status == "RUNNING":
             tracker.finish(run_id, "FAILED", reason)
         return run_id
-    tags = {**cell.config.tags, "role": "student", "method": cell.method.name, "student": cell.pair.student,
-            "teacher": cell.pair.teacher, "dataset": cell.config.dataset, "seed": cell.seed}
+    tags = _claim_tags(cell)
     if cell.config_hash:
         tags["config_hash"] = cell.config_hash
-    run_id = tracker.start(cell.config.dataset, f"{cell.method.name}-{cell.pair.student}-s{cell.seed}", tags, {})
+    run_id = tracker.start(cell.config.dataset, _run_name(cell), tags, {})
     tracker.finish(run_id, "FAILED", reason)
     return run_id
 
 
 def run_cell(cell: Cell, uri: str, threads: int | None = None) -> CellResult:
-    """Run one cell (in this process); failures are recorded, never raised (except Ctrl-C)."""
+    """Run one cell (in this process); failures are recorded, never raised (except Ctrl-C).
+
+    The cell is claimed first (its RUNNING run, :meth:`Tracker.claim`): a cell whose run is held
+    by a live process (another ``kdbench bench`` of the suite) is skipped, not run twice."""
     from kdbench.workflows import run as runner
 
     if threads:
@@ -283,11 +287,18 @@ def run_cell(cell: Cell, uri: str, threads: int | None = None) -> CellResult:
         torch.set_num_threads(threads)
     tracker = Tracker(uri)
     t0 = time.time()
+    run_id = None
     try:
         if cell.plan_error:
             raise KdbenchError(cell.plan_error)
-        outcome = runner.run(cell.config, tracker)
+        if cell.config_hash:
+            run_id, held = tracker.claim(cell.config.dataset, cell.config_hash, _run_name(cell), _claim_tags(cell))
+            if run_id is None:
+                return CellResult(cell_key=cell.key, ok=True, skipped=True, seconds=time.time() - t0, reason=held)
+        outcome = runner.run(cell.config, tracker, run_id=run_id)
     except KeyboardInterrupt:
+        if run_id and tracker.client.get_run(run_id).info.status == "RUNNING":
+            tracker.finish(run_id, "KILLED", "KeyboardInterrupt")
         raise
     except BaseException as exc:  # noqa: BLE001 - a failing cell must not stop the suite
         reason = f"{type(exc).__name__}: {exc}".strip()
@@ -295,6 +306,35 @@ def run_cell(cell: Cell, uri: str, threads: int | None = None) -> CellResult:
         return CellResult(cell_key=cell.key, ok=False, run_id=run_id, reason=reason, seconds=time.time() - t0)
     return CellResult(cell_key=cell.key, ok=True, run_id=outcome.run_id, top1=outcome.metrics.get("test_top1"),
                       seconds=time.time() - t0)
+
+
+def _run_name(cell: Cell) -> str:
+    return f"{cell.method.name}-{cell.pair.student}-s{cell.seed}"
+
+
+def _claim_tags(cell: Cell) -> dict:
+    return {**cell.config.tags, "role": "student", "method": cell.method.name, "student": cell.pair.student,
+            "teacher": cell.pair.teacher, "dataset": cell.config.dataset, "seed": cell.seed}
+
+
+def _worker_init(parent_pid: int) -> None:
+    """In each ``--jobs`` worker: die with the parent. A thread watches the parent; once it is gone
+    (kill -9 included) the worker marks its runs KILLED and exits, so no orphan trains on."""
+    import threading
+
+    def watch():
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent_pid:
+                from kdbench.workflows import claims
+
+                done = threading.Event()
+                threading.Thread(target=lambda: (claims.end_owned_runs("the kdbench bench process died"),
+                                                 done.set()), daemon=True).start()
+                done.wait(5)
+                os._exit(1)
+
+    threading.Thread(target=watch, name="kdbench-parent-watch", daemon=True).start()
 
 
 def prepare_teachers(cells: list[Cell], uri: str, on_event: Callable = _ignore) -> dict[str, str]:
@@ -326,7 +366,8 @@ def _run_parallel(cells: list[Cell], uri: str, jobs: int, tracker, report: Calla
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
     # spawn, not fork: forking after torch has trained the teacher (OpenMP threads) can deadlock
-    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                             initargs=(os.getpid(),)) as pool:
         # vanilla cells first and alone: the others' Δ vs vanilla needs finished vanilla runs
         for group in ([c for c in cells if c.method.name == "vanilla"],
                       [c for c in cells if c.method.name != "vanilla"]):

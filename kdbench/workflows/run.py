@@ -13,6 +13,7 @@ from typing import Callable
 from kdbench.core import engine, metrics, plugins
 from kdbench.core.engine import EpochLog
 from kdbench.core.plan import Plan, RunConfig, make_plan
+from kdbench.core.precision import resolve_precision
 from kdbench.workflows.provenance import base_tags, recipe_hash
 from kdbench.workflows.teachers import Teacher, obtain_teacher, obtain_teachers, teacher_ids, teacher_tags
 from kdbench.workflows.tracking import Tracker, failure_reason
@@ -56,6 +57,7 @@ def student_tags(plan: Plan, device, teacher: Teacher | None, extra: list[Teache
                      "plugin.teacher": plan.teacher.source})
     tags.update(teacher_tags(plan, teacher, extra))
     tags["train_split_loaded"] = str(int(setup.info["train_split_loaded"]))
+    tags["precision"] = resolve_precision(plan.config.precision, device)
     return tags
 
 
@@ -95,11 +97,13 @@ def run(
     tracker: Tracker,
     on_epoch: Callable[[EpochLog], None] = lambda e: None,
     with_test: bool = True,
+    run_id: str | None = None,
 ) -> Outcome:
     """Plan, get the teacher, train the student, record everything; return the outcome.
 
     Errors in the plan or the pair are raised before the student run is created; a failure
-    during training marks the MLflow run FAILED with the reason and re-raises."""
+    during training marks the MLflow run FAILED with the reason and re-raises. ``run_id``: a
+    RUNNING run claimed beforehand (a suite's cell, :meth:`Tracker.claim`) to record into."""
     plan = make_plan(config, plugins.registry())
     device = engine.select_device(config.device)
     teacher = obtain_teacher(plan, device, tracker, on_epoch, with_test)
@@ -107,13 +111,18 @@ def run(
     setup = engine.setup_student(plan, teacher.net if teacher else None, device, [other.net for other in extra])
     tags = student_tags(plan, device, teacher, extra, setup)
     name = f"{plan.method_obj.name}-{plan.student_obj.name}-s{config.seed}"
-    run_id = tracker.start(plan.dataset_obj.name, name, tags, plan.params())
+    if run_id is None:
+        run_id = tracker.start(plan.dataset_obj.name, name, tags, plan.params())
+    else:
+        tracker.fill(run_id, tags, plan.params())
     try:
         result = engine.run_student(plan, setup, device, tracker.epoch_logger(run_id, on_epoch),
                                     with_test=with_test)
     except BaseException as exc:
         end_failed_run(tracker, run_id, config, exc)
         raise
+    if result.tags:  # e.g. capture=eager-fallback: how the engine actually ran the steps
+        tracker.set_tags(run_id, result.tags)
     final, vanilla = final_metrics(tracker, plan, teacher, result, with_test)
     tracker.log_metrics(run_id, final)
     tracker.finish(run_id)

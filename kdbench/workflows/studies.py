@@ -12,6 +12,7 @@ Optuna is imported inside the functions: machines without it can import this mod
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
@@ -80,10 +81,15 @@ def _journal_storage(path: str, must_exist: bool):
 def _rdb_storage(url: str, heartbeat: int):
     import optuna
 
+    from kdbench.workflows.claims import file_lock
+
     shown = mask_url(url)
     url = _pick_pg_driver(url)
+    db = url[len("sqlite:///"):].split("?", 1)[0] if url.startswith("sqlite:///") else ""
+    # a fresh sqlite storage is created (and migrated) by one process at a time
+    lock = file_lock(Path(db + ".lock")) if db and Path(db).parent.is_dir() else contextlib.nullcontext()
     try:
-        with warnings.catch_warnings():
+        with lock, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return optuna.storages.RDBStorage(
                 url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
@@ -98,13 +104,9 @@ def _rdb_storage(url: str, heartbeat: int):
 
 
 def _pick_pg_driver(url: str) -> str:
-    """SQLAlchemy 2.1 maps ``postgresql://`` to psycopg 3; use psycopg2 when only it is installed."""
-    if url.startswith("postgresql://"):
-        import importlib.util
+    from kdbench.workflows.tracking import pick_pg_driver
 
-        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
-            return "postgresql+psycopg2://" + url[len("postgresql://"):]
-    return url
+    return pick_pg_driver(url)
 
 
 # --------------------------------------------------------------------------- stored studies
@@ -246,12 +248,39 @@ def fail_stale_trials(study, heartbeat: int) -> list[int]:
 
     storage = study._storage
     running = {trial._trial_id: trial for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    gone = _fail_dead_local(storage, running)
+    others = {trial_id: trial for trial_id, trial in running.items() if trial_id not in gone}
     if is_heartbeat_enabled(storage):
-        stale = _fail_stale_rdb(study, running, heartbeat)
+        stale = list(_fail_stale_rdb(study, others, heartbeat)) + gone
     else:
-        stale = _fail_stale_journal(storage, running, heartbeat)
+        stale = list(_fail_stale_journal(storage, others, heartbeat)) + gone
     return sorted(running[trial_id].number for trial_id in stale
                   if storage.get_trial(trial_id).state == TrialState.FAIL)
+
+
+def _fail_dead_local(storage, running: dict) -> list[int]:
+    """RUNNING trials whose worker ran on this host and is gone (pid recorded by the trial): failed
+    at once, without waiting for the heartbeat to go stale."""
+    import socket
+
+    from optuna.trial import TrialState
+
+    from kdbench.workflows.claims import HOST_TAG, PID_TAG, pid_alive
+
+    dead = []
+    for trial_id, trial in running.items():
+        attrs = trial.user_attrs
+        if attrs.get(HOST_TAG) != socket.gethostname() or not str(attrs.get(PID_TAG, "")).isdigit():
+            continue
+        if pid_alive(int(attrs[PID_TAG])):
+            continue
+        try:
+            storage.set_trial_user_attr(trial_id, "fail_reason", STALE_REASON)
+            if storage.set_trial_state_values(trial_id, TrialState.FAIL):
+                dead.append(trial_id)
+        except Exception:  # finished or failed meanwhile by another worker
+            pass
+    return dead
 
 
 def _fail_stale_rdb(study, running: dict, heartbeat: int) -> list[int]:

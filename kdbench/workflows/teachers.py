@@ -6,7 +6,9 @@ checkpoint's sha256>`` for a checkpoint file.
 """
 from __future__ import annotations
 
+import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,11 +16,14 @@ import torch
 
 from kdbench.core import engine, metrics
 from kdbench.core.plan import Plan
+from kdbench.core.precision import resolve_precision
 from kdbench.core.splits import load_split
 from kdbench.data import cache_dir, file_digest
 from kdbench.errors import KdbenchError
 from kdbench.workflows.provenance import base_tags
 from kdbench.workflows.tracking import Tracker, failure_reason
+
+log = logging.getLogger("kdbench")
 
 CHECKPOINT_PREFIX = "ckpt:"
 CHECKPOINT_ID_DIGITS = 16  # of the checkpoint's sha256
@@ -62,7 +67,8 @@ def start_teacher_run(tracker: Tracker, plan: Plan, device, teacher_id: str, sou
     """A teacher's own MLflow run: tagged with its cache key or checkpoint id and its source."""
     tags = {**base_tags(plan, device), "role": "teacher", "teacher_key": teacher_id,
             "model": plan.teacher_obj.name, "teacher": plan.teacher_obj.name,
-            "plugin.model": plan.teacher.source, "source": source, "seed": plan.config.teacher_seed}
+            "plugin.model": plan.teacher.source, "source": source, "seed": plan.config.teacher_seed,
+            "precision": resolve_precision(plan.config.precision, device)}
     params = {f"recipe.{k}": v for k, v in plan.teacher_recipe.as_dict().items()}
     return tracker.start(plan.dataset_obj.name, f"teacher-{plan.teacher_obj.name}", tags, params)
 
@@ -100,7 +106,7 @@ def checkpoint_teacher(plan: Plan, device, tracker: Tracker, with_test: bool = T
 def _evaluate_teacher(plan: Plan, net, device, with_test: bool) -> dict:
     def top(split: str) -> dict:
         data = load_split(plan.dataset_obj, split, device, plan.config.data_options)
-        return engine.evaluate(net, data, plan.recipe.eval_batch_size, device)
+        return engine.evaluate(net, data, plan.recipe.eval_batch_size, device, plan.config.precision)
 
     teacher_metrics = {"val_top1": top("val")["top1"]}
     if with_test:
@@ -116,15 +122,32 @@ def cached_teacher(plan: Plan, device, tracker: Tracker) -> Teacher | None:
     path = teacher_cache_path(key)
     if not path.exists():
         return None
-    blob = torch.load(path, map_location="cpu", weights_only=True)
     net = engine.build_teacher(plan, device)
-    net.load_state_dict(blob["model"])
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(blob["model"])
+    except Exception as exc:  # damaged (truncated, garbage, another net's weights): set aside, retrain
+        set_aside(path, engine.unreadable_reason(exc) if not isinstance(exc, (KeyError, TypeError, RuntimeError))
+                  else f"not this teacher's weights ({type(exc).__name__})", "the teacher is trained again")
+        return None
     net.eval().requires_grad_(False)
     teacher_metrics = dict(blob.get("metrics", {}))
     run_id = find_teacher_run(tracker, plan, key)
     if run_id is None:
         run_id = log_teacher_run(tracker, plan, device, key, "cache", teacher_metrics, blob.get("curve", []))
     return Teacher(net=net, id=key, run_id=run_id, metrics=teacher_metrics)
+
+
+def set_aside(path: Path, reason: str, then: str) -> Path:
+    """Rename a damaged cache file to ``<name>.damaged-<time>`` (kept for a look, never read again)
+    and say so in one line."""
+    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    try:
+        path.replace(aside)
+    except FileNotFoundError:  # another process set it aside first
+        pass
+    log.warning("damaged cache file %s (%s): moved to %s; %s", path, reason, aside.name, then)
+    return aside
 
 
 def trained_teacher(plan: Plan, device, tracker: Tracker, on_epoch) -> Teacher:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any, Callable
 from kdbench.core import engine, plugins
 from kdbench.core.plan import RunConfig, make_plan
 from kdbench.errors import KdbenchError, closest
-from kdbench.workflows import run as runner
+from kdbench.workflows import claims, run as runner
 from kdbench.workflows.studies import (
     RECIPE_PREFIX, STALE_REASON, JournalHeartbeat, count_trials, fail_stale_trials, mask_url,
     open_storage, pick_best, split_params, storage_url, stored_user_attr,
@@ -40,6 +41,8 @@ OBJECTIVES = ("acc", "acc,flops", "acc,time")
 PRUNERS = ("median", "hyperband", "none")
 STUDY_ROLE = "study"
 OVER_BUDGET = "over budget"
+WAIT_SECONDS = 1.0  # between looks at other workers' running trials
+MAX_FAILED_IN_A_ROW = 5
 
 
 @dataclass(kw_only=True)
@@ -64,6 +67,8 @@ class TuneConfig:
     sampler_seed: int | None = None
     data_options: dict[str, Any] = field(default_factory=dict)  # the dataset's load options
     recipe_name: str | None = None  # a named recipe replacing the dataset's (RunConfig.recipe_name)
+    precision: str | None = None  # RunConfig.precision
+    capture: str | None = None  # RunConfig.capture
 
     @property
     def multi_objective(self) -> bool:
@@ -148,7 +153,9 @@ def validate(cfg: TuneConfig, reg) -> None:
         raise KdbenchError(f"--pruner {cfg.pruner!r} is not one of {', '.join(PRUNERS)}")
     if cfg.seeds < 1:
         raise KdbenchError(f"--seeds must be at least 1, got {cfg.seeds}")
-    if cfg.method not in reg.methods:
+    if cfg.method not in reg.methods and (":" in cfg.method or ("methods", cfg.method) in reg.contested):
+        reg.entry("methods", cfg.method)  # DIST:NAME resolves, or one line says why not
+    elif cfg.method not in reg.methods:
         broken = [failure.line() for failure in reg.failures]
         hint = f"; broken plugins: {'; '.join(broken)}" if broken else ""
         raise KdbenchError(
@@ -221,7 +228,8 @@ def _plan_study(cfg: TuneConfig, reg) -> tuple[RunConfig, Any]:
     base = RunConfig(method=cfg.method, dataset=cfg.dataset, teacher=cfg.teacher,
                      student=students[0] if students else None, recipe=dict(cfg.recipe),
                      device=cfg.device, teacher_checkpoint=cfg.teacher_checkpoint,
-                     data_options=dict(cfg.data_options), recipe_name=cfg.recipe_name)
+                     data_options=dict(cfg.data_options), recipe_name=cfg.recipe_name,
+                     precision=cfg.precision, capture=cfg.capture)
     plan = make_plan(base, reg)
     for student in students[1:]:
         reg.entry("models", student)
@@ -245,20 +253,63 @@ def _open_study(cfg: TuneConfig, plan, storage, name: str):
         )
     except ValueError as exc:  # e.g. directions differ from the stored study
         raise KdbenchError(f"study {name!r}: {exc}") from None
+    settings = study_settings(cfg, plan)
     if "method" not in study.user_attrs:
         study.set_user_attr("method", plan.method_obj.name)
         study.set_user_attr("dataset", plan.dataset_obj.name)
         study.set_user_attr("recipe", dict(cfg.recipe))
+        study.set_user_attr("settings", settings)
     elif study.user_attrs["method"] != plan.method_obj.name:
         raise KdbenchError(f"study {name!r} tunes method {study.user_attrs['method']!r}, not {plan.method_obj.name!r}")
+    else:
+        _check_same_settings(study, settings, name)
     return study
+
+
+#: what a study's trials must share to be compared (the budget, retrain seeds, device may change)
+SETTING_NAMES = {"dataset": "--dataset", "teacher": "--teacher", "students": "--student",
+                 "recipe.epochs": "--epochs", "tune_recipe": "--tune-recipe", "pruner": "--pruner",
+                 "recipe_name": "--recipe", "teacher_checkpoint": "--teacher-checkpoint",
+                 "data_options": "--data-option"}
+
+
+def study_settings(cfg: TuneConfig, plan) -> dict:
+    """The settings a resumed study must be run with again, as JSON-able values."""
+    settings = {"dataset": plan.dataset_obj.name, "teacher": plan.teacher_obj.name if plan.teacher else None,
+                "students": list(cfg.students) or [plan.student_obj.name], "tune_recipe": cfg.tune_recipe,
+                "pruner": cfg.pruner, "recipe_name": cfg.recipe_name, "teacher_checkpoint": cfg.teacher_checkpoint,
+                "data_options": {k: str(v) for k, v in sorted(cfg.data_options.items())}}
+    settings.update({f"recipe.{k}": (list(v) if isinstance(v, tuple) else v) for k, v in sorted(cfg.recipe.items())})
+    return settings
+
+
+def _check_same_settings(study, settings: dict, name: str) -> None:
+    """Refuse to mix trials run with other settings into a study (its comparisons would be wrong)."""
+    stored = study.user_attrs.get("settings")
+    if stored is None:  # a study from before settings were stored: its recipe overrides only
+        stored = {f"recipe.{k}": v for k, v in study.user_attrs.get("recipe", {}).items()}
+        settings = {k: v for k, v in settings.items() if k.startswith("recipe.")}
+    differ = [key for key in sorted(set(stored) | set(settings)) if stored.get(key) != settings.get(key)]
+    if differ:
+        parts = [f"{SETTING_NAMES.get(key, key)} {_shown(stored.get(key))} (now {_shown(settings.get(key))})"
+                 for key in differ]
+        raise KdbenchError(f"study {name!r} was run with {', '.join(parts)}; resume it with the same settings "
+                           "or pass another --study")
+
+
+def _shown(value) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
 
 
 def _parent_run(study, tracker, dataset: str, cfg: TuneConfig, url: str) -> str:
     key = "mlflow_parent_run_id"
     run_id = study.user_attrs.get(key)
     if run_id and tracker.run_exists(run_id):
-        tracker.client.update_run(run_id, status="RUNNING")
+        tracker.adopt(run_id)
         return run_id
     run_id = tracker.start(
         dataset, f"tune-{study.study_name}",
@@ -301,6 +352,8 @@ class _Objective:
     counter: dict = field(default_factory=lambda: {"epochs": 0})
 
     def __call__(self, trial):
+        for key, value in claims.owner_tags().items():  # a dead worker's trial is failed at once
+            trial.set_user_attr(key, value)
         self._check_budget(trial)
         outcome = self._run(trial, self._trial_config(trial))
         return self._record(trial, outcome.run_id, outcome.metrics)
@@ -369,18 +422,25 @@ def _optimize_one(study, objective):
 
 
 def _run_trials(study, objective: _Objective, on_event: Callable) -> None:
-    """Trials until the budget is met (or taken by running trials), failing dead workers' trials."""
+    """Trials until the budget is met, failing dead workers' trials. While other workers' running
+    trials could fill the budget, wait for them: one that dies is failed and replaced, so the study
+    ends with the asked number of counted trials. Trials failing in a row stop it with an error."""
     from optuna.trial import TrialState
 
     counted = (TrialState.COMPLETE, TrialState.PRUNED)
     cfg = objective.cfg
+    failed_in_a_row = 0
     while True:
         dead = fail_stale_trials(study, cfg.heartbeat)
         if dead:
             on_event(DeadTrialsFailed(trials=dead))
             _close_dead_runs(objective.tracker, objective.plan.dataset_obj.name, objective.name, dead)
-        if count_trials(study, counted) + count_trials(study, (TrialState.RUNNING,)) >= cfg.trials:
+        done = count_trials(study, counted)
+        if done >= cfg.trials:
             return
+        if done + count_trials(study, (TrialState.RUNNING,)) >= cfg.trials:
+            time.sleep(WAIT_SECONDS)  # other workers' trials: they end, or die and are failed
+            continue
         trial = _optimize_one(study, objective)
         if trial is None:
             continue
@@ -390,6 +450,11 @@ def _run_trials(study, objective: _Objective, on_event: Callable) -> None:
         on_event(TrialFinished(number=trial.number, state=trial.state.name, values=trial.values,
                                params=trial.params, reason=reason, counted=count_trials(study, counted),
                                budget=cfg.trials))
+        failed_in_a_row = failed_in_a_row + 1 if trial.state == TrialState.FAIL else 0
+        if failed_in_a_row >= MAX_FAILED_IN_A_ROW:
+            raise KdbenchError(
+                f"study {objective.name!r}: {failed_in_a_row} trials failed in a row (last: {reason or '?'}); "
+                f"{count_trials(study, counted)} of {cfg.trials} trials counted; fix the cause and resume it")
 
 
 # --------------------------------------------------------------------------- after the trials
@@ -447,11 +512,16 @@ def run_study(cfg: TuneConfig, on_event: Callable = _ignore, on_epoch=lambda e: 
     on_event(StudyOpened(study=name, storage=mask_url(url), parent_run_id=parent))
     objective = _Objective(cfg=cfg, study=study, plan=plan, base=base, tracker=tracker, parent=parent, name=name,
                            journal=isinstance(storage, optuna.storages.JournalStorage), on_epoch=on_epoch)
-    _run_trials(study, objective, on_event)
-    result = _summarize(study, cfg, plan, name, parent)
-    _record_parent(tracker, parent, study, result.best, result.epochs_run, result.epochs_full)
-    if result.best is not None and cfg.retrain:
-        _retrain(result, cfg, base, tracker, on_epoch)
+    try:
+        _run_trials(study, objective, on_event)
+        result = _summarize(study, cfg, plan, name, parent)
+        _record_parent(tracker, parent, study, result.best, result.epochs_run, result.epochs_full)
+        if result.best is not None and cfg.retrain:
+            _retrain(result, cfg, base, tracker, on_epoch)
+    except BaseException as exc:  # Ctrl-C or a study that cannot go on: the parent run ends too
+        tracker.finish(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED",
+                       f"{type(exc).__name__}: {exc}".strip())
+        raise
     tracker.finish(parent)
     return result
 

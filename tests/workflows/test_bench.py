@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 from kdbench.cli import main
 from kdbench.core import engine, plugins
 from kdbench.core.plan import make_plan
+from kdbench.errors import KdbenchError
 from kdbench.workflows import bench
 from kdbench.workflows.suites import load_suite
 
@@ -36,10 +37,10 @@ def test_plan_cells_and_hashes(suite, env):
     assert kd0.config_hash == plan.config_hash("ckpt:" + sha[:16]) and plan.hp["T"] == 2.0
     assert plan.recipe.epochs == 1 and kd0.config.tags["leaderboard"] == "tiny"
     assert next(c for c in cells if c.method.name == "vanilla").teacher_id is None
-    # a wrong checksum: the cells of the pair's teacher cannot run
+    # a wrong checksum: the suite is refused as a whole when loaded, naming the key
     suite.write_text(suite.read_text().replace(sha, "0" * 64))
-    bad = bench.plan_cells(load_suite(str(suite)))
-    assert all("sha256" in c.plan_error for c in bad if c.method.name == "kd")
+    with pytest.raises(KdbenchError, match="tiny.toml: pairs entry cnn1d_4x32->cnn1d_2x16: teacher_sha256"):
+        load_suite(str(suite))
 
 
 def test_bench_runs_resumes_after_a_kill_and_records_failures(suite, env, monkeypatch):
@@ -89,14 +90,28 @@ def test_bench_runs_resumes_after_a_kill_and_records_failures(suite, env, monkey
     names = {a.path for a in client.list_artifacts(summary.info.run_id, "leaderboard")}
     assert {"leaderboard/pareto.png", "leaderboard/leaderboard.html", "leaderboard/leaderboard.md"} <= names
 
-    # a failing cell is recorded FAILED with its reason; the suite goes on and lists it
+    # bad params are refused before anything runs: one line, no junk FAILED runs
     suite.write_text(suite.read_text().replace("T = 2.0", "alpha = 1.5"))
+    before = len(student_runs(env))
+    result = invoke("bench", str(suite))
+    assert result.exit_code == 1
+    assert result.output.strip() == ("error: leaderboard tiny.toml: methods entry 'kd', params {'alpha': 1.5}: "
+                                     "hyperparameter alpha=1.5 must be <= 1.0; fix its params table")
+    assert len(student_runs(env)) == before
+
+    # a cell failing at run time is recorded FAILED with its reason; the suite goes on and lists it
+    suite.write_text(suite.read_text().replace("alpha = 1.5", "T = 3.0"))
+
+    def broken(*a, **k):
+        raise RuntimeError("plugin bug")
+
+    monkeypatch.setattr(engine, "run_student", broken)
     result = invoke("bench", str(suite))
     assert result.exit_code == 1
     assert "ran 3 cells" in result.output and "0 finished, 3 failed" in result.output
-    assert "FAILED cnn1d_4x32->cnn1d_2x16/kd/s0: KdbenchError: hyperparameter alpha=1.5 must be <= 1.0" in result.output
+    assert "FAILED cnn1d_4x32->cnn1d_2x16/kd/s0: RuntimeError: plugin bug" in result.output
     failed = [r for r in student_runs(env, leaderboard="tiny") if r.info.status == "FAILED"]
-    assert len(failed) == 3 and all("alpha=1.5" in r.data.tags["failure_reason"] for r in failed)
+    assert len(failed) == 3 and all("plugin bug" in r.data.tags["failure_reason"] for r in failed)
 
 
 def test_methods_to_tune_are_tuned_on_validation_before_their_cells(suite, env):

@@ -22,3 +22,25 @@ def test_shipped_suites_load(env):
     assert len(rep.pairs) == 13 and rep.published["resnet32x4->resnet8x4"]["kd"] == 73.33
     fast = suites.load_suite("cifar100-fast")
     assert fast.recipe_for("resnet8x4")["epochs"] == 60 and fast.recipe_for("shufflenetv2")["lr"] == 0.04
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("T = 2.0", "T = -1.0", "methods entry 'kd', params {'T': -1.0}: hyperparameter T=-1.0 must be > 0.0; fix its params"),
+    ("T = 2.0", "Tx = 2.0", "methods entry 'kd', params {'Tx': 2.0}: method 'kd' has no hyperparameter 'Tx'"),
+    ("params = {T = 2.0}", 'params = "T=2"', "methods entry 'kd': params = 'T=2' must be a table"),
+    ("epochs = 1", "epochs = 0", "[recipe] (for cnn1d_4x32->cnn1d_2x16): epochs must be at least 1, got 0"),
+    ("epochs = 1", "epoch = 1", "[recipe] (for cnn1d_4x32->cnn1d_2x16): recipe has no field ['epoch']"),
+    ("epochs = 1", "epochs = 1\nlr = -1", "[recipe] lr = -1 (for cnn1d_4x32->cnn1d_2x16) must be > 0.0"),
+    ("tune_trials = 7", "tune_trials = -5", "methods entry 'kd': tune_trials = -5 must be a whole number >= 0"),
+    ('teacher_sha256 = "', 'teacher_sha256 = "00', "pairs entry cnn1d_4x32->cnn1d_2x16: teacher_sha256 '00"),
+    ('teacher_checkpoint = "t.pt"', 'teacher_checkpoint = "nope.pt"', "teacher_checkpoint '"),
+])
+def test_a_bad_suite_is_refused_as_a_whole_naming_the_key(suite, old, new, message):
+    """One line naming the file, the key and the fix, when loaded (so --dry-run too), before any cell."""
+    assert old in suite.read_text()
+    suite.write_text(suite.read_text().replace(old, new))
+    with pytest.raises(KdbenchError) as caught:
+        suites.load_suite(str(suite))
+    text = str(caught.value)
+    assert text.startswith("leaderboard tiny.toml: ") and message in text and "\n" not in text
+    assert "fix" in text or "must be a table" in text

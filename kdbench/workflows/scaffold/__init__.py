@@ -48,10 +48,13 @@ def create(name: str, kind: str = "method", directory: str | Path = ".", registr
     n = names(name)
     if registry is not None:
         table = getattr(registry, kind + "s")
-        if n["name"] in table:
+        taken = registry.contested.get((kind + "s", n["name"])) or (
+            [table[n["name"]]] if n["name"] in table else [])
+        if taken:
             raise KdbenchError(
-                f"a {kind} named {n['name']!r} is already provided by {table[n['name']].source}; "
-                "kdbench would refuse the new plugin — pick another name"
+                f"a {kind} named {n['name']!r} is already provided by "
+                f"{' and '.join(entry.source for entry in taken)}; the name would be contested "
+                "(usable only as DIST:NAME) — pick another name"
             )
     root = Path(directory) / n["dist"]
     if root.exists() and any(root.iterdir()):

@@ -1,6 +1,10 @@
 """MNIST-1D (Greydanus 2020): 10 classes of 1-D sequences of length 40, generated procedurally
 by the ``mnist1d`` package (no download). 4000 train / 1000 test; validation is the fixed 10 %
-carved from train."""
+carved from train. A damaged cached copy is set aside and generated again."""
+import logging
+import os
+import time
+
 import numpy as np
 import torch
 
@@ -14,12 +18,25 @@ GENERATOR_VERSION = "mnist1d-default-args-seed42"
 
 def _generate() -> dict:
     path = cache_dir() / "data" / f"{GENERATOR_VERSION}.npz"
+    if path.exists():
+        try:
+            with np.load(path) as blob:
+                return {k: blob[k] for k in ("x", "y", "x_test", "y_test")}
+        except Exception as exc:  # truncated, garbage, missing arrays: set aside and generate again
+            aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+            try:
+                path.replace(aside)
+            except FileNotFoundError:
+                pass
+            logging.getLogger("kdbench").warning(
+                "damaged cache file %s (%s: %s): moved to %s; the dataset is generated again",
+                path, type(exc).__name__, (str(exc).strip().splitlines() or ["?"])[0], aside.name)
     if not path.exists():
         from mnist1d.data import get_dataset_args, make_dataset
 
         data = make_dataset(get_dataset_args())  # seed 42, 5000 samples, 80/20 split
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
         np.savez(tmp, x=data["x"], y=data["y"], x_test=data["x_test"], y_test=data["y_test"])
         tmp.replace(path)
     with np.load(path) as blob:

@@ -1,0 +1,260 @@
+"""kdbench under kill -9 and concurrency, with real processes (issue 15). Run it alone for the table::
+
+    OMP_NUM_THREADS=1 python -m pytest -q tests/reliability/test_kill9.py      (or: python THIS_FILE)
+
+Each scenario adds a row: kill points tried, finished runs lost / duplicated, runs left RUNNING
+after a later command touched the store, orphaned processes, failed processes (goal: all zero).
+Cells and trials train 1-2 epochs on the embedded MNIST-1D; the suite's teacher is a checkpoint.
+"""
+import contextlib
+import hashlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdbench.core import engine, plugins
+from kdbench.core.plan import RunConfig, make_plan
+
+ROWS: list[dict] = []
+COLUMNS = ("scenario", "kill points", "lost", "duplicated", "left RUNNING", "orphans", "failed procs")
+
+SUITE = """
+name = "rel"
+dataset = "mnist1d"
+seeds = [0, 1, 2]
+methods = ["vanilla", {{name = "kd", params = {{T = 2.0}}}}]
+[recipe]
+epochs = {epochs}
+[[pairs]]
+teacher = "cnn1d_4x32"
+student = "cnn1d_2x16"
+teacher_checkpoint = "t.pt"
+teacher_sha256 = "{sha}"
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def table(request):
+    yield
+    if not ROWS:
+        return
+    widths = [max(len(col), *(len(str(row.get(col, ""))) for row in ROWS)) for col in COLUMNS]
+    lines = ["", "  ".join(col.ljust(w) for col, w in zip(COLUMNS, widths))]
+    lines += ["  ".join(str(row.get(col, "")).ljust(w) for col, w in zip(COLUMNS, widths)) for row in ROWS]
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        print("\n".join(lines), flush=True)
+
+
+@pytest.fixture
+def rel(env, monkeypatch):
+    """A working directory with the suite ``rel.toml`` (checkpoint teacher) and fast heartbeats."""
+    monkeypatch.setenv("KDBENCH_HEARTBEAT_SECONDS", "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.manual_seed(0)
+    net = engine.build_teacher(make_plan(RunConfig(), plugins.registry()), torch.device("cpu"))
+    torch.save({"model": net.state_dict()}, env / "t.pt")
+    sha = hashlib.sha256((env / "t.pt").read_bytes()).hexdigest()
+    (env / "rel.toml").write_text(SUITE.format(sha=sha, epochs=2))
+    return env
+
+
+def kdbench(*args, cwd) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "kdbench", *map(str, args)], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def runs(env, where: str = "1") -> list[tuple]:
+    """(run id, status, role, config_hash, leaderboard) of the store's runs, read raw (no MLflow)."""
+    db = env / "mlflow.db"
+    if not db.exists():
+        return []
+    query = ("SELECT r.run_uuid, r.status, "
+             "(SELECT value FROM tags WHERE run_uuid = r.run_uuid AND key = 'role'), "
+             "(SELECT value FROM tags WHERE run_uuid = r.run_uuid AND key = 'config_hash'), "
+             "(SELECT value FROM tags WHERE run_uuid = r.run_uuid AND key = 'leaderboard') "
+             f"FROM runs r WHERE {where}")
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+            return con.execute(query).fetchall()
+    except sqlite3.Error:
+        return []
+
+
+def wait_for(what: str, check, timeout: float = 180, proc: subprocess.Popen | None = None):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = check()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: the process ended first:\n{proc.stdout.read()}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def descendants(pid: int) -> set[int]:
+    """Processes started (directly or not) by ``pid``, from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found, todo = set(), [pid]
+    while todo:
+        parent = todo.pop()
+        for child, ppid in parents.items():
+            if ppid == parent and child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pids) -> set[int]:
+    from kdbench.workflows.claims import pid_alive
+
+    return {pid for pid in pids if pid_alive(pid)}
+
+
+def touch_store(env) -> None:
+    """A later command touching the store: its search marks runs of dead processes KILLED."""
+    from kdbench.workflows.tracking import Tracker
+
+    Tracker(f"sqlite:///{env}/mlflow.db").search("mnist1d")
+
+
+def suite_hashes(env) -> list[str]:
+    from kdbench.workflows import bench, suites
+
+    return [cell.config_hash for cell in bench.plan_cells(suites.load_suite(str(env / "rel.toml")))]
+
+
+def tally(env, scenario: str, kill_points: int, orphans: int = 0, failed: int = 0) -> dict:
+    hashes = suite_hashes(env)
+    finished = [r[3] for r in runs(env, "r.status = 'FINISHED'") if r[2] == "student"]
+    row = {"scenario": scenario, "kill points": kill_points,
+           "lost": sum(h not in finished for h in hashes),
+           "duplicated": sum(finished.count(h) - 1 for h in hashes if finished.count(h) > 1),
+           "left RUNNING": len(runs(env, "r.status = 'RUNNING'")), "orphans": orphans, "failed procs": failed}
+    ROWS.append(row)
+    return row
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+def test_killed_runs_are_marked_killed(env, monkeypatch, tmp_path):
+    """kill -9 of `kdbench run` while the teacher trains, then while the student trains."""
+    monkeypatch.setenv("KDBENCH_CACHE_DIR", str(tmp_path / "own-cache"))  # the teacher is trained here
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for role, method in (("teacher", "kd"), ("student", "vanilla")):  # vanilla: no teacher to train first
+        proc = kdbench("run", "--method", method, "--epochs", 2, cwd=env)
+        wait_for(f"a RUNNING {role} run", lambda: any(r[1] == "RUNNING" and r[2] == role for r in runs(env)),
+                 proc=proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    touch_store(env)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{env}/mlflow.db")
+    killed = [client.get_run(r[0]) for r in runs(env, "r.status = 'KILLED'")]
+    row = {"scenario": "kdbench run, kill -9 (teacher, student)", "kill points": 2, "lost": 0, "duplicated": 0,
+           "left RUNNING": len(runs(env, "r.status = 'RUNNING'")), "orphans": 0, "failed procs": 0}
+    ROWS.append(row)
+    assert row["left RUNNING"] == 0
+    assert sorted(r.data.tags["role"] for r in killed) == ["student", "teacher"]
+    assert all(r.data.tags["failure_reason"].startswith("process died (no heartbeat): pid") for r in killed)
+
+
+def test_bench_jobs_2_killed_leaves_no_orphan_and_resumes(rel):
+    proc = kdbench("bench", "rel.toml", "--jobs", 2, cwd=rel)
+    wait_for("a RUNNING kd cell", lambda: len([r for r in runs(rel, "r.status = 'RUNNING'") if r[2] == "student"]) >= 1
+             and len(runs(rel, "r.status = 'FINISHED'")) >= 3, proc=proc)
+    children = descendants(proc.pid)
+    assert len(children) >= 2  # the workers (and the resource tracker)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    end = time.time() + 15
+    while alive(children) and time.time() < end:
+        time.sleep(0.2)
+    orphans = alive(children)
+    for pid in orphans:  # do not leave them behind for the other tests
+        os.kill(pid, signal.SIGKILL)
+    again = kdbench("bench", "rel.toml", cwd=rel)
+    out, _ = again.communicate(timeout=300)
+    row = tally(rel, "bench --jobs 2, kill -9 parent mid-cell, rerun", 1, orphans=len(orphans),
+                failed=int(again.returncode != 0))
+    assert row == {**row, "lost": 0, "duplicated": 0, "left RUNNING": 0, "orphans": 0, "failed procs": 0}, out
+
+
+def test_two_benches_of_one_suite_run_each_cell_once(rel):
+    first, second = kdbench("bench", "rel.toml", cwd=rel), kdbench("bench", "rel.toml", cwd=rel)
+    outs = [proc.communicate(timeout=400)[0] for proc in (first, second)]
+    row = tally(rel, "two `bench` of one suite at once", 0,
+                failed=sum(proc.returncode != 0 for proc in (first, second)))
+    assert row == {**row, "lost": 0, "duplicated": 0, "left RUNNING": 0, "failed procs": 0}, outs
+    assert "skipped" in outs[0] + outs[1] or "already finished" in outs[0] + outs[1]
+
+
+def test_tune_reaches_its_trials_after_a_dead_worker(env, monkeypatch):
+    import optuna
+    from optuna.trial import TrialState
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = ("tune", "--method", "vanilla", "--tune-recipe", "--trials", 3, "--epochs", 1, "--study", "r",
+            "--heartbeat", 30, "--no-retrain", "--pruner", "none")
+    proc = kdbench(*args, cwd=env)
+    db = env / "optuna.db"
+
+    def running_trial():
+        if not db.exists():
+            return False
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+                return con.execute("SELECT count(*) FROM trials t JOIN trial_user_attributes a ON "
+                                   "a.trial_id = t.trial_id WHERE t.state = 'RUNNING' AND a.key = 'kdbench.pid'"
+                                   ).fetchone()[0]
+        except sqlite3.Error:
+            return False
+
+    wait_for("a RUNNING trial", running_trial, proc=proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    worker = kdbench(*args, cwd=env)  # a surviving worker: no wait for 2 x heartbeat
+    out, _ = worker.communicate(timeout=300)
+    touch_store(env)
+    study = optuna.load_study(study_name="r", storage=f"sqlite:///{db}")
+    states = [trial.state for trial in study.trials]
+    counted = sum(state in (TrialState.COMPLETE, TrialState.PRUNED) for state in states)
+    ROWS.append({"scenario": "tune, kill -9 mid-trial, resume", "kill points": 1, "lost": 3 - counted,
+                 "duplicated": max(0, counted - 3), "left RUNNING": states.count(TrialState.RUNNING)
+                 + len(runs(env, "r.status = 'RUNNING'")), "orphans": 0, "failed procs": int(worker.returncode != 0)})
+    assert worker.returncode == 0, out
+    assert counted == 3 and TrialState.RUNNING not in states and states.count(TrialState.FAIL) == 1
+    assert runs(env, "r.status = 'RUNNING'") == []
+
+
+def test_concurrent_first_use_of_a_fresh_store(env):
+    script = ("import sys; from kdbench.workflows.tracking import Tracker; t = Tracker(sys.argv[1]); "
+              "r = t.start('mnist1d', 'x', {'role': 'probe'}, {}); t.finish(r)")
+    uri = f"sqlite:///{env}/fresh.db"
+    procs = [subprocess.Popen([sys.executable, "-c", script, uri], stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    errors = [proc.communicate(timeout=120)[1] for proc in procs]
+    failed = sum(proc.returncode != 0 for proc in procs)
+    ROWS.append({"scenario": "4 processes, one fresh sqlite store", "kill points": 0, "lost": 0, "duplicated": 0,
+                 "left RUNNING": 0, "orphans": 0, "failed procs": failed})
+    assert failed == 0, errors
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider"]))
