@@ -70,3 +70,12 @@ def test_config_hash_and_teacher_key_are_stable(env):
     assert combined.config_hash() == "2a3a2fe225c857bc" and combined.teacher_key() == plan.teacher_key()
     multi = make_plan(RunConfig(method="multi_teacher", teachers=("cnn1d_4x16",)), plugins.registry())
     assert [multi.for_teacher(e).teacher_key() for e in multi.extra_teachers] == ["62e444e4b10a380f"]
+
+
+def test_data_options_a_dataset_does_not_take_are_one_line(env):
+    with pytest.raises(KdbenchError) as info:
+        plan_for(method="kd", data_options={"data_dir": "/data"})
+    assert str(info.value) == "dataset 'mnist1d' takes no option 'data_dir' (its load takes none); drop --data-dir"
+    with pytest.raises(KdbenchError, match=r"takes no option 'size' \(its load takes none\); drop --data-option size=…"):
+        plan_for(method="kd", data_options={"size": "64"})
+    assert plan_for(method="kd", dataset="cifar100", data_options={"data_dir": "/data"}).config.data_options
