@@ -95,7 +95,9 @@ def make_optimizer(params, recipe: Recipe, device_lr: torch.device | None = None
         )
     if recipe.optimizer in ("adam", "adamw"):
         cls = torch.optim.Adam if recipe.optimizer == "adam" else torch.optim.AdamW
-        return cls(params, lr=lr, weight_decay=recipe.weight_decay, **fused)
+        # Adam keeps a step count: on the device (capturable) so a replayed graph advances it
+        capturable = {} if device_lr is None else {"capturable": True}
+        return cls(params, lr=lr, weight_decay=recipe.weight_decay, **fused, **capturable)
     raise KdbenchError(f"unknown optimizer {recipe.optimizer!r} (sgd, adam or adamw)")
 
 
@@ -542,7 +544,7 @@ def run_teacher(plan, device: torch.device, on_epoch: OnEpoch) -> tuple[nn.Modul
     net = build_model(plan.teacher_obj, dataset, device, seed)
     job = FitJob(
         trainee=Trainee(student=Tapped(net, {}, [], "teacher"), teacher=None, modules=None, hp=SimpleNamespace(),
-                        precision=plan.config.precision, capture=plan.config.capture or "none"),
+                        precision=plan.config.precision, capture=capturing.resolve(plan.config.capture, device)),
         role="teacher",
         main_loss=cross_entropy,
         recipe=plan.teacher_recipe,
@@ -706,7 +708,7 @@ def setup_student(plan, teacher_net: nn.Module | None, device: torch.device,
     info = _cost_info(student_net, teacher_nets, modules, dataset, device, own_data, bool(networks.extra))
     trainee = Trainee(student=networks.student, teacher=networks.teacher, modules=modules, hp=hp,
                       teachers=networks.extra, peers=peers, precision=plan.config.precision,
-                      capture=plan.config.capture or "none", capturable=getattr(method, "capturable", True),
+                      capture=capturing.resolve(plan.config.capture, device), capturable=getattr(method, "capturable", True),
                       method_name=method.name)
     return StudentSetup(trainee, pre_stages, info, splits)
 

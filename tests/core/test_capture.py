@@ -181,3 +181,12 @@ def test_runs_in_one_process_with_other_taps_do_not_reuse_each_others_compiled_c
     for method in ("kd", "at", "fitnets"):  # kd has no taps: compiled without hooks first
         result, terms = fit(reg, method, teacher, capture="compile")
         assert result.tags == {"capture": "compile"}, (method, result.tags)
+
+
+def test_graphs_is_the_default_on_cuda_only_and_an_explicit_mode_wins():
+    from kdbench.core import capture
+
+    assert capture.resolve(None, torch.device("cuda")) == "graphs"
+    assert capture.resolve(None, torch.device("cpu")) == "none"
+    assert capture.resolve("none", torch.device("cuda")) == "none"
+    assert capture.resolve("compile", torch.device("cpu")) == "compile"

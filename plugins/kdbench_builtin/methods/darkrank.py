@@ -12,6 +12,7 @@ student's feature dimensions differ, and normalising puts both distances in [0, 
 
 Defaults and settings against the reference code: docs/FIDELITY.md.
 """
+import functools
 import itertools
 
 import torch
@@ -46,12 +47,19 @@ def hard_loss(s_s, s_t):
     return -pl_log_prob(s_s.gather(1, order)).mean()
 
 
+@functools.lru_cache(maxsize=None)
+def permutations(k: int, device: torch.device) -> torch.Tensor:
+    """All orderings of k items as a [k!, k] index tensor, made once per (k, device): a host→device
+    copy inside the step would stop it from being captured as a CUDA graph."""
+    return torch.tensor(list(itertools.permutations(range(k))), device=device)
+
+
 def soft_loss(s_s, s_t, top_k):
     k = min(top_k, len(s_s) - 1)
     if k < 1:
         return s_s.sum() * 0
     idx = _masked(s_t).topk(k, dim=1).indices
-    perms = torch.tensor(list(itertools.permutations(range(k))), device=s_s.device)
+    perms = permutations(k, s_s.device)
     lp_s = pl_log_prob(s_s.gather(1, idx)[:, perms])
     lp_t = pl_log_prob(s_t.gather(1, idx)[:, perms])
     return (lp_t.exp() * (lp_t - lp_s)).sum(1).mean()

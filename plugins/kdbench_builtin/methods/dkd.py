@@ -43,8 +43,11 @@ def dkd_terms(z_s, z_t, y, T):
     """(TCKD, NCKD), each ×T²."""
     gt = F.one_hot(y, z_s.shape[1]).bool()
     p_s, p_t = F.softmax(z_s / T, 1), F.softmax(z_t / T, 1)
-    b_s = torch.stack([p_s[gt], 1 - p_s[gt]], 1).clamp_min(1e-12)
-    b_t = torch.stack([p_t[gt], 1 - p_t[gt]], 1).clamp_min(1e-12)
+    # the target class's probability of each row (gather, not boolean indexing: a fixed shape,
+    # so the step can be captured as a CUDA graph)
+    p_s_gt, p_t_gt = p_s.gather(1, y[:, None]).squeeze(1), p_t.gather(1, y[:, None]).squeeze(1)
+    b_s = torch.stack([p_s_gt, 1 - p_s_gt], 1).clamp_min(1e-12)
+    b_t = torch.stack([p_t_gt, 1 - p_t_gt], 1).clamp_min(1e-12)
     tckd = _kl(b_s.log(), b_t.log())
     # non-target distributions: push the target logit to −∞ (−1000·T like mdistiller's mask)
     nckd = _kl(F.log_softmax(z_s / T - 1000.0 * gt, 1), F.log_softmax(z_t / T - 1000.0 * gt, 1))

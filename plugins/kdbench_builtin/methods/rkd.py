@@ -20,14 +20,21 @@ def pdist(e, eps=1e-12):
     return d * (1 - torch.eye(len(e), device=e.device, dtype=e.dtype))
 
 
+def positive_mean(d):
+    """Mean of the positive entries (the off-diagonal distances) with a fixed shape — no boolean
+    indexing, so the step can be captured as a CUDA graph."""
+    positive = d > 0
+    return torch.where(positive, d, 0).sum() / positive.sum().clamp_min(1)
+
+
 def distance_term(f_s, f_t):
     if len(f_s) < 2:
         return f_s.sum() * 0
     with torch.no_grad():
         d_t = pdist(f_t)
-        d_t = d_t / d_t[d_t > 0].mean()
+        d_t = d_t / positive_mean(d_t)
     d_s = pdist(f_s)
-    d_s = d_s / d_s[d_s > 0].mean()
+    d_s = d_s / positive_mean(d_s)
     return F.smooth_l1_loss(d_s, d_t)
 
 
