@@ -21,6 +21,9 @@ def env(monkeypatch, tmp_path, teacher_cache):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.delenv("KDBENCH_PLUGINS", raising=False)
     monkeypatch.delenv("KDBENCH_DISABLE", raising=False)
+    # a test's `kdbench run` trains no vanilla baseline alongside unless it asks for one
+    # (tests/cli/test_run_baseline.py does): the runs a test counts are the ones it made
+    monkeypatch.setenv("KDBENCH_BASELINE", "never")
     plugins.reset()
     yield tmp_path
     plugins.reset()

@@ -32,15 +32,22 @@ from kdbench.errors import KdbenchError
 @click.option("--params-from", "params_from", default=None, metavar="STUDY",
               help="Use the best params of a `kdbench tune` study (--set still wins).")
 @click.option("--storage", default=None, help="Optuna storage of --params-from [default: as kdbench tune].")
+@click.option("--baseline", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+              envvar="KDBENCH_BASELINE",
+              help="Train vanilla (same student, recipe and seed) when no vanilla run exists to compare with: "
+                   "auto = on embedded datasets (seconds), always, or never (the summary then says how).")
+@click.option("--save-student", "save_student", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+              help="Also write the distilled student's weights here (always logged as the run's MLflow "
+                   "artifact student/student.pt).")
 @engine_flags
 @threads_option
 @tracking_option
 def run_cmd(method, dataset, teacher, student, epochs, seed, teacher_seed, device,
             teacher_checkpoint, sets, data_dir, data_opts, recipe_name, params_from, storage, tracking_uri,
-            teachers, precision=None, capture=None, threads=None):
+            teachers, baseline="auto", save_student=None, precision=None, capture=None, threads=None):
     """Train a student with a distillation method and record it in MLflow."""
     from kdbench.core.plan import RunConfig
-    from kdbench.workflows.run import run
+    from kdbench.workflows.run import needs_baseline, run, run_baseline
 
     hparams, recipe = {}, {}
     if params_from:
@@ -63,11 +70,29 @@ def run_cmd(method, dataset, teacher, student, epochs, seed, teacher_seed, devic
     tracker = open_tracker(tracking_uri)
     rebalance = cpu_share(threads)
     progress = Progress()
+    on_epoch = lambda event: (rebalance(event), progress(event))  # noqa: E731
     try:
-        outcome = run(config, tracker, on_epoch=lambda event: (rebalance(event), progress(event)))
+        outcome = run(config, tracker, on_epoch=on_epoch)
+        if needs_baseline(outcome) and (baseline == "always" or (baseline == "auto" and outcome.plan.dataset_obj.embedded)):
+            progress.close()
+            click.echo("no vanilla run of this student and recipe to compare with: training it now "
+                       "(--baseline never skips this)", err=True)
+            outcome = run_baseline(outcome, tracker, on_epoch=on_epoch)
     finally:
         progress.close()
-    click.echo(summary(outcome, tracker.uri))
+    if save_student and outcome.student_artifact:
+        _copy_student(tracker, outcome, save_student)
+    click.echo(summary(outcome, tracker.uri, save_student))
+
+
+def _copy_student(tracker, outcome, path: str) -> None:
+    """The run's student artifact, copied to ``path``."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = tracker.client.download_artifacts(outcome.run_id, outcome.student_artifact, tmp)
+        shutil.copyfile(local, path)
 
 
 def _best_of_study(study: str, storage, tracking_uri, method: str) -> tuple[dict, dict, str | None]:
@@ -107,15 +132,29 @@ class Progress:
         if self.bar is not None:
             self.bar.__exit__(None, None, None)
             self.bar = None
+        self.key = None  # the next event opens a new bar, even for the same (role, stage)
 
 
 def _percent(value) -> str:
     return "-" if value is None else f"{100 * value:.2f} %"
 
 
-def summary(outcome, uri: str) -> str:
+def _vanilla_cell(outcome) -> str:
+    """Vanilla's mean test top-1, or how to get the missing baseline."""
+    from kdbench.workflows.run import baseline_command, needs_baseline
+
+    if outcome.vanilla_top1 is None and needs_baseline(outcome):
+        return f"- (no vanilla run yet: {baseline_command(outcome)})"
+    return _percent(outcome.vanilla_top1) + (f" (trained now: run {outcome.baseline_run_id})"
+                                            if outcome.baseline_run_id else "")
+
+
+def summary(outcome, uri: str, saved_to: str | None = None) -> str:
     """The table ``kdbench run`` prints: what ran, its accuracies, costs and MLflow run."""
     rows = _summary_rows(outcome, uri)
+    if outcome.student_artifact:
+        rows.insert(-1, ("student weights", f"MLflow artifact {outcome.student_artifact}"
+                         + (f", and {saved_to}" if saved_to else "")))
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
 
@@ -135,7 +174,7 @@ def _summary_rows(outcome, uri: str) -> list[tuple[str, str]]:
         ("test top-5 (last / best val)",
          f"{_percent(metrics.get('test_top5'))} / {_percent(metrics.get('test_top5_bestval'))}"),
         ("teacher test top-1", _percent(teacher.metrics.get("test_top1")) if teacher else "-"),
-        ("vanilla test top-1 (mean)", _percent(outcome.vanilla_top1)),
+        ("vanilla test top-1 (mean)", _vanilla_cell(outcome)),
         ("Δ vs vanilla", "-" if delta is None else f"{100 * delta:+.2f} pts"),
         ("teacher gap closed", "-" if gap is None else f"{gap:.2f}"),
         ("epochs to 90/95/99 % of final",

@@ -48,7 +48,8 @@ class FitResult:
     metrics: dict[str, float] = field(default_factory=dict)
     curve: list[float] = field(default_factory=list)  # validation top-1 per main-stage epoch
     seconds: list[float] = field(default_factory=list)  # cumulative training seconds
-    state_dict: dict | None = None
+    state_dict: dict | None = None  # the student's last weights
+    best_state_dict: dict | None = None  # its weights at the best validation epoch (tested runs)
     peer_val: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)  # how the run was executed, e.g. capture fallback
 
@@ -515,6 +516,7 @@ def _test(job: FitJob, validation: _Validation) -> dict[str, float]:
     last = validation.evaluate(student, test)
     out = {"test_top1": last["top1"], "test_top5": last["top5"]}
     result.state_dict = _snapshot(student.model)
+    result.best_state_dict = validation.best_state
     student.model.load_state_dict(validation.best_state)
     at_best = validation.evaluate(student, test)
     out["test_top1_bestval"], out["test_top5_bestval"] = at_best["top1"], at_best["top5"]

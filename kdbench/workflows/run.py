@@ -7,8 +7,12 @@ nothing of MLflow or the teacher cache.
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable
+
+import torch
 
 from kdbench.core import engine, metrics, plugins
 from kdbench.core.engine import EpochLog
@@ -27,6 +31,35 @@ class Outcome:
     teacher: Teacher | None
     vanilla_top1: float | None = None
     curve: list[float] = field(default_factory=list)
+    student_artifact: str | None = None  # artifact path of the distilled student's weights
+    baseline_run_id: str | None = None  # the vanilla run made for this one (run_baseline)
+
+
+#: where a finished run keeps the distilled student (an MLflow artifact of the run)
+STUDENT_ARTIFACT = "student/student.pt"
+
+
+def save_student(tracker: Tracker, run_id: str, plan: Plan, result, config_hash: str) -> str:
+    """Log the trained student (last epoch) as the run's artifact ``student/student.pt``:
+    ``{"model": state_dict, "best_val_model": state_dict | None, "model_name", "dataset",
+    "num_classes", "input_shape", "method", "config_hash"}``, loadable with
+    ``torch.load(path, weights_only=True)`` and ``kdbench run --teacher-checkpoint`` (its
+    ``model`` key). Returns the artifact path."""
+    blob = {
+        "model": result.state_dict,
+        "best_val_model": result.best_state_dict,
+        "model_name": plan.student_obj.name,
+        "dataset": plan.dataset_obj.name,
+        "num_classes": plan.dataset_obj.num_classes,
+        "input_shape": list(plan.dataset_obj.input_shape),
+        "method": plan.method_obj.name,
+        "config_hash": config_hash,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(STUDENT_ARTIFACT).name
+        torch.save(blob, path)
+        tracker.client.log_artifact(run_id, str(path), artifact_path=str(Path(STUDENT_ARTIFACT).parent))
+    return STUDENT_ARTIFACT
 
 
 def vanilla_reference(tracker: Tracker, plan: Plan) -> float | None:
@@ -125,6 +158,51 @@ def run(
         tracker.set_tags(run_id, result.tags)
     final, vanilla = final_metrics(tracker, plan, teacher, result, with_test)
     tracker.log_metrics(run_id, final)
+    artifact = None
+    if with_test and result.state_dict is not None:  # tuning trials keep no weights
+        artifact = save_student(tracker, run_id, plan, result, tags["config_hash"])
     tracker.finish(run_id)
     return Outcome(plan=plan, run_id=run_id, metrics=final, teacher=teacher, vanilla_top1=vanilla,
-                   curve=result.curve)
+                   curve=result.curve, student_artifact=artifact)
+
+
+def needs_baseline(outcome: Outcome) -> bool:
+    """True when a distilled run has nothing to compare with: no finished vanilla run of its
+    dataset, student and recipe."""
+    return outcome.vanilla_top1 is None and outcome.plan.method_obj.needs_teacher and \
+        outcome.teacher is not None and "test_top1" in outcome.metrics
+
+
+def baseline_command(outcome: Outcome) -> str:
+    """The ``kdbench run`` that makes the missing baseline (what the summary suggests)."""
+    config = outcome.plan.config
+    parts = ["kdbench run --method vanilla", f"--dataset {outcome.plan.dataset_obj.name}",
+             f"--student {outcome.plan.student_obj.name}", f"--seed {config.seed}"]
+    if "epochs" in config.recipe:
+        parts.append(f"--epochs {config.recipe['epochs']}")
+    if config.recipe_name:
+        parts.append(f"--recipe {config.recipe_name}")
+    return " ".join(parts)
+
+
+def run_baseline(outcome: Outcome, tracker: Tracker,
+                 on_epoch: Callable[[EpochLog], None] = lambda e: None) -> Outcome:
+    """Train vanilla (same dataset, student, recipe, seed, data options) as its own tracked run,
+    then add the comparison to ``outcome``'s run (Δ vs vanilla, gap closed); returns the updated
+    outcome. Later runs of the same student and recipe reuse this baseline."""
+    config = outcome.plan.config
+    vanilla_config = replace(config, method="vanilla", hparams={}, teacher=None, teacher_checkpoint=None,
+                             teachers=(), tags={key: value for key, value in config.tags.items()
+                                                if key != "mlflow.parentRunId"})
+    made = run(vanilla_config, tracker, on_epoch=on_epoch)
+    final, vanilla = final_metrics(tracker, outcome.plan, outcome.teacher,
+                                   _Measured(metrics=outcome.metrics), with_test=True)
+    tracker.log_metrics(outcome.run_id, {key: final[key] for key in ("delta_vs_vanilla", "gap_closed") if key in final})
+    return replace(outcome, metrics=final, vanilla_top1=vanilla, baseline_run_id=made.run_id)
+
+
+@dataclass(kw_only=True)
+class _Measured:
+    """The part of an engine result :func:`final_metrics` reads."""
+
+    metrics: dict

@@ -187,7 +187,7 @@ def test_unknown_name_mentions_the_failed_plugin_that_may_provide_it(env, add_di
 
 EMPTY = {
     "nohooks": ("def register_methods(register):\n    pass\n",
-                "implements none of kdbench's hooks (register_methods, register_models, register_datasets) "
+                "implements none of kdbench's hooks (register_methods, register_models, register_datasets, register_leaderboards) "
                 "— mark them with @kdbench.hookimpl"),
     "registers_nothing": ("from kdbench import hookimpl\n@hookimpl\ndef register_methods(register):\n    pass\n",
                           "register_methods registered nothing — call register(...) once per thing it provides"),
@@ -213,7 +213,7 @@ BAD_HOOKS = {
                  "register_methods(regster): a kdbench hook takes one argument, named `register`"),
     "hook name": ("def register_method(register):\n    pass\n",
                   "register_method is not a kdbench hook (kdbench's hooks: register_methods, "
-                  "register_models, register_datasets); rename it or drop its @hookimpl"),
+                  "register_models, register_datasets, register_leaderboards); rename it or drop its @hookimpl"),
 }
 
 
