@@ -272,7 +272,8 @@ def test_pip_installed_plugin_is_listed_run_and_tagged(fresh_venv, tmp_path):
     assert "method" in out and "wsld" in out
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name("kdbench/mnist1d")
-    (student,) = client.search_runs([exp.experiment_id], "tags.role = 'student'")
+    # (the run also trained its vanilla baseline: embedded data, no vanilla run yet)
+    (student,) = client.search_runs([exp.experiment_id], "tags.role = 'student' AND tags.method = 'wsld'")
     tags = student.data.tags
     assert student.info.status == "FINISHED" and tags["method"] == "wsld"
     assert tags["plugin.method"] == "kdbench-example 0.1.0"

@@ -98,12 +98,12 @@ def test_cifar_epoch_benchmark_runs_and_reports_a_ratio(tmp_path):
     out = tmp_path / "r.json"
     env = {**os.environ, "KDBENCH_CACHE_DIR": str(tmp_path / "cache")}
     proc = subprocess.run(
-        [sys.executable, str(script), "--device", "cpu", "--samples", "256", "--teacher", "resnet8",
+        [sys.executable, str(script), "--plain", "--device", "cpu", "--samples", "256", "--teacher", "resnet8",
          "--student", "resnet8", "--batch-sizes", "128", "--workers", "0", "--warmup-steps", "1",
          "--json", str(out)], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
-    r = report["batch_128"]
+    r = report["plain_batch_128"]
     assert report["samples"] == 256 and report["data"].startswith("synthetic")
     for path in ("harness", "plain"):
         assert r[path]["samples_per_s"] > 0

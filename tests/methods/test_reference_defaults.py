@@ -90,7 +90,9 @@ def test_set_wins_over_a_pair_default_and_the_source_is_recorded(env):
     assert _plan("dkd", "resnet56", "resnet20", hparams={"beta": 2}).config_hash() == \
         _plan("dkd", "resnet56", "resnet20").config_hash()
     # other datasets keep the declared default (the per-pair values are CIFAR-100's)
-    assert make_plan(RunConfig(method="dkd"), plugins.registry()).hp["beta"] == 8.0
+    cifar10 = make_plan(RunConfig(method="dkd", dataset="cifar10", teacher="resnet56", student="resnet20"),
+                        plugins.registry())
+    assert cifar10.hp["beta"] == 8.0 and cifar10.hp_source == "defaults"
 
 
 def test_first_matching_entry_wins_and_wildcards_match():
