@@ -37,3 +37,18 @@ def test_set_wins_over_the_dataset_defaults(env):
     plan = make_plan(RunConfig(method="at", hparams={"beta": "1000"}), plugins.registry())
     assert plan.hp["beta"] == 1000.0 and plan.hp["p"] == 1.0
     assert plan.hp_source == f"defaults + {SOURCE} + set"
+
+
+def test_fitnets_uses_its_two_stage_form_on_the_embedded_data_only(env):
+    embedded = make_plan(RunConfig(method="fitnets"), plugins.registry())
+    assert embedded.hp["variant"] == "paper" and embedded.hp["hint_epochs"] == 3  # 36 of 240, scaled to 20
+    assert "two-stage form on the embedded data" in embedded.hp_source
+    cifar = make_plan(RunConfig(method="fitnets", dataset="cifar100", teacher="resnet32x4", student="resnet8x4"),
+                      plugins.registry())
+    assert cifar.hp["variant"] == "repdistiller" and cifar.hp_source == "defaults"
+
+
+def test_ft_uses_its_tuned_embedded_values_with_the_paraphraser_epochs_it_was_tuned_with(env):
+    plan = make_plan(RunConfig(method="ft"), plugins.registry())
+    assert {k: plan.hp[k] for k in ("para_epochs", "rate", "beta")} == {"para_epochs": 47, "rate": 0.84, "beta": 10.8}
+    assert plan.hp_source.startswith("defaults + kdbench tune on the mnist1d validation split (16 trials)")

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import torch.nn.functional as F
 from torch import nn
 
-from kdbench.contracts import HParam, Method, Stage
+from kdbench.contracts import Defaults, HParam, Method, Stage
 from kdbench.errors import KdbenchError
 from kdbench.losses import STAGE_TAPS, ce_plus_optional_kd, conv_regressor, frozen, hinton_kd, stage_names
 
@@ -82,6 +82,14 @@ def stages(hp):
     return [Stage("hint", "hint_epochs", hint_loss, ref_epochs=REF_EPOCHS)] if hp.variant == "paper" else []
 
 
+#: On the embedded MNIST-1D data the reference form (CE + 100·hint every epoch) costs 4.5 points
+#: against vanilla (87.23 ± 0.29 % over seeds 0-2); the paper's form — a 3-epoch hint stage (36
+#: of 240 reference epochs, scaled to the 20-epoch recipe), then KD — gives 94.07 ± 0.25 %
+#: (93.80, 94.10, 94.30), as kdbench's earlier default did (93.77 ± 0.50).
+EMBEDDED = Defaults({"variant": "paper", "hint_epochs": 36}, dataset="mnist1d",
+                    source="the paper's two-stage form on the embedded data (3-epoch hint stage, then KD)")
+
+
 METHODS = [
     Method(
         name="fitnets",
@@ -92,6 +100,7 @@ METHODS = [
         check=check,
         build=build,
         stages=stages,
+        defaults_for=(EMBEDDED,),
         hparams=(
             HParam("variant", "repdistiller", "repdistiller: CE + hint every epoch; paper: hint stage, then KD",
                    choices=VARIANTS, tune=False),

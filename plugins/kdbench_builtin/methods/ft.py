@@ -101,6 +101,14 @@ def loss(step):
             "ft": step.hp.beta * factor_l1(fac_s, fac_t, step.hp.variant)}
 
 
+#: Defaults on the embedded MNIST-1D data, where the CIFAR values cost 11.7 points against vanilla
+#: (80.03 ± 1.72 %): the best trial of `kdbench tune --method ft --trials 16` on the mnist1d
+#: validation split, rounded; retrained, test top-1 over seeds 0-2: 91.97 ± 0.32 %. The tuned run
+#: trained the paraphraser 47 epochs; a default is in reference epochs (scaled ×20/240): 564.
+EMBEDDED = Defaults({"para_epochs": 564, "rate": 0.84, "beta": 10.8}, dataset="mnist1d",
+                    source="kdbench tune on the mnist1d validation split (16 trials)")
+
+
 METHODS = [
     Method(
         name="ft",
@@ -123,8 +131,8 @@ METHODS = [
             HParam("variant", "repdistiller", "factor: repdistiller = normalised channel mean of F²; paper = "
                    "normalised flattened F", choices=VARIANTS, tune=False),
         ),
-        defaults_for=tuple(Defaults({"para_lr": 0.01}, student=name,
-                                    source="RepDistiller helper/pretrain.py (lr 0.01 for ResNet/WRN students)")
-                           for name in LOW_LR_STUDENTS),
+        defaults_for=(EMBEDDED, *(Defaults({"para_lr": 0.01}, student=name,
+                                           source="RepDistiller helper/pretrain.py (lr 0.01 for ResNet/WRN students)")
+                                  for name in LOW_LR_STUDENTS)),
     )
 ]
