@@ -142,3 +142,14 @@ def test_cifar_resnet32x4_to_resnet8x4_init_stage_stays_finite():
     assert not np.isfinite(old[-1]) or old[-1] > 1e12
     new = _cifar_init_losses(old=False, steps=6)
     assert np.all(np.isfinite(new)) and new[-1] < new[0]
+
+
+
+def test_shufflenetv1_students_get_a_smaller_init_weight_other_pairs_the_reference_one():
+    from kdbench.core.plan import RunConfig, make_plan
+
+    reg = load_plugins()
+    shuffle = make_plan(RunConfig(method="fsp", dataset="cifar100", teacher="resnet32x4", student="shufflenetv1"), reg)
+    assert shuffle.hp["init_weight"] == 0.1 and "ShuffleNetV1" in shuffle.hp_source
+    same = make_plan(RunConfig(method="fsp", dataset="cifar100", teacher="resnet32x4", student="resnet8x4"), reg)
+    assert same.hp["init_weight"] == 1.0

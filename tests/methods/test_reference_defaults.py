@@ -57,6 +57,8 @@ def _plan(method, teacher, student, **config):
 def test_defaults_equal_the_reference_configs_for_every_suite_pair(env, teacher, student):
     for name, want in REPDISTILLER.items():
         hp = _plan(name, teacher, student).hp
+        if name == "fsp" and student == "shufflenetv1":  # RepDistiller refuses these pairs; kdbench's
+            want = {**want, "init_weight": 0.1}  # connector needs a smaller init weight (FIDELITY.md)
         assert {k: hp[k] for k in want} == want, name
     ft = _plan("ft", teacher, student)
     assert ft.hp["para_lr"] == (0.01 if student in FT_LOW_LR else 0.0)

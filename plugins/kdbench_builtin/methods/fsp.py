@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdbench.contracts import HParam, Method, Stage
+from kdbench.contracts import Defaults, HParam, Method, Stage
 from kdbench.errors import KdbenchError
 from kdbench.losses import STAGE_TAPS, ce_plus_optional_kd, check_stages, conv, frozen, match_size, stage_names
 
@@ -83,6 +83,14 @@ def loss(step):
     return ce_plus_optional_kd(step, **terms)
 
 
+#: ShuffleNetV1 students of the CIFAR-100 suite: RepDistiller refuses FSP there (channel counts
+#: differ); with kdbench's 1×1 connectors the unweighted init stage diverges at the reference lr
+#: (resnet32x4 and wrn_40_2 teachers, lr 0.05: 8.5e8 and NaN within 6 steps), at weight 0.1 it
+#: decreases and stays finite (docs/FIDELITY.md).
+SHUFFLENETV1 = Defaults({"init_weight": 0.1}, dataset="cifar100", student="shufflenetv1",
+                        source="kdbench: init weight 0.1 on ShuffleNetV1 students (the reference refuses the pair)")
+
+
 METHODS = [
     Method(
         name="fsp",
@@ -93,6 +101,7 @@ METHODS = [
         check=check,
         build=build,
         stages=lambda hp: [Stage("init", "fsp_epochs", init_loss, ref_epochs=REF_EPOCHS)],
+        defaults_for=(SHUFFLENETV1,),
         hparams=(
             HParam("fsp_epochs", 30, f"epochs of the FSP init stage in a {REF_EPOCHS}-epoch run (scaled to the "
                    "recipe; a value set explicitly is used as is; 0 skips it)", low=0, high=1000, space=(1, 60)),
