@@ -110,10 +110,11 @@ def end_failed_run(tracker: Tracker, run_id: str, config: RunConfig, exc: BaseEx
     tracker.finish(run_id, status, failure_reason(exc))
 
 
-def final_metrics(tracker: Tracker, plan: Plan, teacher: Teacher | None, result,
+def final_metrics(tracker: Tracker, plan: Plan, teacher: Teacher | None, measured: dict,
                   with_test: bool) -> tuple[dict, float | None]:
-    """The student's final metrics with the teacher's and vanilla comparisons; and vanilla's top-1."""
-    final = dict(result.metrics)
+    """The student's ``measured`` metrics with the teacher's and vanilla comparisons added; and
+    vanilla's top-1."""
+    final = dict(measured)
     if not with_test or teacher is None:
         return final, None
     final["teacher_test_top1"] = teacher.metrics.get("test_top1")
@@ -156,7 +157,7 @@ def run(
         raise
     if result.tags:  # e.g. capture=eager-fallback: how the engine actually ran the steps
         tracker.set_tags(run_id, result.tags)
-    final, vanilla = final_metrics(tracker, plan, teacher, result, with_test)
+    final, vanilla = final_metrics(tracker, plan, teacher, result.metrics, with_test)
     tracker.log_metrics(run_id, final)
     artifact = None
     if with_test and result.state_dict is not None:  # tuning trials keep no weights
@@ -195,14 +196,7 @@ def run_baseline(outcome: Outcome, tracker: Tracker,
                              teachers=(), tags={key: value for key, value in config.tags.items()
                                                 if key != "mlflow.parentRunId"})
     made = run(vanilla_config, tracker, on_epoch=on_epoch)
-    final, vanilla = final_metrics(tracker, outcome.plan, outcome.teacher,
-                                   _Measured(metrics=outcome.metrics), with_test=True)
+    final, vanilla = final_metrics(tracker, outcome.plan, outcome.teacher, outcome.metrics, with_test=True)
     tracker.log_metrics(outcome.run_id, {key: final[key] for key in ("delta_vs_vanilla", "gap_closed") if key in final})
     return replace(outcome, metrics=final, vanilla_top1=vanilla, baseline_run_id=made.run_id)
 
-
-@dataclass(kw_only=True)
-class _Measured:
-    """The part of an engine result :func:`final_metrics` reads."""
-
-    metrics: dict

@@ -117,25 +117,13 @@ def _taps(hp, s_taps, t_taps):
     return [n for n in ("pool",) if n in s_taps and (t_taps is None or n in t_taps)]
 
 
+def _method(name: str, alpha: float, description: str) -> Method:
+    """crd and crd_kd: the same method, without and with the KD term (the table's two rows)."""
+    return Method(name=name, loss=loss, description=description, citation="Tian et al., ICLR 2020", taps=_taps,
+                  check=lambda probe: check_pool(probe, name), build=build, hparams=_hparams(alpha))
+
+
 METHODS = [
-    Method(
-        name="crd",
-        loss=loss,
-        description="CRD: contrast student and teacher embeddings against a memory bank of negatives (no KD)",
-        citation="Tian et al., ICLR 2020",
-        taps=_taps,
-        check=lambda probe: check_pool(probe, "crd"),
-        build=build,
-        hparams=_hparams(0.0),
-    ),
-    Method(
-        name="crd_kd",
-        loss=loss,
-        description="CRD+KD: CRD's contrastive term plus Hinton KD (RepDistiller's CRD+KD row)",
-        citation="Tian et al., ICLR 2020",
-        taps=_taps,
-        check=lambda probe: check_pool(probe, "crd_kd"),
-        build=build,
-        hparams=_hparams(1.0),
-    ),
+    _method("crd", 0.0, "CRD: contrast student and teacher embeddings against a memory bank of negatives (no KD)"),
+    _method("crd_kd", 1.0, "CRD+KD: CRD's contrastive term plus Hinton KD (RepDistiller's CRD+KD row)"),
 ]
