@@ -17,6 +17,10 @@ Three modes (``RunConfig.capture``, ``--capture``):
   cuDNN autotuning), the outputs (loss terms, logits) are consumed before the next replay, and
   a batch of another shape (the last, partial one) runs eagerly. The step reads ``Step.epoch``
   as a Python int, so the graph is recaptured at each epoch (one capture per epoch, no warm-up).
+* ``compile+graphs`` — CUDA only: both. The networks are compiled first (fused kernels: what
+  large, compute-bound batches need) and the whole step, compiled networks included, is then
+  captured as in ``graphs`` (what small, launch-bound batches need). The compilation happens in
+  the eager warm-up steps, before the first capture.
 
 A method whose step cannot be captured says so with ``Method.capturable = False`` (host-side
 sampling, data-dependent shapes, host reads inside the loss); if capturing fails at run time
@@ -34,7 +38,11 @@ from torch import nn
 
 from kdbench.errors import KdbenchError
 
-CAPTURES = ("none", "compile", "graphs")
+CAPTURES = ("none", "compile", "graphs", "compile+graphs")
+
+#: the modes that compile the networks, and those that capture the step as a CUDA graph
+COMPILED = ("compile", "compile+graphs")
+GRAPHED = ("graphs", "compile+graphs")
 
 #: keyword arguments of ``torch.compile`` in ``compile`` mode (tests use {"backend": "aot_eager"})
 COMPILE_OPTIONS: dict = {}
@@ -62,8 +70,8 @@ def check_capture(name: str | None, device: torch.device | None = None) -> str:
     name = name or "none"
     if name not in CAPTURES:
         raise KdbenchError(f"unknown capture mode {name!r}; choose one of: {', '.join(CAPTURES)}")
-    if name == "graphs" and device is not None and device.type != "cuda":
-        raise KdbenchError(f"--capture graphs needs a CUDA device (this run is on {device.type}); "
+    if name in GRAPHED and device is not None and device.type != "cuda":
+        raise KdbenchError(f"--capture {name} needs a CUDA device (this run is on {device.type}); "
                            "use --capture compile or none")
     return name
 
@@ -76,6 +84,16 @@ class CaptureState:
     used: str
     reason: str = ""
     compiled: list[nn.Module] = field(default_factory=list)
+
+    @property
+    def compiles(self) -> bool:
+        """The networks run compiled."""
+        return self.used in COMPILED
+
+    @property
+    def graphs(self) -> bool:
+        """The step is replayed as a CUDA graph."""
+        return self.used in GRAPHED
 
     def fall_back(self, reason: str) -> None:
         """Run eagerly from now on, saying so once."""
@@ -121,7 +139,7 @@ def failure_reason(exc: BaseException) -> str:
 
 def compile_networks(state: CaptureState, nets: list[nn.Module]) -> None:
     """Compile ``nets`` in place (their state dicts keep their keys), once per run."""
-    if state.used != "compile":
+    if not state.compiles:
         return
     # the taps are forward hooks: Dynamo must guard on them (by default it does not), or code
     # compiled for one run's hooks would be reused for another's (another method, another trial)

@@ -7,6 +7,8 @@ reads losses and accuracy once per epoch.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import operator
 import math
 import resource
@@ -322,7 +324,7 @@ class _StageStep:
                  device: torch.device, precision: str, state: capturing.CaptureState):
         self.trainee, self.stage, self.epochs, self.opt = trainee, stage, epochs, opt
         self.device, self.precision, self.state = device, precision, state
-        self.graphed = capturing.GraphedSteps(self.eager, device) if state.used == "graphs" else None
+        self.graphed = capturing.GraphedSteps(self.eager, device) if state.graphs else None
 
     def eager(self, epoch: int, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None,
               to_none: bool = True):
@@ -362,8 +364,10 @@ def train_stage(
     """Run one stage; returns its training seconds. ``after_epoch(epoch0, metrics)`` is called
     with the epoch's mean loss terms and training accuracy (one host read per epoch)."""
     precision = resolve_precision(trainee.precision, device)
+    if device.type == "cuda":  # fixed batch shapes: cuDNN picks its fastest algorithms once
+        torch.backends.cudnn.benchmark = True
     state = _capture_state(trainee, device)
-    graphs = state.used == "graphs"
+    graphs = state.graphs
     opt = _stage_optimizer(trainee, stage, recipe, device if graphs else None)
     total_seconds = 0.0
     trainee.student.train()
@@ -449,17 +453,35 @@ class _Validation:
         self.result.peer_val = {k: v for k, v in logged.items() if k.startswith("peer")}
 
 
+def stream(seed: int, device: torch.device, *name) -> torch.Generator:
+    """The generator of one random stream of a run (batch order and augmentation draws).
+
+    The main stage draws from ``stream(seed, device)``, seeded with the run's seed itself (so a
+    teacher, or a method without pre-stages, draws what it always drew); pre-stage ``i`` from
+    ``stream(seed, device, "pre-stage", i)``. Separate streams are what makes the numbers common
+    (issue 17): every method of one seed sees the same main-stage batches and augmentations,
+    however many batches its pre-stages drew."""
+    if not name:
+        return torch.Generator(device=device).manual_seed(seed)
+    digest = hashlib.sha256(json.dumps([seed, *name]).encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
 def fit(job: FitJob, device: torch.device, on_epoch: OnEpoch) -> FitResult:
     """Pre-stages, then the main stage with per-epoch validation; test at the end (last epoch
     and best-on-validation weights) when ``job.load_test`` is given."""
-    generator = torch.Generator(device=device).manual_seed(job.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    pre_seconds = _run_pre_stages(job, generator, device, on_epoch)
+    pre_seconds = run_pre_stages(job, device, on_epoch)
     validation = _Validation(job, device, on_epoch, pre_seconds)
     main = Stage("main", job.recipe.epochs, job.main_loss, train_student=True)
-    train_stage(job.trainee, main, job.recipe.epochs, job.recipe, job.splits["train"], generator, job.augment,
-                device, validation, scheduled=True)
+    train_stage(job.trainee, main, job.recipe.epochs, job.recipe, job.splits["train"], stream(job.seed, device),
+                job.augment, device, validation, scheduled=True)
+    return finish_fit(job, validation, device)
+
+
+def finish_fit(job: FitJob, validation: _Validation, device: torch.device) -> FitResult:
+    """The result of a trained run: summary, test (when asked), peers, peak memory, capture tags."""
     result = validation.result
     result.metrics.update(_summary(job, validation))
     if job.load_test is not None:
@@ -476,13 +498,14 @@ def fit(job: FitJob, device: torch.device, on_epoch: OnEpoch) -> FitResult:
     return result
 
 
-def _run_pre_stages(job: FitJob, generator: torch.Generator, device: torch.device, on_epoch: OnEpoch) -> float:
-    """Train the pre-stages in order, at the recipe's base lr; returns their training seconds."""
+def run_pre_stages(job: FitJob, device: torch.device, on_epoch: OnEpoch) -> float:
+    """Train the pre-stages in order, at the recipe's base lr, each from its own random stream
+    (:func:`stream`); returns their training seconds."""
     seconds = 0.0
-    for stage, epochs in job.pre_stages:
+    for i, (stage, epochs) in enumerate(job.pre_stages):
         log = _pre_stage_log(job.role, stage, epochs, on_epoch)
-        seconds += train_stage(job.trainee, stage, epochs, job.recipe, job.splits["train"], generator,
-                               job.augment, device, log, scheduled=False)
+        seconds += train_stage(job.trainee, stage, epochs, job.recipe, job.splits["train"],
+                               stream(job.seed, device, "pre-stage", i), job.augment, device, log, scheduled=False)
     return seconds
 
 
@@ -717,7 +740,14 @@ def setup_student(plan, teacher_net: nn.Module | None, device: torch.device,
 
 def run_student(plan, setup: StudentSetup, device: torch.device, on_epoch: OnEpoch, with_test: bool = True) -> FitResult:
     """Train the student of ``setup`` with the plan's method; test only when ``with_test``."""
-    job = FitJob(
+    result = fit(student_job(plan, setup, device, with_test), device, on_epoch)
+    result.metrics.update(setup.info)
+    return result
+
+
+def student_job(plan, setup: StudentSetup, device: torch.device, with_test: bool = True) -> FitJob:
+    """What :func:`fit` trains for the student of ``setup`` (also a lockstep group's member)."""
+    return FitJob(
         trainee=setup.trainee,
         role="student",
         main_loss=plan.method_obj.loss,
@@ -728,6 +758,3 @@ def run_student(plan, setup: StudentSetup, device: torch.device, on_epoch: OnEpo
         pre_stages=setup.pre_stages,
         load_test=_test_loader(plan, device) if with_test else None,
     )
-    result = fit(job, device, on_epoch)
-    result.metrics.update(setup.info)
-    return result

@@ -163,6 +163,8 @@ def step_time(args, device, x, y, batch_size: int, method: str = "kd", capture_m
                        lambda e, m: seconds.append(m["epoch_seconds"]), scheduled=False)
     state = setup.trainee.capture_state
     capture.uncompile([m for m in (setup.trainee.student.model, teacher) if m is not None])
+    if capture_mode in capture.COMPILED:  # the next size compiles afresh (static shapes), not as a dynamic-shape recompile
+        torch._dynamo.reset()
     best = min(seconds[1:]) if len(seconds) > 1 else seconds[0]
     ms = 1000 * best / steps
     rate = batch_size * steps / best
@@ -190,7 +192,7 @@ def methods_mode(args, device, x, y) -> dict:
     bs, mode = args.batch_sizes[0], args.captures[-1]
     out = {"batch_size": bs, "capture": mode, "methods": {}}
     kd = step_time(args, device, x, y, bs, "kd", mode)["ms_per_step"]
-    for name in sorted(plugins.registry().methods):
+    for name in _methods(args):
         try:
             r = step_time(args, device, x, y, bs, name, mode)
             r["relative_to_kd"] = r["ms_per_step"] / kd
@@ -236,7 +238,7 @@ def losses_mode(args, device, x, y) -> dict:
     def precision_autocast_old(d, p):
         return torch.autocast(d.type, dtype=torch.bfloat16) if p == "bf16" else contextlib.nullcontext()
 
-    for name in sorted(plugins.registry().methods):
+    for name in _methods(args):
         try:
             plan = make_plan(RunConfig(method=name, dataset=ds.name, teacher=args.teacher, student=args.student,
                                        device=str(device), recipe={"batch_size": bs}), reg)
@@ -260,11 +262,17 @@ def losses_mode(args, device, x, y) -> dict:
     return out
 
 
+def _methods(args) -> list[str]:
+    """The built-in methods of ``--methods``/``--fits`` (``--only`` picks some)."""
+    names = sorted(plugins.registry().methods)
+    return [n for n in names if n in args.only] if args.only else names
+
+
 def fits_mode(args, device) -> dict:
     """Every built-in method, one short fit on the embedded dataset, eager and captured."""
     out = {"capture": args.fit_capture, "epochs": args.fit_epochs, "methods": {}}
     reg = plugins.registry()
-    for name in sorted(reg.methods):
+    for name in _methods(args):
         row = {}
         for mode in dict.fromkeys(["none", args.fit_capture]):
             start = time.perf_counter()
@@ -359,6 +367,7 @@ def main():
     ap.add_argument("--losses", action="store_true", help="bf16 vs fp32 loss terms and gradients, every method")
     ap.add_argument("--fits", action="store_true", help="every built-in method through one short fit")
     ap.add_argument("--plain", action="store_true", help="harness vs a plain loop with a CPU DataLoader")
+    ap.add_argument("--only", default=None, help="--methods/--fits: only these methods (comma-separated)")
     ap.add_argument("--batch-sizes", default="64,256,1024")
     ap.add_argument("--captures", default=None,
                     help="capture modes compared, the first is the baseline [none,graphs on CUDA; none,compile on CPU]")
@@ -383,6 +392,7 @@ def main():
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    args.only = set(args.only.split(",")) if args.only else None
     args.captures = (args.captures or ("none,graphs" if cuda else "none,compile")).split(",")
     args.fit_capture = args.fit_capture or ("graphs" if cuda else "none")
     if args.compile_backend:

@@ -120,6 +120,11 @@ def test_graphs_need_cuda_and_unknown_modes_are_one_line():
     plan = make_plan(RunConfig(method="kd", capture="graphs", recipe={"epochs": 1}), reg)
     with pytest.raises(KdbenchError, match="--capture graphs needs a CUDA device"):
         engine.setup_student(plan, None, CPU)
+    with pytest.raises(KdbenchError, match=r"--capture compile\+graphs needs a CUDA device"):
+        capture.check_capture("compile+graphs", CPU)
+    both = capture.CaptureState(asked="compile+graphs", used="compile+graphs")
+    assert both.compiles and both.graphs and both.tags() == {"capture": "compile+graphs"}
+    assert not capture.CaptureState(asked="graphs", used="graphs").compiles
     with pytest.raises(KdbenchError, match="unknown capture mode 'graph'; choose one of: none, compile, graphs"):
         capture.check_capture("graph")
 
@@ -158,7 +163,7 @@ def test_cli_names_the_choices_of_precision_and_capture():
 
     assert options.PRECISIONS == precision.PRECISIONS and options.CAPTURES == capture.CAPTURES
     for args, line in ((["--precision", "fp16"], "error: unknown --precision 'fp16'; choose one of: bf16, fp32"),
-                       (["--capture", "cuda-graphs"], "error: unknown --capture 'cuda-graphs'; choose one of: none, compile, graphs")):
+                       (["--capture", "cuda-graphs"], "error: unknown --capture 'cuda-graphs'; choose one of: none, compile, graphs, compile+graphs")):
         for command in ("run", "tune"):
             result = CliRunner().invoke(cli, [command, *args])
             assert result.exit_code == 2, result.output
