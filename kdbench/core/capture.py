@@ -95,13 +95,20 @@ class CaptureState:
         """The step is replayed as a CUDA graph."""
         return self.used in GRAPHED
 
-    def fall_back(self, reason: str) -> None:
-        """Run eagerly from now on, saying so once."""
+    def fall_back(self, reason: str, eager: bool = False) -> None:
+        """Give up what failed, saying so once: ``compile+graphs`` falls back to ``graphs`` (the
+        networks uncompiled; a compiler failure need not cost the graphs), anything else — or
+        ``eager=True`` — to eager steps."""
         if self.used == "none":
             return
-        log.warning("kdbench: training steps run eagerly (--capture %s not used): %s", self.asked, reason)
         uncompile(self.compiled)
         self.compiled = []
+        if self.used == "compile+graphs" and not eager:
+            log.warning("kdbench: training steps run as CUDA graphs of the uncompiled networks "
+                        "(--capture %s not used): %s", self.asked, reason)
+            self.used, self.reason = "graphs", reason
+            return
+        log.warning("kdbench: training steps run eagerly (--capture %s not used): %s", self.asked, reason)
         self.used, self.reason = "none", reason
 
     def tags(self) -> dict[str, str]:
@@ -119,7 +126,7 @@ def start(asked: str | None, device: torch.device, capturable: bool, method_name
     asked = check_capture(asked, device)
     state = CaptureState(asked=asked, used=asked)
     if asked != "none" and not capturable:
-        state.fall_back(f"method {method_name!r} declares that its step cannot be captured")
+        state.fall_back(f"method {method_name!r} declares that its step cannot be captured", eager=True)
     return state
 
 

@@ -7,7 +7,7 @@
 #   3. every built-in method's step time relative to KD (batch 64, graphs);
 #   4. the bf16-vs-fp32 loss comparison (terms and gradient cosine; now, and with the loss under
 #      autocast as before);
-#   5. if time is left: torch.compile (default mode) at batch 1024.
+#   5. if time is left: torch.compile (default mode) alone and with graphs, at batch 64 and 1024.
 # Each part has its own time limit (7 minutes in all; BUDGET_S caps the optional last part);
 # figures go to $OUT/gpu_check.json (the
 # parts' own files and logs next to it). Run from anywhere:
@@ -69,7 +69,7 @@ part methods 80 --methods --captures $CAP --batch-sizes $B1 --samples $([ "${SMO
 part losses 30 --losses --batch-sizes $B1 --samples 1024 $PAIR
 LEFT=$(( ${BUDGET_S:-420} - ($(date +%s) - START) ))
 if [ "$LEFT" -gt 60 ] && [ "${SMOKE:-0}" != 1 ]; then
-  part compile "$LEFT" --steps --captures none,compile --batch-sizes 1024 --samples 16384 --epochs 3
+  part compile "$LEFT" --steps --captures none,compile,compile+graphs --batch-sizes 64,1024 --samples 16384 --epochs 3
 fi
 
 $PY - "$OUT" <<'EOF'

@@ -125,6 +125,12 @@ def test_graphs_need_cuda_and_unknown_modes_are_one_line():
     both = capture.CaptureState(asked="compile+graphs", used="compile+graphs")
     assert both.compiles and both.graphs and both.tags() == {"capture": "compile+graphs"}
     assert not capture.CaptureState(asked="graphs", used="graphs").compiles
+    both.fall_back("compiler failed")  # the graphs are kept, the networks uncompiled
+    assert both.used == "graphs" and both.tags() == {"capture": "graphs", "capture_fallback": "compiler failed"}
+    both.fall_back("capture failed")
+    assert both.used == "none" and both.tags()["capture"] == "eager"
+    declared = capture.start("compile+graphs", torch.device("cuda"), capturable=False, method_name="kdsvd")
+    assert declared.used == "none"  # a step that cannot be captured runs eagerly, not as graphs
     with pytest.raises(KdbenchError, match="unknown capture mode 'graph'; choose one of: none, compile, graphs"):
         capture.check_capture("graph")
 
