@@ -345,7 +345,8 @@ class _StageStep:
             raise
         except Exception as exc:  # compiling or capturing failed: the same batch again, eagerly
             self.state.fall_back(capturing.failure_reason(exc))
-            self.graphed = None
+            # compile+graphs → graphs: the rest of the stage is captured afresh, uncompiled
+            self.graphed = capturing.GraphedSteps(self.eager, self.device) if self.state.graphs else None
             return self.eager(epoch, x, y, index)
 
 
