@@ -162,6 +162,7 @@ def step_time(args, device, x, y, batch_size: int, method: str = "kd", capture_m
     engine.train_stage(setup.trainee, stage, args.epochs, plan.recipe, split, gen, ds.augment, device,
                        lambda e, m: seconds.append(m["epoch_seconds"]), scheduled=False)
     state = setup.trainee.capture_state
+    profile = _profile(args, setup, stage, plan, split, gen, ds, device, steps) if args.profile else None
     capture.uncompile([m for m in (setup.trainee.student.model, teacher) if m is not None])
     if capture_mode in capture.COMPILED:  # the next size compiles afresh (static shapes), not as a dynamic-shape recompile
         torch._dynamo.reset()
@@ -170,7 +171,27 @@ def step_time(args, device, x, y, batch_size: int, method: str = "kd", capture_m
     rate = batch_size * steps / best
     return {"ms_per_step": ms, "samples_per_s": rate, "steps_per_epoch": steps,
             "epoch_seconds": seconds, "minutes_240_epochs": 240 * args.epoch_samples / rate / 60,
-            "tags": state.tags() if state else {}}
+            "tags": state.tags() if state else {}, **({"profile": profile} if profile else {})}
+
+
+def _profile(args, setup, stage, plan, split, gen, ds, device, steps) -> list[dict]:
+    """One more epoch under ``torch.profiler``: the kernels that took the most device time per step
+    (where a step's time goes: convolutions, BatchNorm, elementwise, optimizer...)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        engine.train_stage(setup.trainee, stage, 1, plan.recipe, split, gen, ds.augment, device,
+                           lambda e, m: None, scheduled=False)
+        sync(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
+    total = sum(getattr(e, attr) for e in rows) or 1.0
+    top = [{"name": e.key[:90], "ms_per_step": getattr(e, attr) / 1000 / steps,
+            "share": getattr(e, attr) / total, "calls_per_step": e.count / steps} for e in rows[:args.profile]]
+    for row in top:
+        print(f"    {100 * row['share']:5.1f} %  {row['ms_per_step']:7.3f} ms/step  {row['calls_per_step']:6.1f}x  {row['name']}")
+    return top
 
 
 def steps_mode(args, device, x, y) -> dict:
@@ -367,6 +388,8 @@ def main():
     ap.add_argument("--losses", action="store_true", help="bf16 vs fp32 loss terms and gradients, every method")
     ap.add_argument("--fits", action="store_true", help="every built-in method through one short fit")
     ap.add_argument("--plain", action="store_true", help="harness vs a plain loop with a CPU DataLoader")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="--steps: also profile one epoch and print the N kernels with the most device time")
     ap.add_argument("--only", default=None, help="--methods/--fits: only these methods (comma-separated)")
     ap.add_argument("--batch-sizes", default="64,256,1024")
     ap.add_argument("--captures", default=None,
