@@ -36,14 +36,23 @@ def as_matrix(f):
 
 
 def top_right_singular(mat, n):
-    """Exact top-n right singular vectors [B, C, n] and singular values [B, n] (no gradient)."""
-    with torch.no_grad():  # eigh of the small C×C Gram matrix (float64): far faster than svd on CPU
-        mat = mat.double()
-        evals, evecs = torch.linalg.eigh(mat.transpose(1, 2) @ mat)
+    """Exact top-n right singular vectors [B, C, n] and singular values [B, n] (no gradient).
+
+    From the eigendecomposition (float64) of the smaller Gram matrix: FᵀF [C, C], or FFᵀ [N, N]
+    when the map has fewer positions N than channels C (deep stages: 8×8 positions, 256 channels),
+    whose eigenvectors u give v = Fᵀu/σ — the same vectors, from a matrix up to 16× smaller (the
+    solver's cost grows with its cube; far faster than svd, on the CPU and on CUDA alike)."""
     n = min(n, mat.shape[1], mat.shape[2])
-    v = evecs.flip(2)[:, :, :n].float()
-    sigma = evals.flip(1)[:, :n].clamp_min(0).sqrt().float()
-    return v, sigma
+    with torch.no_grad():
+        mat = mat.double()
+        if mat.shape[1] < mat.shape[2]:
+            evals, u = torch.linalg.eigh(mat @ mat.transpose(1, 2))
+            u, evals = u.flip(2)[:, :, :n], evals.flip(1)[:, :n]
+            v = F.normalize(mat.transpose(1, 2) @ u, dim=1)  # Fᵀu = σv
+        else:
+            evals, evecs = torch.linalg.eigh(mat.transpose(1, 2) @ mat)
+            v, evals = evecs.flip(2)[:, :, :n], evals.flip(1)[:, :n]
+    return v.float(), evals.clamp_min(0).sqrt().float()
 
 
 def sign_convention(v):
