@@ -16,12 +16,13 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from types import SimpleNamespace
-from typing import Any, Callable, Mapping, Sequence
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from kdbench.errors import KdbenchError
+
+if TYPE_CHECKING:  # torch is imported on first use (see __getattr__): describing plugins needs none
+    import torch
+    from torch import nn
 
 # --------------------------------------------------------------------------- hyperparameters
 
@@ -391,7 +392,19 @@ class Probe:
     num_teachers: int = 0
 
 
-LossFn = Callable[[Step], Mapping[str, torch.Tensor]]
+def __getattr__(name: str):
+    """``torch``, ``nn`` and ``LossFn`` (which names ``torch.Tensor``), imported on first use so that
+    importing the contracts (every plugin does, and ``kdbench list``) does not load torch (≈1 s)."""
+    if name not in ("torch", "nn", "LossFn"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import torch
+
+    globals().update(torch=torch, nn=torch.nn, LossFn=Callable[[Step], Mapping[str, torch.Tensor]])
+    return globals()[name]
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "torch", "nn", "LossFn"})
 
 
 @dataclass(frozen=True)

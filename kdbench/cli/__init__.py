@@ -9,7 +9,9 @@
   :mod:`~kdbench.cli.plugin`.
 
 Commands import only :mod:`~kdbench.cli.options`, never one another; the heavy imports (torch,
-MLflow, Optuna, the workflows) happen inside the command functions, so ``kdbench --help`` is fast.
+MLflow, Optuna, the workflows) happen inside the command functions, so ``kdbench --help`` is fast;
+the catalog commands (list, plugins, show) print from a cache once the plugins were loaded once, so
+they import neither the plugins nor torch (tests/benchmarks/cli_startup.py measures both).
 """
 from kdbench.cli.root import main
 

@@ -2,15 +2,104 @@
 plugin entry points) and `kdbench show` (one method, model or dataset in detail)."""
 from __future__ import annotations
 
+import json
+
 import click
 
 from kdbench.cli.options import KIND, KINDS
 
 
-def _registry():
+# --------------------------------------------------------------------------- output and its cache
+#
+# Each command prints named blocks of lines. They come from the plugins' registry or, when a
+# previous catalog command stored them for the same installation (see
+# kdbench.core.plugins.catalog_fingerprint), from the cache: then no plugin, and no torch, is
+# imported. Both go through the same rendering, so the output is the same byte for byte.
+
+
+def _echo_blocks(*names: str, disable=(), only=None) -> None:
+    """Print the blocks ``names``, from the cache when it has them all; otherwise load the plugins
+    (``disable``/``only`` as :func:`kdbench.core.plugins.load`), print, and store every block."""
     from kdbench.core import plugins
 
-    return plugins.registry()
+    selected = bool(disable) or only is not None
+    in_process = None if selected else plugins.loaded()
+    if in_process is not None:  # already loaded in this process (tests, embedding): no cache
+        for name in names:
+            _echo_lines(_render(in_process, name))
+        return
+    key = plugins.catalog_fingerprint(disable=disable, only=only)
+    cached = plugins.read_catalog(key)
+    if cached is not None and all(name in cached.blocks for name in names):
+        for line in cached.warnings:
+            plugins.log.warning(line)
+        for name in names:
+            _echo_lines(cached.blocks[name])
+        return
+    if selected:
+        registry = plugins.load(disable=disable, only=only)
+        plugins.warn(registry)
+    else:
+        registry = plugins.registry()
+    blocks = {name: lines for name, lines in (cached.blocks.items() if cached else ())
+              if name.startswith('["taps"')}  # computed on demand: kept
+    blocks.update(_render_all(registry))
+    try:
+        for name in names:
+            if name not in blocks:
+                blocks[name] = _render(registry, name)  # raises what the command would raise
+            _echo_lines(blocks[name])
+    finally:
+        plugins.write_catalog(plugins.CatalogCache(key, blocks, list(registry.warnings)))
+
+
+def _echo_lines(lines: list[str]) -> None:
+    for line in lines:
+        click.echo(line)
+
+
+def _block(*parts: str) -> str:
+    """A block's name: its parts (what, then e.g. a kind and a name given on the command line, which
+    may hold any character) as a JSON list."""
+    return json.dumps(parts)
+
+
+def _render_all(registry) -> dict[str, list[str]]:
+    """Every block a catalog command may print, but model taps (those build networks, so they are
+    rendered when first asked for). A block whose rendering fails is left out: the command that
+    prints it then loads the plugins and fails as it would without the cache."""
+    names = [_block("recipes")] + [_block("list", kind) for kind in KINDS] + [_block("failures"), _block("plugins")]
+    names += [_block("show", kind[:-1], name) for kind in KINDS for name, _ in registry.listing(kind)]
+    blocks = {}
+    for name in names:
+        try:
+            blocks[name] = _render(registry, name)
+        except Exception:  # noqa: BLE001 - see the docstring
+            continue
+    return blocks
+
+
+def _render(registry, name: str) -> list[str]:
+    """The lines of block ``name`` (see :func:`_block`): ``recipes``, ``list KIND``, ``failures``,
+    ``plugins``, ``show KIND NAME`` (a method, model or dataset; unknown names raise the registry's
+    error) or ``taps MODEL DATASET`` (DATASET empty: the first one the model builds for)."""
+    what, *args = json.loads(name)
+    if what == "list":
+        return _kind_lines(registry, args[0])
+    if what == "recipes":
+        return _recipe_lines()
+    if what == "failures":
+        return _failure_lines(registry)
+    if what == "plugins":
+        return _plugin_lines(registry)
+    if what == "show":
+        kind, shown = args
+        entry = registry.entry(kind + "s", shown)
+        return _show_lines(kind, shown, entry)
+    if what == "taps":
+        model, dataset = args
+        return _taps_lines(registry, registry.entry("models", model).obj, dataset or None)
+    raise ValueError(f"unknown catalog block {name!r}")
 
 
 # --------------------------------------------------------------------------- list
@@ -20,25 +109,22 @@ def _registry():
 @click.argument("kind", required=False, type=click.Choice(KINDS + ("recipes",)))
 def list_cmd(kind):
     """List registered methods, models and datasets, the named recipes, and broken plugins."""
-    registry = _registry()
-    if kind == "recipes" or kind is None:
-        _echo_recipes()
-        if kind == "recipes":
-            return
-    for shown in [kind] if kind else KINDS:
-        _echo_kind(registry, shown)
-    _echo_failures(registry)
+    names = [_block("recipes")] if kind in (None, "recipes") else []
+    if kind != "recipes":
+        names += [_block("list", shown) for shown in ([kind] if kind else KINDS)] + [_block("failures")]
+    _echo_blocks(*names)
 
 
-def _echo_kind(registry, kind: str) -> None:
-    click.echo(f"{kind}:")
+def _kind_lines(registry, kind: str) -> list[str]:
+    lines = [f"{kind}:"]
     for name, entry in registry.listing(kind):
         obj = entry.obj
         extra = _method_summary(obj) if kind == "methods" else ""
-        click.echo(f"  {name:<16} {obj.description}{extra}  ({entry.source})")
+        lines.append(f"  {name:<16} {obj.description}{extra}  ({entry.source})")
     if kind == "models":
         for prefix, entry in sorted(registry.model_sources.items()):
-            click.echo(f"  {prefix + ':NAME':<16} {entry.obj.description}  ({entry.source})")
+            lines.append(f"  {prefix + ':NAME':<16} {entry.obj.description}  ({entry.source})")
+    return lines
 
 
 def _method_summary(method) -> str:
@@ -47,22 +133,22 @@ def _method_summary(method) -> str:
     return f" [{method.citation}; taps: {', '.join(taps) or 'logits'}; {defaults or 'no hparams'}]"
 
 
-def _echo_recipes() -> None:
+def _recipe_lines() -> list[str]:
     from kdbench import recipes
 
-    click.echo("recipes (kdbench run --recipe NAME):")
+    lines = ["recipes (kdbench run --recipe NAME):"]
     for name in recipes.names():
         recipe = recipes.load_recipe(name)
         lrs = ", ".join(f"{model} {lr}" for model, lr in recipe.model_lr)
-        click.echo(f"  {name:<18} {recipes.read(name).get('description', '')}"
-                   + (f" [lr per model: {lrs}]" if lrs else ""))
+        lines.append(f"  {name:<18} {recipes.read(name).get('description', '')}"
+                     + (f" [lr per model: {lrs}]" if lrs else ""))
+    return lines
 
 
-def _echo_failures(registry) -> None:
-    if registry.failures:
-        click.echo("broken plugins:")
-        for failure in registry.failures:
-            click.echo(f"  {failure.line()}")
+def _failure_lines(registry) -> list[str]:
+    if not registry.failures:
+        return []
+    return ["broken plugins:"] + [f"  {failure.line()}" for failure in registry.failures]
 
 
 # --------------------------------------------------------------------------- plugins
@@ -77,19 +163,17 @@ def _echo_failures(registry) -> None:
 def plugins_cmd(disable, no_third_party):
     """Installed plugin entry points: distribution, version, status (loaded, empty: registered
     nothing, failed, disabled), hooks; then load failures."""
-    from kdbench.core import plugins
+    _echo_blocks(_block("plugins"), _block("failures"),
+                 disable=disable, only=set() if no_third_party else None)
 
-    if disable or no_third_party:
-        registry = plugins.load(disable=disable, only=set() if no_third_party else None)
-        plugins.warn(registry)
-    else:
-        registry = _registry()
-    click.echo(f"{'plugin':<20} {'distribution':<28} {'status':<9} {'module':<28} hooks")
+
+def _plugin_lines(registry) -> list[str]:
+    lines = [f"{'plugin':<20} {'distribution':<28} {'status':<9} {'module':<28} hooks"]
     for plugin in registry.plugins:
         hooks = ", ".join(plugin.hooks) or "-"
         dist = f"{plugin.dist} {plugin.version}"
-        click.echo(f"{plugin.plugin:<20} {dist:<28} {plugin.status:<9} {plugin.module:<28} {hooks}")
-    _echo_failures(registry)
+        lines.append(f"{plugin.plugin:<20} {dist:<28} {plugin.status:<9} {plugin.module:<28} {hooks}")
+    return lines
 
 
 # --------------------------------------------------------------------------- show
@@ -104,27 +188,35 @@ def plugins_cmd(disable, no_third_party):
 def show_cmd(kind, name, dataset):
     """Details of one method (hyperparameters, defaults, search space), model (feature taps and
     their shapes) or dataset."""
-    registry = _registry()
-    entry = registry.entry(kind + "s", name)
+    blocks = [_block("show", kind, name)]
+    if kind == "model":
+        blocks.append(_block("taps", name, dataset or ""))
+    _echo_blocks(*blocks)
+
+
+def _show_lines(kind: str, name: str, entry) -> list[str]:
     obj = entry.obj
-    click.echo(f"{name} — {obj.description}  ({entry.source})")
+    lines = [f"{name} — {obj.description}  ({entry.source})"]
     if kind == "method":
-        _show_method(obj)
+        lines += _method_lines(obj)
     elif kind == "dataset":
-        _show_dataset(obj)
+        lines += _dataset_lines(obj)
     else:
-        click.echo(f"kwargs: {dict(obj.kwargs)}")
-        _show_taps(registry, obj, dataset)
+        lines.append(f"kwargs: {dict(obj.kwargs)}")
+    return lines
 
 
-def _show_method(method) -> None:
-    click.echo(f"citation: {method.citation or '-'}")
-    click.echo(f"taps: {'(dynamic)' if callable(method.taps) else ', '.join(method.taps) or 'logits only'}")
-    click.echo(f"needs teacher: {'yes' if method.needs_teacher else 'no'}"
-               + ("; reads the extra teachers (--teachers)" if method.uses_teachers else ""))
+def _method_lines(method) -> list[str]:
+    lines = [
+        f"citation: {method.citation or '-'}",
+        f"taps: {'(dynamic)' if callable(method.taps) else ', '.join(method.taps) or 'logits only'}",
+        f"needs teacher: {'yes' if method.needs_teacher else 'no'}"
+        + ("; reads the extra teachers (--teachers)" if method.uses_teachers else ""),
+    ]
     for hparam in method.hparams:
-        click.echo(f"  {hparam.name:<12} default {hparam.default!r:<10} valid {_valid_range(hparam):<14} "
-                   f"search {hparam.describe_space():<22} {hparam.help}")
+        lines.append(f"  {hparam.name:<12} default {hparam.default!r:<10} valid {_valid_range(hparam):<14} "
+                     f"search {hparam.describe_space():<22} {hparam.help}")
+    return lines
 
 
 def _valid_range(hparam) -> str:
@@ -138,7 +230,7 @@ def _valid_range(hparam) -> str:
     return f"{low}, {high}"
 
 
-def _show_taps(registry, model, dataset_name: str | None) -> None:
+def _taps_lines(registry, model, dataset_name: str | None) -> list[str]:
     """The model's taps (what ``Method.taps`` may name), with the module each reads and its
     per-sample shape, on a network built for ``dataset_name`` (or the first dataset it builds for)."""
     import torch
@@ -156,7 +248,7 @@ def _show_taps(registry, model, dataset_name: str | None) -> None:
             first = []
         names = first + [name for name in registry.datasets if name not in first]
         candidates = [registry.datasets[name] for name in names]
-    refused = []
+    refused, lines = [], []
     for entry in candidates:
         ds = entry.obj
         shape, classes = tuple(ds.input_shape), max(ds.num_classes, 2)
@@ -169,19 +261,19 @@ def _show_taps(registry, model, dataset_name: str | None) -> None:
         except Exception as exc:  # noqa: BLE001 - a shape the model refuses, told as one line
             refused.append(f"{ds.name}: {' '.join(str(exc).split()) or type(exc).__name__}")
             continue
-        click.echo(f"taps (built for {ds.name}, input {shape}; name them in Method.taps):")
+        lines.append(f"taps (built for {ds.name}, input {shape}; name them in Method.taps):")
         for tap_name, tap in taps.items():
             where = f"input of {tap.module}" if tap.input else tap.module
-            click.echo(f"  {tap_name:<12} {where:<28} {tuple(feats[tap_name].shape[1:])}")
+            lines.append(f"  {tap_name:<12} {where:<28} {tuple(feats[tap_name].shape[1:])}")
         if not taps:
-            click.echo("  none (methods that need features cannot use it)")
-        return
-    click.echo("taps: the model builds for no registered dataset"
-               + (f" ({'; '.join(refused)})" if refused else ""))
+            lines.append("  none (methods that need features cannot use it)")
+        return lines
+    reasons = f" ({'; '.join(refused)})" if refused else ""
+    return [f"taps: the model builds for no registered dataset{reasons}"]
 
 
-def _show_dataset(dataset) -> None:
+def _dataset_lines(dataset) -> list[str]:
     shape = (f"classes {dataset.num_classes}, input {dataset.input_shape}" if dataset.resolve is None else
              "classes and input shape read from its files (--data-dir, --data-option)")
-    click.echo(f"{shape}, default pair {dataset.default_teacher} → {dataset.default_student}")
-    click.echo(f"recipe: {dataset.recipe}")
+    return [f"{shape}, default pair {dataset.default_teacher} → {dataset.default_student}",
+            f"recipe: {dataset.recipe}"]

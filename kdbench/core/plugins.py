@@ -14,19 +14,30 @@ registered by several distributions is *contested*: using it plainly is an error
 all (kdbench's own built-ins excepted: their plain name stays kdbench's), and every command that
 loads the plugins warns while the conflict lasts. ``DIST:NAME`` (``kdbench-lskd:lskd``) always
 names the one from distribution ``DIST``.
+
+Catalog cache: ``kdbench list``, ``plugins`` and ``show`` store what they print in
+``$KDBENCH_CACHE_DIR/catalog``, keyed by :func:`catalog_fingerprint` (the entry points and the files
+behind them), and print it from there while nothing changed, without importing a plugin (or torch).
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import inspect
+import json
 import logging
 import os
 import re
+import site
+import sys
+import tempfile
 from dataclasses import dataclass, field, replace
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 import pluggy
 
+import kdbench
 from kdbench import API_VERSION, hookspecs
 from kdbench.contracts import Dataset, Leaderboard, Method, Model, ModelSource
 from kdbench.errors import KdbenchError, closest
@@ -431,6 +442,11 @@ def registry() -> Registry:
     return _REGISTRY
 
 
+def loaded() -> Registry | None:
+    """The process-wide registry if it is loaded already, else None (nothing is loaded)."""
+    return _REGISTRY
+
+
 def warn(reg: Registry) -> None:
     """Log the registry's warnings, one line each, on the ``kdbench`` logger (the CLI prints
     them as ``warning: …`` on stderr)."""
@@ -442,3 +458,132 @@ def reset() -> None:
     """Forget the loaded registry (tests, or after changing KDBENCH_* variables)."""
     global _REGISTRY
     _REGISTRY = None
+
+
+# --------------------------------------------------------------------------- catalog cache
+#
+# `kdbench list`, `plugins` and `show` print what the plugins registered. Loading them imports every
+# plugin module, and with them torch (≈1.5 s of a 1.7 s `kdbench list`). So the first catalog command
+# stores what it printed, keyed by a fingerprint of everything the output depends on, and the next
+# ones print it from there without importing a plugin. Any other command loads the plugins for real.
+
+CATALOG_FORMAT = 1
+
+
+def catalog_fingerprint(*, disable=(), only=None) -> str:
+    """A digest of what the plugins' description depends on: the ``kdbench`` entry points (their
+    distributions, versions and values), the size and modification time of every file of the
+    packages behind them (an edited editable plugin changes it) and of kdbench's own files, the
+    installed packages (the site-packages folders' modification times: an install or uninstall changes
+    them), Python's version, and the plugin selection (``KDBENCH_PLUGINS``, ``KDBENCH_DISABLE``,
+    ``disable``, ``only``). Nothing is imported: a plugin's files are found by their module's spec."""
+    eps = sorted(entry_points(group=GROUP), key=lambda ep: (_dist_of(ep), ep.name, ep.value))
+    roots = {ep.value.split(":", 1)[0].split(".", 1)[0] for ep in eps}
+    parts = {
+        "format": CATALOG_FORMAT,
+        "python": sys.version,
+        "kdbench": [kdbench.__version__, API_VERSION, _file_stats([Path(kdbench.__file__).parent])],
+        "selection": [os.environ.get("KDBENCH_PLUGINS"), os.environ.get("KDBENCH_DISABLE"),
+                      sorted(disable), None if only is None else sorted(only)],
+        "entry_points": [[*_dist_of(ep), ep.name, ep.value] for ep in eps],
+        "modules": {root: _file_stats(_module_paths(root)) for root in sorted(roots)},
+        "site": [[path, _mtime(path)] for path in getattr(site, "getsitepackages", list)()],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _module_paths(name: str) -> list[Path]:
+    """The file or package folders of top-level module ``name``, found without importing it."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return []
+    if spec is None:
+        return []
+    if spec.submodule_search_locations:
+        return [Path(location) for location in spec.submodule_search_locations]
+    return [Path(spec.origin)] if spec.origin and os.path.exists(spec.origin) else []
+
+
+def _file_stats(paths: list[Path]) -> list:
+    """(path, size, mtime in ns) of each file under ``paths`` (byte-code caches left out)."""
+    stats = []
+    for path in paths:
+        walked = os.walk(path) if path.is_dir() else [(str(path.parent), [], [path.name])]
+        for root, dirs, files in walked:
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+            for name in sorted(files):
+                try:
+                    st = os.stat(os.path.join(root, name))
+                except OSError:
+                    continue
+                stats.append([os.path.join(root, name), st.st_size, st.st_mtime_ns])
+    return stats
+
+
+def _mtime(path: str) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+def _catalog_file(key: str) -> Path:
+    # kdbench.data.cache_dir() says the same, but importing kdbench.data imports torch
+    root = Path(os.environ.get("KDBENCH_CACHE_DIR") or Path.home() / ".cache" / "kdbench")
+    return root / "catalog" / f"{key[:32]}.json"
+
+
+@dataclass
+class CatalogCache:
+    """What the catalog commands printed for one fingerprint: ``blocks`` of output lines by name
+    (the CLI decides which), and the registry's warnings, shown again whenever they are used."""
+
+    key: str
+    blocks: dict[str, list[str]]
+    warnings: list[str]
+
+
+def read_catalog(key: str) -> CatalogCache | None:
+    """The stored catalog of fingerprint ``key``; None when there is none or it is unreadable
+    (damaged, another format): the caller loads the plugins and stores it again."""
+    try:
+        doc = json.loads(_catalog_file(key).read_text(encoding="utf-8"))
+        if doc["format"] != CATALOG_FORMAT or doc["key"] != key:
+            return None
+        blocks = {str(name): [str(line) for line in lines] for name, lines in doc["blocks"].items()}
+        return CatalogCache(key, blocks, [str(line) for line in doc["warnings"]])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def write_catalog(cache: CatalogCache) -> None:
+    """Store ``cache`` (atomically: a reader sees the old file or the new one); a cache folder that
+    cannot be written is not an error, the next catalog command just loads the plugins again."""
+    path = _catalog_file(cache.key)
+    doc = {"format": CATALOG_FORMAT, "key": cache.key, "warnings": cache.warnings, "blocks": cache.blocks}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".catalog-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(doc, f)
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from others sharing the cache folder
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        _prune(path.parent, keep=8)
+    except OSError:
+        pass
+
+
+def _prune(folder: Path, keep: int) -> None:
+    """Remove all but the ``keep`` most recently written catalogs (one per installation state and
+    plugin selection, so old ones are never read again)."""
+    files = sorted(folder.glob("*.json"), key=lambda p: _mtime(str(p)) or 0, reverse=True)
+    for old in files[keep:]:
+        try:
+            old.unlink()
+        except OSError:
+            pass
