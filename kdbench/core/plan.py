@@ -19,6 +19,13 @@ from kdbench.recipes import load_recipe
 #: Bump when the way teachers are trained changes: cached teachers are then retrained.
 TEACHER_RECIPE_VERSION = 1
 
+#: Bump when the way students are trained changes their numbers: the config hash changes, so old
+#: and new runs never count as the same cell nor mix in one table. Not part of the teacher key
+#: (teachers are unchanged; their cache and runs stay valid). 2: common random numbers (issue
+#: 17) — pre-stages draw from their own stream, so the main stage's batches no longer depend on
+#: the method.
+PROTOCOL_VERSION = 2
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -114,6 +121,7 @@ class Plan:
                 "recipe": self.recipe.as_dict(),
                 "seed": self.config.seed,
                 "api": API_VERSION,
+                "protocol": PROTOCOL_VERSION,
                 **self._precision_key(),
             }
         )
