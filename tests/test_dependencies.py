@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [ROOT / "kdbench", ROOT / "plugins" / "kdbench_builtin"]
 OURS = {"kdbench", "kdbench_builtin"}
 #: imported only when the user installed them on purpose (documented as optional)
-OPTIONAL = {"timm", "psycopg2", "psycopg"}
+OPTIONAL = {"timm", "psycopg2", "psycopg", "ray"}
 
 
 def imported_top_levels() -> dict[str, str]:

@@ -120,7 +120,7 @@ def cpu_share(threads: int | None):
 #: kdbench.workflows.executors.EXECUTORS and DEFAULT_RUNS_PER_GPU, spelled out so that ``--help``
 #: imports no workflow (tests/distributed/test_executors.py keeps them equal)
 EXECUTORS = ("local", "ray")
-DEFAULT_RUNS_PER_GPU = 4
+DEFAULT_RUNS_PER_GPU = 1
 
 
 def _at_least_one(ctx, param, value):

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import click
 
-from kdbench.cli.options import cpu_share, data_option_flags, data_options, engine_flags, threads_option, tracking_option
+from kdbench.cli.options import (
+    cpu_share, data_option_flags, data_options, engine_flags, executor_flags, threads_option, tracking_option,
+)
 from kdbench.errors import KdbenchError
 
 
@@ -38,14 +40,21 @@ from kdbench.errors import KdbenchError
               help="Tune with this recipe instead of the dataset's (e.g. cifar100-fast).")
 @click.option("--show", "show_study", default=None, metavar="STUDY",
               help="Print a study's best params, trials and importances, and exit.")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="With --executor ray: Optuna workers run as Ray tasks on the one study (use a "
+                   "postgresql:// --storage across machines).")
+@executor_flags
 @engine_flags
 @threads_option
 @tracking_option
 def tune_cmd(method, dataset, teacher, student, trials, epochs, tune_recipe, objective, pruner,
              storage, study_name, retrain, seeds, heartbeat, device, teacher_checkpoint, data_dir, data_opts,
-             recipe_name, show_study, tracking_uri, precision=None, capture=None, threads=None):
+             recipe_name, show_study, tracking_uri, precision=None, capture=None, threads=None, workers=1,
+             executor="local", ray_address=None, runs_per_gpu=1):
     """Tune a method's hyperparameters on the validation split with Optuna."""
-    from kdbench.workflows import studies, tune
+    import sys
+
+    from kdbench.workflows import executors, studies, tune
 
     if show_study:
         click.echo(_study_text(studies.study_summary(show_study, storage, tracking_uri)))
@@ -59,10 +68,15 @@ def tune_cmd(method, dataset, teacher, student, trials, epochs, tune_recipe, obj
         seeds=seeds, retrain=retrain, device=device, teacher_checkpoint=teacher_checkpoint,
         tracking_uri=tracking_uri, heartbeat=heartbeat,
         data_options=data_options(data_dir, data_opts), recipe_name=recipe_name,
-        precision=precision, capture=capture,
+        precision=precision, capture=capture, executor=executor, workers=workers, ray_address=ray_address,
+        runs_per_gpu=runs_per_gpu,
     )
-    result = tune.run_study(config, on_event=lambda event: click.echo(_event_line(event), err=True),
-                            on_epoch=cpu_share(threads))
+    try:
+        result = tune.run_study(config, on_event=lambda event: click.echo(_event_line(event), err=True),
+                                on_epoch=cpu_share(threads))
+    except executors.ExecutorError as exc:  # a usage error: one line, exit 2, nothing recorded
+        click.echo("error: " + " ".join(str(exc).split()), err=True)
+        sys.exit(2)
     click.echo(_report(result))
 
 
@@ -79,6 +93,11 @@ def _event_line(event) -> str:
 
     if isinstance(event, tune.StudyOpened):
         return f"study {event.study!r} in {event.storage} (MLflow parent run {event.parent_run_id})"
+    if isinstance(event, tune.WorkersStarted):
+        return (f"{event.workers} Optuna workers on a Ray cluster of {event.nodes} node(s)"
+                + (f"; dashboard {event.dashboard_url}" if event.dashboard_url else ""))
+    if isinstance(event, tune.WorkerEnded):
+        return f"worker {event.worker} ended: {event.trials} trials" + (f" (lost: {event.reason})" if event.reason else "")
     if isinstance(event, tune.DeadTrialsFailed):
         return f"trials {event.trials} of a dead worker marked FAIL (not counted)"
     values = "" if event.values is None else " ".join(f"{v:.4f}" for v in event.values)

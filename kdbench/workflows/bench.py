@@ -10,14 +10,13 @@ A cell's identity is the run's config hash (:meth:`Plan.config_hash` with the te
 runner will use), computed before anything runs: a cell with a FINISHED run of that hash is
 done, so an interrupted suite resumes and a finished one is a no-op.
 
-Progress is reported as events (:class:`TuningStarted`, :class:`SuitePlanned`,
-:class:`TeacherStarted`, :class:`TeacherFailed`, :class:`CellFinished`) passed to ``on_event``.
+Progress is reported as events (:class:`TuningStarted`, :class:`ClusterReady`, :class:`SuitePlanned`,
+:class:`TeacherStarted`, :class:`TeacherFailed`, :class:`CellFinished`, :class:`SuiteProgress`) passed to
+``on_event``. How the jobs run (local processes or Ray tasks) is :mod:`.executors`'s business.
 """
 from __future__ import annotations
 
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -27,6 +26,7 @@ from kdbench.errors import KdbenchError
 from kdbench.workflows import tune
 from kdbench.workflows.studies import best_params
 from kdbench.workflows.suites import MethodSpec, Pair, Suite
+from kdbench.workflows.executors import in_ray_task
 from kdbench.workflows.teachers import checkpoint_id, checkpoint_sha256
 from kdbench.workflows.tracking import Tracker
 
@@ -82,6 +82,28 @@ class SuitePlanned:
     finished: int
     to_run: int
     jobs: int
+    executor: str = "local"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterReady:
+    """The Ray cluster the cells will run on (``--executor ray``)."""
+    address: str
+    nodes: int
+    cpus: float
+    gpus: float
+    dashboard_url: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SuiteProgress:
+    """Where the whole suite stands after a cell ended: cells done (failed included), running,
+    failed, left, and the estimated seconds to go (None before the first cell ends)."""
+    done: int
+    running: int
+    failed: int
+    left: int
+    eta_seconds: float | None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -274,11 +296,14 @@ def _record_failure(tracker, cell: Cell, reason: str, started: float) -> str:
     return run_id
 
 
-def run_cell(cell: Cell, uri: str, threads: int | None = None) -> CellResult:
+def run_cell(cell: Cell, uri: str, threads: int | None = None, wait: bool | None = None) -> CellResult:
     """Run one cell (in this process); failures are recorded, never raised (except Ctrl-C).
 
     The cell is claimed first (its RUNNING run, :meth:`Tracker.claim`): a cell whose run is held
-    by a live process (another ``kdbench bench`` of the suite) is skipped, not run twice."""
+    by a live process (another ``kdbench bench`` of the suite) is skipped, not run twice. With
+    ``wait`` (default: in a Ray task, which may be the re-run of a cell whose worker died on
+    another machine, where only the heartbeat tells that the holder is dead) the claim is retried
+    until the holder has finished or its heartbeat is stale."""
     from kdbench.workflows import run as runner
 
     if threads:
@@ -292,7 +317,7 @@ def run_cell(cell: Cell, uri: str, threads: int | None = None) -> CellResult:
         if cell.plan_error:
             raise KdbenchError(cell.plan_error)
         if cell.config_hash:
-            run_id, held = tracker.claim(cell.config.dataset, cell.config_hash, _run_name(cell), _claim_tags(cell))
+            run_id, held = _claim(tracker, cell, in_ray_task() if wait is None else wait)
             if run_id is None:
                 return CellResult(cell_key=cell.key, ok=True, skipped=True, seconds=time.time() - t0, reason=held)
         outcome = runner.run(cell.config, tracker, run_id=run_id)
@@ -308,6 +333,17 @@ def run_cell(cell: Cell, uri: str, threads: int | None = None) -> CellResult:
                       seconds=time.time() - t0)
 
 
+def _claim(tracker, cell: Cell, wait: bool) -> tuple[str | None, str]:
+    from kdbench.workflows import claims
+
+    deadline = time.time() + (claims.STALE + 2 * claims.INTERVAL if wait else 0)
+    while True:
+        run_id, held = tracker.claim(cell.config.dataset, cell.config_hash, _run_name(cell), _claim_tags(cell))
+        if run_id is not None or held.startswith("finished") or time.time() >= deadline:
+            return run_id, held
+        time.sleep(min(claims.INTERVAL, 5.0))
+
+
 def _run_name(cell: Cell) -> str:
     return f"{cell.method.name}-{cell.pair.student}-s{cell.seed}"
 
@@ -317,69 +353,82 @@ def _claim_tags(cell: Cell) -> dict:
             "teacher": cell.pair.teacher, "dataset": cell.config.dataset, "seed": cell.seed}
 
 
-def _worker_init(parent_pid: int) -> None:
-    """In each ``--jobs`` worker: die with the parent. A thread watches the parent; once it is gone
-    (kill -9 included) the worker marks its runs KILLED and exits, so no orphan trains on."""
-    import threading
-
-    def watch():
-        while True:
-            time.sleep(0.5)
-            if os.getppid() != parent_pid:
-                from kdbench.workflows import claims
-
-                done = threading.Event()
-                threading.Thread(target=lambda: (claims.end_owned_runs("the kdbench bench process died"),
-                                                 done.set()), daemon=True).start()
-                done.wait(5)
-                os._exit(1)
-
-    threading.Thread(target=watch, name="kdbench-parent-watch", daemon=True).start()
+@dataclass(frozen=True, kw_only=True)
+class TeacherOutcome:
+    """A teacher job's result: its id, and why it could not be obtained (None: it is ready)."""
+    teacher_id: str
+    reason: str | None = None
 
 
-def prepare_teachers(cells: list[Cell], uri: str, on_event: Callable = _ignore) -> dict[str, str]:
-    """Train (or load) each distinct teacher once, before fanning out; returns failures by id."""
+def obtain_teacher_job(cell: Cell, uri: str, threads: int | None = None) -> TeacherOutcome:
+    """Load or train the cell's teacher (once per teacher id; its weights go to the cache and to
+    its MLflow run, where workers on other machines fetch them). Failures are returned, not raised."""
     from kdbench.core import engine, plugins
     from kdbench.workflows.teachers import obtain_teacher
 
-    tracker = Tracker(uri)
-    failures, seen = {}, set()
-    for cell in cells:
-        if cell.teacher_id is None or cell.teacher_id in seen or cell.plan_error:
-            continue
-        seen.add(cell.teacher_id)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
         plan = make_plan(cell.config, plugins.registry())
-        on_event(TeacherStarted(teacher=cell.pair.teacher, teacher_id=cell.teacher_id))
-        try:
-            obtain_teacher(plan, engine.select_device(cell.config.device), tracker, lambda e: None)
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # noqa: BLE001 - its cells fail with the reason, others go on
-            failures[cell.teacher_id] = f"teacher failed: {type(exc).__name__}: {exc}"
-            on_event(TeacherFailed(teacher_id=cell.teacher_id, reason=failures[cell.teacher_id]))
-    return failures
+        obtain_teacher(plan, engine.select_device(cell.config.device), Tracker(uri), lambda e: None)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # noqa: BLE001 - its cells fail with the reason, others go on
+        return TeacherOutcome(teacher_id=cell.teacher_id, reason=f"teacher failed: {type(exc).__name__}: {exc}")
+    return TeacherOutcome(teacher_id=cell.teacher_id)
 
 
-def _run_parallel(cells: list[Cell], uri: str, jobs: int, tracker, report: Callable[[CellResult], None]) -> None:
-    """Run the cells in ``jobs`` worker processes, vanilla cells first and alone."""
-    import multiprocessing as mp
+def run_cell_job(cell: Cell, uri: str, threads: int | None, *needed) -> CellResult:
+    """:func:`run_cell` once the jobs it needs have ended: a failed teacher fails the cell with its
+    reason (the results of vanilla cells are only waited for: the others' Δ needs them)."""
+    for outcome in needed:
+        if isinstance(outcome, TeacherOutcome) and outcome.reason:
+            cell = replace(cell, plan_error=outcome.reason)
+    return run_cell(cell, uri, threads)
 
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    # spawn, not fork: forking after torch has trained the teacher (OpenMP threads) can deadlock
-    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                             initargs=(os.getpid(),)) as pool:
-        # vanilla cells first and alone: the others' Δ vs vanilla needs finished vanilla runs
-        for group in ([c for c in cells if c.method.name == "vanilla"],
-                      [c for c in cells if c.method.name != "vanilla"]):
-            futures = {pool.submit(run_cell, c, uri, threads): c for c in group}
-            for fut in as_completed(futures):
-                try:
-                    report(fut.result())
-                except Exception as exc:  # noqa: BLE001 - a worker died: record and go on
-                    cell = futures[fut]
-                    reason = f"{type(exc).__name__}: {exc}"
-                    report(CellResult(cell_key=cell.key, ok=False, reason=reason,
-                                      run_id=_record_failure(tracker, cell, reason, 0)))
+
+def suite_jobs(cells: list[Cell], uri: str, threads: int | None) -> list:
+    """The executor's jobs: one per distinct teacher, then one per cell needing its teacher and the
+    vanilla cells of its student (the others' Δ vs vanilla needs finished vanilla runs)."""
+    from kdbench.workflows.executors import Job
+
+    jobs, teachers = [], {}
+    for cell in cells:
+        if cell.teacher_id and not cell.plan_error and cell.teacher_id not in teachers:
+            teachers[cell.teacher_id] = Job(key="teacher:" + cell.teacher_id, fn=obtain_teacher_job,
+                                            args=(cell, uri, threads), payload=cell)
+    jobs.extend(teachers.values())
+    vanilla: dict[str, list[str]] = {}
+    for cell in cells:
+        if cell.method.name == "vanilla":
+            vanilla.setdefault(cell.pair.student, []).append("cell:" + cell.key)
+    for cell in cells:
+        needs = [] if cell.plan_error or not cell.teacher_id else ["teacher:" + cell.teacher_id]
+        if cell.method.name != "vanilla":
+            needs += vanilla.get(cell.pair.student, [])
+        jobs.append(Job(key="cell:" + cell.key, fn=run_cell_job, args=(cell, uri, threads), needs=tuple(needs),
+                        payload=cell))
+    return jobs
+
+
+def connect(executor, uri: str):
+    """Check the executor options and, for Ray, connect and check that every node reaches the
+    tracking store; (cluster or None, the URI the workers use). Nothing is recorded before this."""
+    from kdbench.workflows import executors
+
+    executors.check_config(executor)
+    if executor.kind != "ray":
+        return None, uri
+    uri = executors.absolute_uri(uri)
+    cluster = executors.connect_ray(executor.ray_address)
+    try:
+        executors.check_workers_reach(uri, cluster)
+    except BaseException:
+        executors.shutdown_ray()
+        raise
+    return cluster, uri
 
 
 def run_suite(
@@ -388,31 +437,87 @@ def run_suite(
     jobs: int = 1,
     on_event: Callable = _ignore,
     cells: list[Cell] | None = None,
+    executor=None,
+    make_jobs: Callable | None = None,
 ) -> list[CellResult]:
-    """Run the suite's pending cells; return one result per cell run (failures included)."""
+    """Run the suite's pending cells; return one result per cell run (failures included).
+
+    ``executor`` (:class:`~kdbench.workflows.executors.ExecutorConfig`, default: ``jobs`` local
+    processes) only changes how the jobs run; which cells run, and how failures are recorded, is
+    decided here for both. ``make_jobs(cells, uri, threads)``: the jobs of the pending cells
+    instead of :func:`suite_jobs` (``--lockstep``: :func:`kdbench.workflows.lockstep.suite_jobs`,
+    whose group jobs return a list of results)."""
+    from kdbench.workflows import executors
+
+    executor = executor or executors.ExecutorConfig(jobs=jobs)
+    cluster, uri = connect(executor, uri)  # bad options and unreachable clusters: before anything is recorded
+    try:
+        return _run_suite(suite, uri, executor, cluster, on_event, cells, make_jobs)
+    finally:
+        if cluster is not None:
+            executors.shutdown_ray()
+
+
+def _run_suite(suite: Suite, uri: str, executor, cluster, on_event: Callable, cells,
+               make_jobs: Callable | None = None) -> list[CellResult]:
+    from kdbench.workflows import executors
+
     tracker = Tracker(uri)
+    if cluster is not None:
+        on_event(ClusterReady(address=cluster.address, nodes=cluster.nodes, cpus=cluster.cpus, gpus=cluster.gpus,
+                              dashboard_url=cluster.dashboard_url))
     if any(spec.tune_trials for spec in suite.methods):
         tune_methods(suite, uri, on_event)
         cells = None  # the tuned parameters change the cells
     cells = plan_cells(suite, uri=uri) if cells is None else cells
     todo = pending(cells, finished_hashes(tracker, suite))
     on_event(SuitePlanned(suite=suite.name, cells=len(cells), finished=len(cells) - len(todo),
-                          to_run=len(todo), jobs=jobs))
+                          to_run=len(todo), jobs=executor.jobs, executor=executor.kind))
     if not todo:
         return []
-    teacher_failures = prepare_teachers(todo, uri, on_event)
-    runnable = [replace(cell, plan_error=teacher_failures[cell.teacher_id])
-                if cell.teacher_id in teacher_failures else cell for cell in todo]
     results: list[CellResult] = []
+    started = time.time()
 
     def report(result: CellResult) -> None:
         results.append(result)
-        on_event(CellFinished(result=result, done=len(results), total=len(runnable)))
+        on_event(CellFinished(result=result, done=len(results), total=len(todo)))
 
-    if jobs <= 1:
-        for cell in runnable:
-            report(run_cell(cell, uri))
+    def on_done(job, result) -> None:
+        if isinstance(result, TeacherOutcome):
+            if result.reason:
+                on_event(TeacherFailed(teacher_id=result.teacher_id, reason=result.reason))
+            return
+        for one in result if isinstance(result, list) else [result]:  # a lockstep group: several
+            report(one)
+
+    def on_lost(job, reason: str):
+        """The job's process (or node) was lost for good: a cell's failure is recorded here."""
+        if isinstance(job.payload, list):  # a lockstep group: each of its cells
+            return [on_lost(replace(job, payload=cell), reason) for cell in job.payload]
+        cell = job.payload
+        if job.key.startswith("teacher:"):
+            outcome = TeacherOutcome(teacher_id=cell.teacher_id, reason=f"teacher failed: {reason}")
+            on_event(TeacherFailed(teacher_id=cell.teacher_id, reason=outcome.reason))
+            return outcome
+        result = CellResult(cell_key=cell.key, ok=False, reason=reason,
+                            run_id=_record_failure(tracker, cell, reason, 0))
+        report(result)
+        return result
+
+    def on_progress(progress) -> None:
+        left = len(todo) - len(results)
+        done = len(results)
+        failed = sum(not r.ok for r in results)
+        eta = (time.time() - started) / done * left if done and left else (0.0 if not left else None)
+        on_event(SuiteProgress(done=done, running=min(progress.running, left), failed=failed, left=left,
+                               eta_seconds=eta))
+
+    jobs = (make_jobs or suite_jobs)(todo, uri, executors.job_threads(executor, cluster))
+    for job in jobs:
+        if job.key.startswith("teacher:"):
+            on_event(TeacherStarted(teacher=job.payload.pair.teacher, teacher_id=job.payload.teacher_id))
+    if cluster is not None:
+        executors.run_ray(jobs, executor, cluster, on_done, on_lost, on_progress)
     else:
-        _run_parallel(runnable, uri, jobs, tracker, report)
+        executors.run_local(jobs, executor, on_done, on_lost, on_progress)
     return results
-

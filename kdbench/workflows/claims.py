@@ -4,14 +4,18 @@
   ``kdbench.heartbeat`` (epoch seconds); a thread of the process that owns the run refreshes the
   heartbeat every :data:`INTERVAL` seconds until the run ends.
 * **Dead runs**: a RUNNING run is dead when its owner runs on this host and its process is gone, or
-  when its heartbeat is older than :data:`STALE` seconds (another host). :func:`reap` marks dead runs
+  when its heartbeat is older than :data:`STALE` seconds (a process on another host, e.g. a Ray
+  worker on another node, cannot be checked by pid: its heartbeat age decides). :func:`reap` marks dead runs
   KILLED with a ``failure_reason``; a later command touching the store calls it.
 * **Claims**: a cell (a config hash) is claimed by creating its RUNNING run under :func:`store_lock`
   after checking that no live run holds it; a second process finds the live claim and skips the cell.
-  The lock is a file lock: it serialises the processes of one machine (every store), and several
-  machines when they share the lock's file system (sqlite stores); see :func:`store_lock`.
+  For a PostgreSQL store (or a tracking server whose database ``$KDBENCH_LOCK_URL`` names) the lock
+  is a PostgreSQL advisory lock, which serialises every machine; otherwise a file lock, which
+  serialises the processes of one machine, and several machines when they share the lock's file
+  system (sqlite stores); see :func:`store_lock`.
 
-Only the standard library is imported; MLflow is reached through the client passed in.
+Only the standard library is imported at module level; MLflow is reached through the client passed
+in, PostgreSQL through SQLAlchemy (which MLflow brings).
 """
 from __future__ import annotations
 
@@ -189,10 +193,51 @@ def file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+#: the advisory lock's key: the first 8 bytes of sha256("kdbench.claims") as a signed int64
+ADVISORY_KEY = int.from_bytes(hashlib.sha256(b"kdbench.claims").digest()[:8], "big", signed=True)
+_ENGINES: dict[str, object] = {}  # one SQLAlchemy engine per lock database and process
+
+
+def lock_database(uri: str) -> str | None:
+    """The PostgreSQL database whose advisory lock serialises claims on ``uri``: the store itself,
+    else ``$KDBENCH_LOCK_URL`` (for a tracking server backed by PostgreSQL); None: a file lock."""
+    if uri.lower().startswith(("postgresql://", "postgresql+")):
+        return uri
+    url = os.environ.get("KDBENCH_LOCK_URL", "")
+    return url if url.lower().startswith(("postgresql://", "postgresql+")) else None
+
+
+@contextlib.contextmanager
+def advisory_lock(url: str):
+    """``pg_advisory_lock`` held for the block on its own connection (released if the process dies:
+    PostgreSQL ends the session)."""
+    import importlib.util
+
+    import sqlalchemy
+
+    engine = _ENGINES.get(url)
+    if engine is None or _ENGINES.get("pid") != os.getpid():  # not an engine inherited by fork
+        _ENGINES.clear()
+        driver = url  # as tracking.pick_pg_driver (not imported: tracking imports this module)
+        if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
+            driver = "postgresql+psycopg2://" + url[len("postgresql://"):]
+        engine = _ENGINES[url] = sqlalchemy.create_engine(driver, pool_pre_ping=True, pool_size=1)
+        _ENGINES["pid"] = os.getpid()
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": ADVISORY_KEY})
+        try:
+            yield
+        finally:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": ADVISORY_KEY})
+            connection.commit()
+
+
 @contextlib.contextmanager
 def store_lock(uri: str, cache: Path):
-    """An exclusive lock for claiming cells of the store ``uri`` (a file lock, see the module doc)."""
-    with file_lock(lock_path(uri, cache)):
+    """An exclusive lock for claiming cells of the store ``uri``: a PostgreSQL advisory lock for a
+    PostgreSQL store (:func:`lock_database`), else a file lock (see the module doc)."""
+    database = lock_database(uri)
+    with advisory_lock(database) if database else file_lock(lock_path(uri, cache)):
         yield
 
 

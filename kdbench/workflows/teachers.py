@@ -1,6 +1,10 @@
 """Teachers of a run: from a checkpoint file, from the teacher cache, or trained now (and cached),
 each with its own MLflow run (tag ``role=teacher``) that later runs find by the teacher's id.
 
+A trained teacher's weights are also an artifact of its run (``teacher/<key>.pt``), so a worker on
+another machine, whose cache lacks them, fetches them from the tracking server; the local cache
+stays in front (:func:`cached_teacher` looks there first).
+
 A teacher's id is its cache key (:meth:`Plan.teacher_key`), or ``ckpt:<16 hex digits of the
 checkpoint's sha256>`` for a checkpoint file.
 """
@@ -27,6 +31,7 @@ log = logging.getLogger("kdbench")
 
 CHECKPOINT_PREFIX = "ckpt:"
 CHECKPOINT_ID_DIGITS = 16  # of the checkpoint's sha256
+WEIGHTS_FOLDER = "teacher"  # the artifact folder of a trained teacher's weights
 
 
 @dataclass(kw_only=True)
@@ -120,7 +125,7 @@ def cached_teacher(plan: Plan, device, tracker: Tracker) -> Teacher | None:
     """The teacher from the cache (None when it is not cached); a run is logged if it has none."""
     key = plan.teacher_key()
     path = teacher_cache_path(key)
-    if not path.exists():
+    if not path.exists() and not fetch_teacher_weights(plan, tracker, key):
         return None
     net = engine.build_teacher(plan, device)
     try:
@@ -161,19 +166,43 @@ def trained_teacher(plan: Plan, device, tracker: Tracker, on_epoch) -> Teacher:
         raise
     teacher_metrics = dict(result.metrics)
     tracker.log_metrics(run_id, teacher_metrics)
+    try:  # the weights go with the run: a FINISHED teacher run always has them
+        tracker.client.log_artifact(run_id, str(_save_to_cache(key, result, teacher_metrics)), WEIGHTS_FOLDER)
+    except BaseException as exc:
+        tracker.finish(run_id, "FAILED", failure_reason(exc))
+        raise
     tracker.finish(run_id)
-    _save_to_cache(key, result, teacher_metrics)
     return Teacher(net=net, id=key, run_id=run_id, metrics=teacher_metrics)
 
 
-def _save_to_cache(key: str, result, teacher_metrics: dict) -> None:
-    """Write atomically: a temporary file renamed into place."""
+def fetch_teacher_weights(plan: Plan, tracker: Tracker, key: str) -> bool:
+    """Put the weights of the teacher ``key`` into the cache from its FINISHED MLflow run (trained
+    on another machine); False when no run has them."""
+    import tempfile
+
+    run_id = find_teacher_run(tracker, plan, key)
+    if run_id is None:
+        return False
+    path = teacher_cache_path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        try:
+            local = tracker.client.download_artifacts(run_id, f"{WEIGHTS_FOLDER}/{path.name}", tmp)
+        except Exception:  # a run logged before weights were artifacts, or from a cache elsewhere
+            return False
+        Path(local).replace(path)
+    return True
+
+
+def _save_to_cache(key: str, result, teacher_metrics: dict) -> Path:
+    """Write atomically: a temporary file renamed into place; its path."""
     path = teacher_cache_path(key)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     state = {name: tensor.cpu() for name, tensor in result.state_dict.items()}
     torch.save({"model": state, "metrics": teacher_metrics, "curve": result.curve, "key": key}, tmp)
     tmp.replace(path)
+    return path
 
 
 # --------------------------------------------------------------------------- a run's teachers

@@ -69,6 +69,10 @@ class TuneConfig:
     recipe_name: str | None = None  # a named recipe replacing the dataset's (RunConfig.recipe_name)
     precision: str | None = None  # RunConfig.precision
     capture: str | None = None  # RunConfig.capture
+    executor: str = "local"  # ray: ``workers`` Optuna workers as Ray tasks on the one study
+    workers: int = 1
+    ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray instance
+    runs_per_gpu: int = 1
 
     @property
     def multi_objective(self) -> bool:
@@ -109,6 +113,22 @@ class StudyOpened:
 class DeadTrialsFailed:
     """Trials of a dead worker were marked FAIL (not counted)."""
     trials: list[int]
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkersStarted:
+    """``--executor ray``: the Optuna workers were submitted as Ray tasks."""
+    workers: int
+    nodes: int
+    dashboard_url: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerEnded:
+    """A Ray worker of the study ended: how many trials it ran, or why it was lost."""
+    worker: int
+    trials: int
+    reason: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -493,13 +513,90 @@ def _retrain(result: TuneResult, cfg: TuneConfig, base: RunConfig, tracker, on_e
     result.retrained, result.retrain_test_top1, result.retrain_mean, result.retrain_std = True, tests, mean, std
 
 
+def _connect_workers(cfg: TuneConfig, tracking_uri: str):
+    """``--executor ray``: the cluster, after checking the options and that every node reaches the
+    tracking store and (several machines) that the study's storage is a database server."""
+    from kdbench.workflows import executors
+
+    if cfg.executor == "local":
+        if cfg.workers != 1:
+            raise executors.ExecutorError("--workers needs --executor ray (or start several `kdbench tune` "
+                                          "processes on one --storage)")
+        return None
+    config = executors.ExecutorConfig(kind=cfg.executor, ray_address=cfg.ray_address, runs_per_gpu=cfg.runs_per_gpu)
+    executors.check_config(config)
+    if cfg.workers < 1:
+        raise executors.ExecutorError(f"--workers must be at least 1, got {cfg.workers}")
+    url = storage_url(cfg.storage, tracking_uri)
+    cluster = executors.connect_ray(cfg.ray_address)
+    try:
+        if cluster.nodes > 1 and not url.split("://", 1)[0].startswith(("postgresql", "mysql")):
+            raise executors.ExecutorError(
+                f"a Ray cluster of {cluster.nodes} machines cannot share the study storage {mask_url(url)}: "
+                "pass --storage postgresql://USER:PASS@HOST/DB")
+        executors.check_workers_reach(tracking_uri, cluster)
+    except BaseException:
+        executors.shutdown_ray()
+        raise
+    return cluster
+
+
+def work_trials(cfg: TuneConfig, name: str, parent: str, threads: int | None = 1) -> int:
+    """One Optuna worker (a Ray task): run trials of the stored study ``name`` until its budget is
+    met; the number of trials it ran. A worker that dies leaves a RUNNING trial that Optuna's
+    heartbeat fails (not counted) and a RUNNING MLflow run that the claims' reaper ends KILLED."""
+    import optuna
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    base, plan = _plan_study(cfg, plugins.registry())
+    tracker = Tracker(cfg.tracking_uri or default_tracking_uri())
+    storage = open_storage(cfg.storage, cfg.tracking_uri, cfg.heartbeat)
+    study = optuna.load_study(study_name=name, storage=storage)
+    obtain_teacher(plan, engine.select_device(cfg.device), tracker, lambda e: None, with_test=False)
+    ran = []
+    objective = _Objective(cfg=cfg, study=study, plan=plan, base=base, tracker=tracker, parent=parent, name=name,
+                           journal=isinstance(storage, optuna.storages.JournalStorage), on_epoch=lambda e: None)
+    _run_trials(study, objective, lambda event: ran.append(event) if isinstance(event, TrialFinished) else None)
+    return len(ran)
+
+
+def _run_ray_workers(cfg: TuneConfig, cluster, name: str, parent: str, on_event: Callable) -> None:
+    """``cfg.workers`` Optuna workers as Ray tasks on the one stored study (re-run by Ray if lost)."""
+    from kdbench.workflows import executors
+
+    jobs = [executors.Job(key=f"worker:{i}", fn=work_trials, args=(cfg, name, parent, 1), payload=i)
+            for i in range(cfg.workers)]
+    on_event(WorkersStarted(workers=cfg.workers, nodes=cluster.nodes, dashboard_url=cluster.dashboard_url))
+    config = executors.ExecutorConfig(kind="ray", runs_per_gpu=cfg.runs_per_gpu)
+    executors.run_ray(jobs, config, cluster,
+                      on_done=lambda job, ran: on_event(WorkerEnded(worker=job.payload, trials=ran)),
+                      on_lost=lambda job, why: on_event(WorkerEnded(worker=job.payload, trials=0, reason=why)))
+
+
 def run_study(cfg: TuneConfig, on_event: Callable = _ignore, on_epoch=lambda e: None) -> TuneResult:
     """Create or resume the study, run trials until the budget is met, retrain the best."""
     import optuna
 
+    from kdbench.workflows import executors
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     base, plan = _plan_study(cfg, plugins.registry())
     tracking_uri = cfg.tracking_uri or default_tracking_uri()
+    cluster = _connect_workers(cfg, tracking_uri)  # bad options: before anything is recorded
+    try:
+        return _run_study(cfg, base, plan, tracking_uri, cluster, on_event, on_epoch)
+    finally:
+        if cluster is not None:
+            executors.shutdown_ray()
+
+
+def _run_study(cfg: TuneConfig, base, plan, tracking_uri: str, cluster, on_event: Callable, on_epoch) -> TuneResult:
+    import optuna
+
     tracker = Tracker(tracking_uri)
     url = storage_url(cfg.storage, tracking_uri)
     storage = open_storage(cfg.storage, tracking_uri, cfg.heartbeat)
@@ -513,7 +610,14 @@ def run_study(cfg: TuneConfig, on_event: Callable = _ignore, on_epoch=lambda e: 
     objective = _Objective(cfg=cfg, study=study, plan=plan, base=base, tracker=tracker, parent=parent, name=name,
                            journal=isinstance(storage, optuna.storages.JournalStorage), on_epoch=on_epoch)
     try:
-        _run_trials(study, objective, on_event)
+        if cluster is None:
+            _run_trials(study, objective, on_event)
+        else:
+            from kdbench.workflows.executors import absolute_uri
+
+            shared = replace(cfg, tracking_uri=absolute_uri(tracking_uri), storage=absolute_uri(storage_url(cfg.storage, tracking_uri)))
+            _run_ray_workers(shared, cluster, name, parent, on_event)
+            _run_trials(study, objective, on_event)  # a lost worker's trials: failed by heartbeat, redone here
         result = _summarize(study, cfg, plan, name, parent)
         _record_parent(tracker, parent, study, result.best, result.epochs_run, result.epochs_full)
         if result.best is not None and cfg.retrain:
