@@ -38,7 +38,11 @@ BUILTIN = sorted(plugins.load().methods)
 # adversarial is a two-player game: the discriminator and the student chase each other, and the
 # bf16 rounding of the networks (not of the loss) moves the epoch's mean adversarial term by ~8 %
 # (its first-batch terms agree within 1 %: test_first_batch_terms_agree_for_the_two_player_method)
-EPOCH_TOLERANCE = {"adversarial": 0.15}
+# ft trains its paraphraser for 2 pre-stage epochs first (reconstruction loss ~2e-4 with this
+# untrained teacher, near bf16's resolution): the bf16 run's paraphraser, and so its factors, drift
+# from the fp32 run's, and the main epoch's mean ft term lands ~10 % off (measured with the pre-stage
+# stream of protocol 2; its first-batch terms on one paraphraser agree within 0.03 %: below)
+EPOCH_TOLERANCE = {"adversarial": 0.15, "ft": 0.15}
 
 
 @pytest.mark.parametrize("method", BUILTIN)
@@ -60,10 +64,11 @@ def _first_batch_terms(reg, method, teacher, prec):
     return {k: v.item() for k, v in terms.items()}
 
 
-def test_first_batch_terms_agree_for_the_two_player_method(teacher):
+@pytest.mark.parametrize("method", ["adversarial", "ft"])
+def test_first_batch_terms_agree_for_the_methods_with_a_wider_epoch_tolerance(teacher, method):
     reg = plugins.load()
-    gap, term = worst_relative_gap(_first_batch_terms(reg, "adversarial", teacher, "fp32"),
-                                   _first_batch_terms(reg, "adversarial", teacher, "bf16"))
+    gap, term = worst_relative_gap(_first_batch_terms(reg, method, teacher, "fp32"),
+                                   _first_batch_terms(reg, method, teacher, "bf16"))
     assert gap < 0.01, term
 
 
