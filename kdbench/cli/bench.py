@@ -81,7 +81,7 @@ def _echo_groups(todo) -> None:
     if not grouping.groups:
         click.echo("lockstep: nothing to group; every cell runs alone")
     else:
-        click.echo(f"lockstep: {len(grouping.groups)} groups of {grouping.grouped} cells, "
+        click.echo(f"lockstep: {grouping.grouped} cells in {len(grouping.groups)} groups, "
                    f"{len(grouping.alone)} cells alone")
     for group in grouping.groups:
         click.echo(f"  group {lockstep.group_label(group)}: {', '.join(cell.method.name for cell in group)}")
@@ -139,7 +139,7 @@ def _lockstep_line(event) -> str:
         return lockstep.split_line(event)
     if not event.groups:
         return "lockstep: nothing to group (no two methods of one pair and seed share a teacher forward); running normally"
-    return (f"lockstep: {event.groups} groups of {event.grouped} cells, one teacher forward per batch each; "
+    return (f"lockstep: {event.grouped} cells in {event.groups} groups, one teacher forward per batch each; "
             f"{event.alone} cells alone (see --dry-run --lockstep)")
 
 
