@@ -72,12 +72,12 @@ def test_bench_lockstep_groups_says_who_runs_alone_and_records_every_cell(suite,
         'methods = ["vanilla", "kd", "at", "dml"]'))
     out = runner.invoke(main, ["bench", str(suite), "--dry-run", "--lockstep"])
     assert out.exit_code == 0, out.output
-    assert "lockstep: 3 groups of 6 cells, 6 cells alone" in out.output
+    assert "lockstep: 6 cells in 3 groups, 6 cells alone" in out.output
     assert "group cnn1d_4x32->cnn1d_2x16/s1: at, kd" in out.output
     assert "dml/s2: its method trains peer networks" in out.output
     out = runner.invoke(main, ["bench", str(suite), "--lockstep"])
     assert out.exit_code == 0, out.output
-    assert "lockstep: 3 groups of 6 cells, one teacher forward per batch each; 6 cells alone" in out.output
+    assert "lockstep: 6 cells in 3 groups, one teacher forward per batch each; 6 cells alone" in out.output
     runs = _runs(f"sqlite:///{env}/mlflow.db")
     assert len(runs) == 12 and all(r.info.status == "FINISHED" for r in runs.values())
     grouped = [r for r in runs.values() if r.data.tags.get("lockstep") == "2"]
