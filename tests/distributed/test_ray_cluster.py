@@ -307,3 +307,33 @@ def test_killed_driver_then_rerun_resumes(cluster, tmp_path):
     assert len({r.data.tags["config_hash"] for r in finished}) == len(finished) == 6, out
     assert {r.info.run_id: r.info.end_time for r in finished if r.info.run_id in before} == before
     assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def test_a_store_one_node_cannot_reach_is_refused_before_any_run(cluster, tmp_path):
+    """A third node whose HTTP traffic goes through a proxy that does not exist cannot reach the
+    tracking server the driver reaches: one line naming that node, exit 2, no run recorded. (Last
+    in this module: the node is stopped at the end, and Ray takes a while to mark it dead.)"""
+    from mlflow.tracking import MlflowClient
+
+    dead = free_port()
+    env = {key: value for key, value in cluster["env"].items() if key.lower() != "no_proxy"}
+    env.update({"HTTP_PROXY": f"http://127.0.0.1:{dead}", "http_proxy": f"http://127.0.0.1:{dead}",
+                "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
+    head = int(cluster["ray"].rsplit(":", 1)[1])
+    node = start([BIN / "ray", "start", f"--address={cluster['ray']}", "--num-cpus=1", "--block"], env,
+                 tmp_path / "node3.log")
+    try:
+        _wait(lambda: _nodes(head) >= 3, 60, "the third Ray node", tmp_path / "node3.log", node)
+        (tmp_path / "unreachable.toml").write_text(SUITE.replace('name = "dist"', 'name = "unreachable"')
+                                                   .replace("seeds = [0, 1, 2]", "seeds = [7, 8, 9]"))
+        proc = kdbench(cluster, "bench", "unreachable.toml", "--executor", "ray", "--ray-address", cluster["ray"],
+                       "--tracking-uri", cluster["tracking"], cwd=tmp_path)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        assert not stop([node]), "the third node left processes behind"
+    assert proc.returncode == 2, out
+    lines = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "cannot use the tracking store" in lines[0], out
+    client = MlflowClient(cluster["tracking"])
+    exp = client.get_experiment_by_name("kdbench/mnist1d")
+    assert exp is None or not client.search_runs([exp.experiment_id], "tags.leaderboard = 'unreachable'")
