@@ -60,8 +60,9 @@ def runs_frame(runs) -> pd.DataFrame:
             "recipe": recipe_label(r.data.params),
             "start_time": r.info.start_time or 0,
             **{k: metrics.get(k) for k in _METRIC_COLUMNS},
+            "lockstep": bool(tags.get("lockstep")),  # trained in a lockstep group: train_seconds is a share
         })
-    df = pd.DataFrame(rows, columns=COLUMNS)
+    df = pd.DataFrame(rows, columns=[*COLUMNS, "lockstep"])
     if df.empty:
         return df
     df = df.sort_values("start_time")
@@ -165,6 +166,7 @@ def _table(rows: pd.DataFrame, metric: str, published: dict[str, float]) -> pd.D
         "params_extra": g.params_extra.first(),
         "epochs_to_95": g.epochs_to_95.mean(),
         "train_seconds": g.train_seconds.mean(),
+        "time_shared": g.lockstep.agg(lambda v: bool(v.fillna(False).any())) if "lockstep" in rows else False,
         "run_ids": g.run_id.agg(list),
     })
     score = table.top1_mean if metric == "test_top1" else table.bestval_mean
@@ -236,7 +238,8 @@ def display_frame(table: pd.DataFrame, metric: str = "test_top1", notes: dict[st
         "params": ["" if pd.isna(v) else f"{int(v):,}" + (f" +{int(e):,}" if e else "")
                    for v, e in zip(table.params, table.params_extra.fillna(0))],
         "MFLOPs": ["" if pd.isna(v) else f"{v / 1e6:.2f}" for v in table.flops],
-        "train s": ["" if pd.isna(v) else f"{v:.1f}" for v in table.train_seconds],
+        "train s": ["" if pd.isna(v) else f"{v:.1f}" + (" ‡" if shared else "")
+                    for v, shared in zip(table.train_seconds, _time_shared(table))],
     })
     if table.published.notna().any():
         out["paper %"] = ["" if pd.isna(v) else f"{v:.2f}" for v in table.published]
@@ -249,7 +252,11 @@ def format_table(table: pd.DataFrame, metric: str = "test_top1") -> str:
     return display_frame(table, metric).to_string(index=False)
 
 
-def footer(metric: str, suite=None) -> list[str]:
+def _time_shared(table: pd.DataFrame) -> list[bool]:
+    return list(table.time_shared) if "time_shared" in table else [False] * len(table)
+
+
+def footer(metric: str, suite=None, tables=None) -> list[str]:
     lines = [
         f"Ranked by {'test top-1 at the last epoch' if metric == 'test_top1' else 'test top-1 at the best-validation epoch'}"
         " (mean over seeds; ± is the sample std).",
@@ -259,6 +266,9 @@ def footer(metric: str, suite=None) -> list[str]:
         "table's vanilla runs; gap closed = Δ / (teacher − vanilla); epochs→95% = first epoch with validation "
         "top-1 ≥ 95 % of its final value; FLOPs per sample (student).",
     ]
+    if tables and any(any(_time_shared(table)) for table in tables.values()):
+        lines.append("‡ trained in lockstep (kdbench bench --lockstep): train s is the group's training time "
+                     "shared among its members, not the method's own cost (run without --lockstep to compare costs).")
     if suite is not None:
         untuned = [f"{spec.name} ({spec.tune_trials} trials)" for spec in suite.methods if spec.tune_trials]
         if untuned:
@@ -285,7 +295,7 @@ def to_text(tables, metric="test_top1", suite=None) -> str:
     parts = []
     for key, table in sorted(tables.items()):
         parts += ["", _heading(key, table), display_frame(table, metric, _notes(suite)).to_string(index=False)]
-    return "\n".join(parts + [""] + footer(metric, suite)) + "\n"
+    return "\n".join(parts + [""] + footer(metric, suite, tables)) + "\n"
 
 
 def _md_table(frame: pd.DataFrame) -> str:
@@ -303,7 +313,7 @@ def to_markdown(tables, metric="test_top1", suite=None, title=None) -> str:
         parts += [suite.description, ""]
     for key, table in sorted(tables.items()):
         parts += [f"## {_heading(key, table)}", "", _md_table(display_frame(table, metric, _notes(suite))), ""]
-    parts += [f"- {line}" for line in footer(metric, suite)]
+    parts += [f"- {line}" for line in footer(metric, suite, tables)]
     return "\n".join(parts) + "\n"
 
 
@@ -350,7 +360,7 @@ def to_html(tables, metric="test_top1", suite=None, images: dict[str, bytes] | N
                 parts.append(_img(png, f"{kind} {_heading(key, table)}"))
     if "pareto.png" in images:
         parts += ["<h2>Accuracy vs FLOPs</h2>", _img(images["pareto.png"], "accuracy vs FLOPs Pareto front")]
-    parts.append("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in footer(metric, suite)) + "</ul>")
+    parts.append("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in footer(metric, suite, tables)) + "</ul>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 

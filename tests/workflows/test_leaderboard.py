@@ -143,3 +143,19 @@ def test_formats_parse(store, tmp_path):
     import base64
 
     assert all(base64.b64decode(b).startswith(b"\x89PNG") for _, b in imgs)
+
+
+def test_lockstep_train_time_is_marked_as_a_share(env):
+    from kdbench.workflows.leaderboard import to_markdown, to_text
+    from kdbench.workflows.tracking import Tracker
+
+    uri = f"sqlite:///{env}/mlflow.db"
+    fabricate(uri, acc={"vanilla": ACC["vanilla"]})
+    fabricate(uri, acc={"kd": ACC["kd"], "at": ACC["at"]}, extra_tags={"lockstep": "2"})
+    tables = aggregate(runs_frame(Tracker(uri).search("mnist1d", "attributes.status = 'FINISHED'")))
+    text, md = to_text(tables), to_markdown(tables)
+    marked = {line.split()[0] for line in text.splitlines() if line.rstrip().endswith("‡")}
+    assert marked == {"kd", "at"}  # vanilla trained alone: its time is its own
+    assert "11.0 ‡" in text and "‡ trained in lockstep" in text and "‡ trained in lockstep" in md
+    alone = aggregate(runs_frame(Tracker(uri).search("mnist1d", "tags.method = 'vanilla'")))
+    assert "‡" not in to_text(alone)  # no lockstep run, no marker and no legend line
