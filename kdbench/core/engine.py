@@ -201,7 +201,7 @@ class Trainee:
     capture_state: capturing.CaptureState | None = None  # set by the first stage trained
 
 
-def _stage_optimizer(trainee: Trainee, stage: Stage, recipe: Recipe,
+def stage_optimizer(trainee: Trainee, stage: Stage, recipe: Recipe,
                      device_lr: torch.device | None = None) -> torch.optim.Optimizer:
     """The optimizer of a stage: the method's modules, and the student when the stage trains it."""
     params = list(trainee.modules.parameters()) if trainee.modules is not None else []
@@ -263,7 +263,7 @@ def _batch_loss(trainee: Trainee, stage: Stage, epoch: int, epochs: int, x: torc
     return student, terms, functools.reduce(operator.add, list(terms.values()))
 
 
-class _EpochTotals:
+class EpochTotals:
     """One epoch's loss terms (weighted by batch size) and correct predictions, summed on the
     device; read once, at the end of the epoch."""
 
@@ -296,7 +296,7 @@ class _EpochTotals:
         return out
 
 
-def _check_finite(names: list[str], means: list[float], stage: Stage, epoch: int) -> None:
+def check_finite(names: list[str], means: list[float], stage: Stage, epoch: int) -> None:
     if not all(math.isfinite(v) for v in means):
         detail = ", ".join(f"{n}={v:.4g}" for n, v in zip(names, means))
         raise NonFiniteLoss(
@@ -305,7 +305,7 @@ def _check_finite(names: list[str], means: list[float], stage: Stage, epoch: int
         )
 
 
-def _capture_state(trainee: Trainee, device: torch.device) -> capturing.CaptureState:
+def run_capture_state(trainee: Trainee, device: torch.device) -> capturing.CaptureState:
     """The run's capture state (made by its first stage; the networks compiled once)."""
     if trainee.capture_state is None:
         trainee.capture_state = capturing.start(trainee.capture, device, trainee.capturable, trainee.method_name)
@@ -315,7 +315,7 @@ def _capture_state(trainee: Trainee, device: torch.device) -> capturing.CaptureS
     return trainee.capture_state
 
 
-class _StageStep:
+class StageStep:
     """One training step of a stage — eager, or replayed as a CUDA graph (``--capture graphs``) —
     returning the student's logits and the loss terms. A step that fails while it is being
     compiled or captured makes the run fall back to eager (:class:`capturing.CaptureState`)."""
@@ -367,25 +367,25 @@ def train_stage(
     precision = resolve_precision(trainee.precision, device)
     if device.type == "cuda":  # fixed batch shapes: cuDNN picks its fastest algorithms once
         torch.backends.cudnn.benchmark = True
-    state = _capture_state(trainee, device)
+    state = run_capture_state(trainee, device)
     graphs = state.graphs
-    opt = _stage_optimizer(trainee, stage, recipe, device if graphs else None)
+    opt = stage_optimizer(trainee, stage, recipe, device if graphs else None)
     total_seconds = 0.0
     trainee.student.train()
     if trainee.modules is not None:
         trainee.modules.train()
-    step = _StageStep(trainee, stage, epochs, opt, device, precision, state)
+    step = StageStep(trainee, stage, epochs, opt, device, precision, state)
     for epoch in range(epochs):
         lr = lr_at(recipe, epoch) if scheduled else stage.lr_for(trainee.hp, recipe.lr)
         capturing.set_lr(opt, lr)
         start = time.perf_counter()
-        totals = _EpochTotals(device)
+        totals = EpochTotals(device)
         for x, y, index in train.shuffled(recipe.batch_size, generator, augment):
             logits, terms = step(epoch, x, y, index)
             totals.add(terms, logits, y)
         means = totals.means()
         epoch_metrics = totals.metrics(means, lr, start)
-        _check_finite(totals.names, means, stage, epoch)
+        check_finite(totals.names, means, stage, epoch)
         total_seconds += epoch_metrics["epoch_seconds"]
         after_epoch(epoch, epoch_metrics)
     return total_seconds
@@ -421,7 +421,7 @@ class FitJob:
     load_test: Callable[[], DeviceSplit] | None = None
 
 
-class _Validation:
+class Validation:
     """The main stage's after-epoch step: validates the student (and the peers), keeps the curve,
     the cumulative seconds and the best-on-validation weights, and reports the epoch."""
 
@@ -474,14 +474,14 @@ def fit(job: FitJob, device: torch.device, on_epoch: OnEpoch) -> FitResult:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     pre_seconds = run_pre_stages(job, device, on_epoch)
-    validation = _Validation(job, device, on_epoch, pre_seconds)
+    validation = Validation(job, device, on_epoch, pre_seconds)
     main = Stage("main", job.recipe.epochs, job.main_loss, train_student=True)
     train_stage(job.trainee, main, job.recipe.epochs, job.recipe, job.splits["train"], stream(job.seed, device),
                 job.augment, device, validation, scheduled=True)
     return finish_fit(job, validation, device)
 
 
-def finish_fit(job: FitJob, validation: _Validation, device: torch.device) -> FitResult:
+def finish_fit(job: FitJob, validation: Validation, device: torch.device) -> FitResult:
     """The result of a trained run: summary, test (when asked), peers, peak memory, capture tags."""
     result = validation.result
     result.metrics.update(_summary(job, validation))
@@ -519,7 +519,7 @@ def _pre_stage_log(role: str, stage: Stage, epochs: int, on_epoch: OnEpoch) -> C
     return log
 
 
-def _summary(job: FitJob, validation: _Validation) -> dict[str, float]:
+def _summary(job: FitJob, validation: Validation) -> dict[str, float]:
     """Time, throughput, final and best validation accuracy, and convergence of a finished run."""
     train, recipe, result = job.splits["train"], job.recipe, validation.result
     per_epoch = len(train) - len(train) % recipe.batch_size if len(train) > recipe.batch_size else len(train)
@@ -532,7 +532,7 @@ def _summary(job: FitJob, validation: _Validation) -> dict[str, float]:
     return out
 
 
-def _test(job: FitJob, validation: _Validation) -> dict[str, float]:
+def _test(job: FitJob, validation: Validation) -> dict[str, float]:
     """Test accuracy of the last weights, of the best-on-validation ones and of each peer; the
     student keeps (and the result records) its last weights."""
     student, result = job.trainee.student, validation.result

@@ -213,15 +213,15 @@ class _Running:
         self.member, self.job = member, member.job
         trainee = self.job.trainee
         self.stage = Stage("main", self.job.recipe.epochs, self.job.main_loss, train_student=True)
-        state = engine._capture_state(trainee, device)
-        self.opt = engine._stage_optimizer(trainee, self.stage, self.job.recipe, device if state.graphs else None)
+        state = engine.run_capture_state(trainee, device)
+        self.opt = engine.stage_optimizer(trainee, self.stage, self.job.recipe, device if state.graphs else None)
         trainee.student.train()
         if trainee.modules is not None:
             trainee.modules.train()
         precision = resolve_precision(trainee.precision, device)
-        self.step = engine._StageStep(trainee, self.stage, self.job.recipe.epochs, self.opt, device, precision, state)
-        self.validation = engine._Validation(self.job, device, member.on_epoch, pre_seconds)
-        self.totals: engine._EpochTotals | None = None
+        self.step = engine.StageStep(trainee, self.stage, self.job.recipe.epochs, self.opt, device, precision, state)
+        self.validation = engine.Validation(self.job, device, member.on_epoch, pre_seconds)
+        self.totals: engine.EpochTotals | None = None
         self.lr = 0.0
 
 
@@ -300,7 +300,7 @@ def _main_stage(running: dict[int, _Running], outcomes: list[MemberOutcome], gro
         for run in running.values():
             run.lr = engine.lr_at(recipe, epoch)
             capturing.set_lr(run.opt, run.lr)
-            run.totals = engine._EpochTotals(device)
+            run.totals = engine.EpochTotals(device)
         graph = _group_graph(running, group, device)  # captured afresh each epoch, as a run's step is
         start = time.perf_counter()
         for x, y, index in train.shuffled(recipe.batch_size, generator, augment):
@@ -338,7 +338,7 @@ def _main_stage(running: dict[int, _Running], outcomes: list[MemberOutcome], gro
                     means = run.totals.means()
                     epoch_metrics = run.totals.metrics(means, run.lr, start)
                     epoch_metrics["epoch_seconds"] = share
-                    engine._check_finite(run.totals.names, means, run.stage, epoch)
+                    engine.check_finite(run.totals.names, means, run.stage, epoch)
                     run.validation(epoch, epoch_metrics)
             except KeyboardInterrupt:
                 raise
