@@ -281,8 +281,10 @@ def check_workers_reach(uri: str, cluster: ClusterInfo) -> None:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     probe = ray.remote(num_cpus=0)(_probe_store)
-    refs = {node["NodeManagerAddress"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-        node["NodeID"], soft=False)).remote(uri) for node in ray.nodes() if node.get("Alive")}
+    # keyed by node id: several nodes may share one address (one machine, or one NAT address)
+    refs = {f"{node['NodeManagerAddress']} (node {node['NodeID'][:8]})": probe.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(uri)
+        for node in ray.nodes() if node.get("Alive")}
     for where, ref in refs.items():
         try:
             error = ray.get(ref, timeout=120)
@@ -378,6 +380,11 @@ def in_ray_task() -> bool:
 
 
 def _ray_reason(exc: BaseException) -> str:
+    """One line for a failed Ray task: the task's own exception (a RayTaskError carries it as
+    ``cause``; its own first line only names the task and the worker's pid)."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        exc = cause
     text = (str(exc).strip().splitlines() or [""])[0]
     return f"{type(exc).__name__}: {text}"[:1000]
 

@@ -194,7 +194,9 @@ def test_suite_survives_a_killed_ray_worker(cluster, tmp_path):
 
     from kdbench.workflows import bench, suites
 
-    (tmp_path / "dist.toml").write_text(SUITE)
+    # 6 epochs, not 2: a kd cell runs for seconds, so the poll below sees it RUNNING (with 2 epochs
+    # all three kd cells could finish between two polls and the test had nothing to kill)
+    (tmp_path / "dist.toml").write_text(SUITE.replace("epochs = 2", "epochs = 6"))
     proc = kdbench(cluster, "bench", "dist.toml", "--executor", "ray", "--ray-address", cluster["ray"],
                    "--tracking-uri", cluster["tracking"], cwd=tmp_path)
     client = MlflowClient(cluster["tracking"])
@@ -207,7 +209,7 @@ def test_suite_survives_a_killed_ray_worker(cluster, tmp_path):
         if running:
             killed = running[0]
             os.kill(int(killed.data.tags["kdbench.pid"]), signal.SIGKILL)  # the Ray worker running the cell
-        time.sleep(0.2)
+        time.sleep(0.05)
     output, _ = proc.communicate(timeout=max(10, deadline - time.time()))
     assert killed is not None, f"no kd cell was seen running:\n{output}"
     assert proc.returncode == 0, output
