@@ -26,7 +26,7 @@ from kdbench.errors import KdbenchError
 from kdbench.workflows import tune
 from kdbench.workflows.studies import best_params
 from kdbench.workflows.suites import MethodSpec, Pair, Suite
-from kdbench.workflows.executors import in_ray_task
+from kdbench.workflows.executors import Progress, in_ray_task
 from kdbench.workflows.teachers import checkpoint_id, checkpoint_sha256
 from kdbench.workflows.tracking import Tracker
 
@@ -95,15 +95,9 @@ class ClusterReady:
     dashboard_url: str | None
 
 
-@dataclass(frozen=True, kw_only=True)
-class SuiteProgress:
-    """Where the whole suite stands after a cell ended: cells done (failed included), running,
-    failed, left, and the estimated seconds to go (None before the first cell ends)."""
-    done: int
-    running: int
-    failed: int
-    left: int
-    eta_seconds: float | None
+#: Event: where the whole suite stands after a cell ended, counted in cells (the executors' own
+#: progress counts jobs: teachers and lockstep groups); the ETA is None before the first cell ends.
+SuiteProgress = Progress
 
 
 @dataclass(frozen=True, kw_only=True)
