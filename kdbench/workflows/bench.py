@@ -311,7 +311,7 @@ def run_cell(cell: Cell, uri: str, threads: int | None = None, wait: bool | None
         if cell.plan_error:
             raise KdbenchError(cell.plan_error)
         if cell.config_hash:
-            run_id, held = _claim(tracker, cell, in_ray_task() if wait is None else wait)
+            run_id, held = claim_cell(tracker, cell, in_ray_task() if wait is None else wait)
             if run_id is None:
                 return CellResult(cell_key=cell.key, ok=True, skipped=True, seconds=time.time() - t0, reason=held)
         outcome = runner.run(cell.config, tracker, run_id=run_id)
@@ -327,7 +327,9 @@ def run_cell(cell: Cell, uri: str, threads: int | None = None, wait: bool | None
                       seconds=time.time() - t0)
 
 
-def _claim(tracker, cell: Cell, wait: bool) -> tuple[str | None, str]:
+def claim_cell(tracker, cell: Cell, wait: bool) -> tuple[str | None, str]:
+    """Claim ``cell``'s run: (run id, '') or (None, who holds it). With ``wait`` the claim is
+    retried until the holder has finished or its heartbeat is stale (see :func:`run_cell`)."""
     from kdbench.workflows import claims
 
     deadline = time.time() + (claims.STALE + 2 * claims.INTERVAL if wait else 0)

@@ -19,7 +19,8 @@ from typing import Callable
 from kdbench.core.plan import make_plan
 from kdbench.errors import KdbenchError
 from kdbench.workflows import bench
-from kdbench.workflows.bench import Cell, CellResult, _claim_tags, _run_name
+from kdbench.workflows.bench import Cell, CellResult
+from kdbench.workflows.executors import in_ray_task
 from kdbench.workflows.tracking import Tracker
 
 #: the share of the device's free memory a group may plan to use (the rest: the teacher, the
@@ -154,8 +155,9 @@ def run_group(cells: list[Cell], uri: str, threads: int | None = None,
     t0 = time.time()
     results: dict[str, CellResult] = {}
     claimed: list[tuple[Cell, str]] = []
+    wait = in_ray_task()  # a re-run of a group whose worker died elsewhere: as run_cell waits
     for cell in cells:
-        run_id, held = tracker.claim(cell.config.dataset, cell.config_hash, _run_name(cell), _claim_tags(cell))
+        run_id, held = bench.claim_cell(tracker, cell, wait)
         if run_id is None:
             results[cell.key] = CellResult(cell_key=cell.key, ok=True, skipped=True, reason=held)
         else:
@@ -204,9 +206,9 @@ def _train(claimed: list[tuple[Cell, str]], tracker: Tracker, t0: float, on_even
     entries: list[_Entry] = []
     for (cell, run_id), plan in zip(claimed, plans):
         try:
-            if lockstep.alone_reason(plan):
-                raise KdbenchError(f"method {plan.method_obj.name!r} cannot run in lockstep: it "
-                                   f"{lockstep.alone_reason(plan)}")
+            reason = lockstep.alone_reason(plan)
+            if reason:
+                raise KdbenchError(f"method {plan.method_obj.name!r} cannot run in lockstep: it {reason}")
             setup = engine.setup_student(plan, teacher.net, device)
             if entries:  # one copy of the data for the group
                 setup.splits = entries[0].setup.splits
