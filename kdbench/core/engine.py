@@ -305,6 +305,13 @@ def check_finite(names: list[str], means: list[float], stage: Stage, epoch: int)
         )
 
 
+def prepare_device(device: torch.device) -> None:
+    """Before training on ``device``: on CUDA, cuDNN autotuning (batches have fixed shapes, so
+    it picks its fastest convolution algorithms once)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def run_capture_state(trainee: Trainee, device: torch.device) -> capturing.CaptureState:
     """The run's capture state (made by its first stage; the networks compiled once)."""
     if trainee.capture_state is None:
@@ -365,8 +372,7 @@ def train_stage(
     """Run one stage; returns its training seconds. ``after_epoch(epoch0, metrics)`` is called
     with the epoch's mean loss terms and training accuracy (one host read per epoch)."""
     precision = resolve_precision(trainee.precision, device)
-    if device.type == "cuda":  # fixed batch shapes: cuDNN picks its fastest algorithms once
-        torch.backends.cudnn.benchmark = True
+    prepare_device(device)
     state = run_capture_state(trainee, device)
     graphs = state.graphs
     opt = stage_optimizer(trainee, stage, recipe, device if graphs else None)

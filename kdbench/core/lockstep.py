@@ -213,6 +213,7 @@ class _Running:
         self.member, self.job = member, member.job
         trainee = self.job.trainee
         self.stage = Stage("main", self.job.recipe.epochs, self.job.main_loss, train_student=True)
+        engine.prepare_device(device)  # as train_stage does for a run alone
         state = engine.run_capture_state(trainee, device)
         self.opt = engine.stage_optimizer(trainee, self.stage, self.job.recipe, device if state.graphs else None)
         trainee.student.train()
