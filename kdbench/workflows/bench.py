@@ -504,9 +504,8 @@ def _run_suite(suite: Suite, uri: str, executor, cluster, on_event: Callable, ce
         left = len(todo) - len(results)
         done = len(results)
         failed = sum(not r.ok for r in results)
-        eta = (time.time() - started) / done * left if done and left else (0.0 if not left else None)
         on_event(SuiteProgress(done=done, running=min(progress.running, left), failed=failed, left=left,
-                               eta_seconds=eta))
+                               eta_seconds=executors.eta(started, done, left)))
 
     jobs = (make_jobs or suite_jobs)(todo, uri, executors.job_threads(executor, cluster))
     for job in jobs:

@@ -111,7 +111,7 @@ def levels(jobs: list[Job]) -> list[list[Job]]:
     return out
 
 
-def _eta(started: float, done: int, left: int) -> float | None:
+def eta(started: float, done: int, left: int) -> float | None:
     """Seconds to go at the rate observed so far (which includes the parallelism)."""
     if not done or not left:
         return None if left else 0.0
@@ -184,7 +184,7 @@ def run_local(jobs: list[Job], config: ExecutorConfig, on_done: Callable, on_los
             results[job.key] = on_lost(job, lost)
         left = total - state["done"]
         on_progress(Progress(done=state["done"], running=0, failed=state["failed"], left=left,
-                             eta_seconds=_eta(started, state["done"], left)))
+                             eta_seconds=eta(started, state["done"], left)))
 
     if config.jobs <= 1:
         for level in levels(jobs):
@@ -353,7 +353,7 @@ def run_ray(jobs: list[Job], config: ExecutorConfig, cluster: ClusterInfo, on_do
         runnable = [by_ref[ref] for ref in waiting if all(need in done_keys for need in by_ref[ref].needs)]
         left = len(waiting)
         on_progress(Progress(done=len(done_keys), running=min(slots, len(runnable)), failed=failed, left=left,
-                             eta_seconds=_eta(started, len(done_keys), left)))
+                             eta_seconds=eta(started, len(done_keys), left)))
 
 
 def job_threads(config: ExecutorConfig, cluster: ClusterInfo | None) -> int | None:
