@@ -176,15 +176,14 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
             group["lr"] = lr
 
 
-StepFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor | None, bool],
-                  tuple[torch.Tensor, dict[str, torch.Tensor]]]
+StepFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor | None, bool], object]
 
 
 class GraphedSteps:
     """A stage's training step replayed as a CUDA graph.
 
     ``step(epoch, x, y, index, zero_to_none)`` runs one eager step (forward, loss, backward,
-    optimizer) and returns the student's logits and the loss terms. The first full batches of the
+    optimizer, and whatever the caller accumulates on the device) and returns its outputs. The first full batches of the
     stage run eagerly (:data:`WARMUP_STEPS`, on a side stream); then the step is captured on
     static copies of the batch and replayed. A batch of another shape runs eagerly."""
 
@@ -232,6 +231,5 @@ class GraphedSteps:
         self.static = (x.clone(), y.clone(), index.clone() if index is not None else None)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits, terms = self.step(epoch, *self.static, False)
-            self.out = (logits, terms)
+            self.out = self.step(epoch, *self.static, False)
         self.graph, self.epoch = graph, epoch

@@ -265,7 +265,9 @@ def _batch_loss(trainee: Trainee, stage: Stage, epoch: int, epochs: int, x: torc
 
 class EpochTotals:
     """One epoch's loss terms (weighted by batch size) and correct predictions, summed on the
-    device; read once, at the end of the epoch."""
+    device; read once, at the end of the epoch. A stage keeps one and :meth:`reset` s it each
+    epoch: a step captured as a CUDA graph adds into the same buffers on every replay
+    (:meth:`accumulate`, captured with the step), the host counts the samples (:meth:`count`)."""
 
     def __init__(self, device: torch.device):
         self.names: list[str] = []
@@ -273,14 +275,33 @@ class EpochTotals:
         self.correct = torch.zeros((), device=device, dtype=torch.long)
         self.seen = 0
 
-    def add(self, terms: dict[str, torch.Tensor], logits: torch.Tensor, y: torch.Tensor) -> None:
+    @property
+    def ready(self) -> bool:
+        """The buffers exist, so :meth:`accumulate` allocates nothing (it may then be captured)."""
+        return self.sums is not None
+
+    def accumulate(self, terms: dict[str, torch.Tensor], logits: torch.Tensor, y: torch.Tensor) -> None:
+        """Add one batch on the device (no host read, nothing counted on the host)."""
         batch_terms = torch.stack([v.detach().float() for v in terms.values()])
         if self.sums is None:
             self.names, self.sums = list(terms), batch_terms * len(y)
         else:
             self.sums.add_(batch_terms, alpha=len(y))
         self.correct.add_((logits.detach().argmax(1) == y).sum())
-        self.seen += len(y)
+
+    def count(self, n: int) -> None:
+        self.seen += n
+
+    def add(self, terms: dict[str, torch.Tensor], logits: torch.Tensor, y: torch.Tensor) -> None:
+        self.accumulate(terms, logits, y)
+        self.count(len(y))
+
+    def reset(self) -> None:
+        """Zero the buffers in place (a captured step keeps their addresses)."""
+        if self.sums is not None:
+            self.sums.zero_()
+        self.correct.zero_()
+        self.seen = 0
 
     def means(self) -> list[float]:
         """Each term's mean over the epoch's samples: the epoch's one host sync."""
@@ -324,17 +345,20 @@ def run_capture_state(trainee: Trainee, device: torch.device) -> capturing.Captu
 
 class StageStep:
     """One training step of a stage — eager, or replayed as a CUDA graph (``--capture graphs``) —
-    returning the student's logits and the loss terms. A step that fails while it is being
-    compiled or captured makes the run fall back to eager (:class:`capturing.CaptureState`)."""
+    that adds the batch's loss terms and accuracy to the epoch's totals (inside the graph when
+    the step is one). A step that fails while it is being compiled or captured makes the run fall
+    back to eager (:class:`capturing.CaptureState`)."""
 
     def __init__(self, trainee: Trainee, stage: Stage, epochs: int, opt: torch.optim.Optimizer,
                  device: torch.device, precision: str, state: capturing.CaptureState):
         self.trainee, self.stage, self.epochs, self.opt = trainee, stage, epochs, opt
         self.device, self.precision, self.state = device, precision, state
-        self.graphed = capturing.GraphedSteps(self.eager, device) if state.graphs else None
+        self.totals: EpochTotals | None = None  # the epoch's, set by __call__
+        self.graphed = capturing.GraphedSteps(self.counted, device) if state.graphs else None
 
     def eager(self, epoch: int, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None,
               to_none: bool = True):
+        """Forward, loss, backward and optimizer step; the student's logits and the loss terms."""
         graphs = self.graphed is not None
         student, terms, loss = _batch_loss(self.trainee, self.stage, epoch, self.epochs, x, y, index,
                                            self.device, self.precision, cache=not graphs)
@@ -343,18 +367,32 @@ class StageStep:
         self.opt.step()
         return student.logits, terms
 
-    def __call__(self, epoch: int, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None):
-        if self.state.used == "none":
-            return self.eager(epoch, x, y, index)
+    def counted(self, epoch: int, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None,
+                to_none: bool = True):
+        """:meth:`eager`, then the batch added to the totals on the device (what is captured)."""
+        logits, terms = self.eager(epoch, x, y, index, to_none)
+        self.totals.accumulate(terms, logits, y)
+        return logits, terms
+
+    def __call__(self, epoch: int, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None,
+                 totals: EpochTotals) -> None:
+        self.totals = totals
         try:
-            return self.graphed(epoch, x, y, index) if self.graphed is not None else self.eager(epoch, x, y, index)
+            if self.graphed is not None and totals.ready:
+                self.graphed(epoch, x, y, index)
+            else:  # eager, or the totals' buffers not made yet (a capture must not allocate them)
+                self.counted(epoch, x, y, index)
         except KdbenchError:
             raise
-        except Exception as exc:  # compiling or capturing failed: the same batch again, eagerly
+        except Exception as exc:
+            if self.state.used == "none":
+                raise
+            # compiling or capturing failed: the same batch again, eagerly (a failed capture ran
+            # nothing; compile+graphs → graphs: the rest of the stage is captured afresh, uncompiled)
             self.state.fall_back(capturing.failure_reason(exc))
-            # compile+graphs → graphs: the rest of the stage is captured afresh, uncompiled
-            self.graphed = capturing.GraphedSteps(self.eager, self.device) if self.state.graphs else None
-            return self.eager(epoch, x, y, index)
+            self.graphed = capturing.GraphedSteps(self.counted, self.device) if self.state.graphs else None
+            self.counted(epoch, x, y, index)
+        totals.count(len(y))
 
 
 def train_stage(
@@ -381,14 +419,14 @@ def train_stage(
     if trainee.modules is not None:
         trainee.modules.train()
     step = StageStep(trainee, stage, epochs, opt, device, precision, state)
+    totals = EpochTotals(device)
     for epoch in range(epochs):
         lr = lr_at(recipe, epoch) if scheduled else stage.lr_for(trainee.hp, recipe.lr)
         capturing.set_lr(opt, lr)
         start = time.perf_counter()
-        totals = EpochTotals(device)
+        totals.reset()
         for x, y, index in train.shuffled(recipe.batch_size, generator, augment):
-            logits, terms = step(epoch, x, y, index)
-            totals.add(terms, logits, y)
+            step(epoch, x, y, index, totals)
         means = totals.means()
         epoch_metrics = totals.metrics(means, lr, start)
         check_finite(totals.names, means, stage, epoch)

@@ -31,6 +31,7 @@ from kdbench.contracts import Outputs, Stage
 from kdbench.core import capture as capturing
 from kdbench.core import engine
 from kdbench.core.engine import FitJob, FitResult, OnEpoch, StudentSetup
+from kdbench.core.precision import autocast as precision_autocast
 from kdbench.core.precision import resolve_precision
 from kdbench.core.taps import Tapped
 
@@ -222,7 +223,7 @@ class _Running:
         precision = resolve_precision(trainee.precision, device)
         self.step = engine.StageStep(trainee, self.stage, self.job.recipe.epochs, self.opt, device, precision, state)
         self.validation = engine.Validation(self.job, device, member.on_epoch, pre_seconds)
-        self.totals: engine.EpochTotals | None = None
+        self.totals = engine.EpochTotals(device)  # reset each epoch (a captured step adds into it)
         self.lr = 0.0
 
 
@@ -260,24 +261,58 @@ def fit_group(members: list[Member], group: _GroupTeacher, device: torch.device)
     return outcomes
 
 
-class _GroupGraph:
-    """The group's whole training step — one teacher forward and every member's step — replayed
-    as one CUDA graph (when every member's step is captured: ``--capture graphs`` on CUDA, the
-    default there). Inside it the members share the device's random stream (no swapping in a
-    graph): a method drawing random numbers on the device (CRD's negatives) draws other ones
-    than alone, so its numbers are not bitwise those of its separate run."""
+#: run the members' steps of a group graph on parallel streams (False: one after the other;
+#: tests/benchmarks/lockstep_epoch.py --serial measures the difference)
+PARALLEL_STREAMS = True
 
-    def __init__(self, runs: dict[int, "_Running"], group: _GroupTeacher, device: torch.device):
-        self.runs, self.group = dict(runs), group
+
+class _GroupGraph:
+    """The group's whole training step — one teacher forward and every member's step, with each
+    member's epoch totals — replayed as one CUDA graph (when every member's step is captured:
+    ``--capture graphs`` on CUDA, the default there).
+
+    After the teacher forward the members' steps fork onto streams of their own and join again
+    (:data:`PARALLEL_STREAMS`): in the graph they are parallel branches, so the small kernels of
+    several students (a resnet8x4 at batch 64 fills a fraction of an H100) run side by side
+    instead of one after the other. Each member keeps its stream for the whole stage, so its
+    gradients and optimizer state stay on one stream. Inside the graph the members share the
+    device's random stream (no swapping in a graph): a method drawing random numbers on the
+    device (CRD's negatives) draws other ones than alone, so its numbers are not bitwise those
+    of its separate run."""
+
+    def __init__(self, runs: dict[int, "_Running"], group: _GroupTeacher, device: torch.device,
+                 streams: dict[int, "torch.cuda.Stream"]):
+        self.runs, self.group, self.device = dict(runs), group, device
+        self.streams = {i: streams.setdefault(i, torch.cuda.Stream(device)) for i in self.runs} \
+            if PARALLEL_STREAMS else {}
         self.graphed = capturing.GraphedSteps(self._step, device)
+
+    def _teacher(self, x) -> None:
+        """The teacher forward, once, on the current stream, as its first member would run it."""
+        first = next(iter(self.runs.values())).step
+        with torch.no_grad(), precision_autocast(self.device, first.precision, False):
+            self.group.outputs(x)
 
     def _step(self, epoch: int, x, y, index, _to_none: bool = False):
         self.group.start_batch(x)
-        outs = [run.step.eager(epoch, x, y, index, False) for run in self.runs.values()]
-        return [logits for logits, _ in outs], [terms for _, terms in outs]
+        if not self.streams:
+            for run in self.runs.values():
+                run.step.counted(epoch, x, y, index, False)
+            return None
+        self._teacher(x)
+        here = torch.cuda.current_stream(self.device)
+        for i, run in self.runs.items():
+            self.streams[i].wait_stream(here)
+            with torch.cuda.stream(self.streams[i]):
+                run.step.counted(epoch, x, y, index, False)
+        for i in self.runs:
+            here.wait_stream(self.streams[i])
+        return None
 
-    def __call__(self, epoch: int, x, y, index):
-        return self.graphed(epoch, x, y, index)
+    def __call__(self, epoch: int, x, y, index) -> None:
+        for run in self.runs.values():
+            run.step.totals = run.totals
+        self.graphed(epoch, x, y, index)
 
     def fall_back(self, exc: BaseException) -> None:
         """Capturing failed: every member runs eagerly from here (each says so in its tags)."""
@@ -286,9 +321,10 @@ class _GroupGraph:
             run.step.graphed = None
 
 
-def _group_graph(running: dict[int, "_Running"], group: _GroupTeacher, device: torch.device) -> _GroupGraph | None:
+def _group_graph(running: dict[int, "_Running"], group: _GroupTeacher, device: torch.device,
+                 streams: dict) -> _GroupGraph | None:
     if device.type == "cuda" and running and all(run.step.graphed is not None for run in running.values()):
-        return _GroupGraph(running, group, device)
+        return _GroupGraph(running, group, device, streams)
     return None
 
 
@@ -297,18 +333,23 @@ def _main_stage(running: dict[int, _Running], outcomes: list[MemberOutcome], gro
     first = next(iter(running.values())).job
     recipe, train, augment = first.recipe, first.splits["train"], first.augment
     generator = engine.stream(first.seed, device)  # the main stream every member would draw alone
+    streams: dict[int, torch.cuda.Stream] = {}
+    graph: _GroupGraph | None = None
     for epoch in range(recipe.epochs):
         for run in running.values():
             run.lr = engine.lr_at(recipe, epoch)
             capturing.set_lr(run.opt, run.lr)
-            run.totals = engine.EpochTotals(device)
-        graph = _group_graph(running, group, device)  # captured afresh each epoch, as a run's step is
+            run.totals.reset()
         start = time.perf_counter()
         for x, y, index in train.shuffled(recipe.batch_size, generator, augment):
             group.start_batch(x)
-            if graph is not None:
+            if graph is None or graph.runs.keys() != running.keys():
+                # kept while the members stay (GraphedSteps recaptures it each epoch, as a run's
+                # step is); a member that failed leaves it
+                graph = _group_graph(running, group, device, streams)
+            if graph is not None and all(run.totals.ready for run in running.values()):
                 try:
-                    all_logits, all_terms = graph(epoch, x, y, index)
+                    graph(epoch, x, y, index)
                 except KeyboardInterrupt:
                     raise
                 except Exception as exc:  # noqa: BLE001 - capturing failed: this batch again, eagerly
@@ -316,14 +357,13 @@ def _main_stage(running: dict[int, _Running], outcomes: list[MemberOutcome], gro
                     graph = None
                     group.start_batch(x)
                 else:
-                    for run, logits, terms in zip(graph.runs.values(), all_logits, all_terms):
-                        run.totals.add(terms, logits, y)
+                    for run in running.values():
+                        run.totals.count(len(y))
                     continue
             for i, run in list(running.items()):
                 try:
                     with run.member.rng.active():
-                        logits, terms = run.step(epoch, x, y, index)
-                        run.totals.add(terms, logits, y)
+                        run.step(epoch, x, y, index, run.totals)
                 except KeyboardInterrupt:
                     raise
                 except Exception as exc:  # noqa: BLE001

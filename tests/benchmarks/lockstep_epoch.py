@@ -12,6 +12,9 @@ rounds (separate and lockstep alternated), training steps only
 (validation excluded, as the engine's ``epoch_seconds``). Separately: the mean over the methods
 of their own epoch time. Lockstep: the group's epoch time divided by its members. It also says
 whether every member's validation curve equals its separate run's (bitwise on the CPU in fp32).
+On CUDA with captured steps the members of a group run on parallel streams inside its graph;
+``--streams serial`` runs them one after the other instead, ``--streams both`` times both and
+reports how far their curves differ (the same kernels on the same inputs: they should not).
 Writes JSON to ``--json`` and to ``$OUT/lockstep_epoch.json`` when ``$OUT`` is set.
 
     python tests/benchmarks/lockstep_epoch.py --threads 1                       # CPU, embedded
@@ -119,6 +122,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=2, help="separate and lockstep, alternated, this many times")
     parser.add_argument("--separate-capture", default=None,
                         help="the separate runs' capture (default: --capture), e.g. graphs: the CUDA default")
+    parser.add_argument("--streams", choices=("parallel", "serial", "both"), default="parallel",
+                        help="a group graph's members on parallel streams (default), one after the other, or both")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", default=None, help="write the figures here too")
     args = parser.parse_args()
@@ -136,12 +141,16 @@ def main():
     teacher = engine.build_teacher(plan_list[0], args.device).eval().requires_grad_(False)
 
     start = time.perf_counter()
-    alone, grouped = {}, float("inf")
+    modes = ("parallel", "serial") if args.streams == "both" else (args.streams,)
+    alone, grouped, curves_of = {}, {mode: float("inf") for mode in modes}, {}
     for _ in range(args.rounds):  # alternated, each figure its best round: a busy machine drifts
         seconds, alone_curves = separate(alone_plans, teacher, args.device)
         alone = {m: min(s, alone.get(m, s)) for m, s in seconds.items()}
-        seconds, group_curves, forwards = together(plan_list, teacher, args.device)
-        grouped = min(grouped, seconds)
+        for mode in modes:
+            lockstep.PARALLEL_STREAMS = mode == "parallel"
+            seconds, curves_of[mode], forwards = together(plan_list, teacher, args.device)
+            grouped[mode] = min(grouped[mode], seconds)
+    group_curves = curves_of[modes[0]]
     per_student_alone = statistics.mean(alone.values())
     figures = {
         "device": torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu",
@@ -156,12 +165,18 @@ def main():
         "methods": [p.method_obj.name for p in plan_list],
         "separate_seconds_per_epoch": alone,
         "separate_seconds_per_student_epoch": per_student_alone,
-        "lockstep_seconds_per_student_epoch": grouped,
-        "speedup": per_student_alone / grouped,
+        "streams": modes[0],
+        "lockstep_seconds_per_student_epoch": grouped[modes[0]],
+        "speedup": per_student_alone / grouped[modes[0]],
         "teacher_forwards_in_group": forwards,
         "curves_identical": {m: alone_curves[m] == group_curves[m] for m in alone_curves},
         "wall_seconds": time.perf_counter() - start,
     }
+    if len(modes) == 2:
+        figures["serial_lockstep_seconds_per_student_epoch"] = grouped["serial"]
+        figures["serial_speedup"] = per_student_alone / grouped["serial"]
+        figures["parallel_vs_serial_max_curve_difference"] = max(
+            abs(a - b) for m in curves_of["parallel"] for a, b in zip(curves_of["parallel"][m], curves_of["serial"][m]))
     print(f"{figures['teacher']} -> {figures['student']} on {figures['device']} ({figures['threads']} threads), "
           f"batch {figures['batch_size']}, {figures['precision']}, capture {args.capture} "
           f"(separate: {figures['separate_capture']}), "
@@ -169,8 +184,12 @@ def main():
     for method, seconds in alone.items():
         print(f"  {method:<8} alone {seconds:8.3f} s/epoch   curve identical in lockstep: "
               f"{figures['curves_identical'][method]}")
-    print(f"separately: {per_student_alone:.3f} s per student-epoch; lockstep: {grouped:.3f} s per "
-          f"student-epoch; {figures['speedup']:.2f}x")
+    print(f"separately: {per_student_alone:.3f} s per student-epoch; lockstep ({modes[0]} streams): "
+          f"{grouped[modes[0]]:.3f} s per student-epoch; {figures['speedup']:.2f}x")
+    if len(modes) == 2:
+        print(f"lockstep (serial streams): {grouped['serial']:.3f} s per student-epoch; "
+              f"{figures['serial_speedup']:.2f}x; largest curve difference parallel vs serial: "
+              f"{figures['parallel_vs_serial_max_curve_difference']:.2g}")
     text = json.dumps(figures, indent=2)
     if args.json:
         with open(args.json, "w") as f:
