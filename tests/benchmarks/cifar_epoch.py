@@ -136,11 +136,58 @@ def bench_registry(x, y, batch_size: int, name: str = "cifar100_bench"):
 _TEACHERS: dict = {}
 
 
-def _teacher(plan, device):
-    key = (plan.teacher_obj.name, str(device))
+def _teacher(plan, device, fold_bn: bool = False):
+    key = (plan.teacher_obj.name, str(device), fold_bn)
     if key not in _TEACHERS:
-        _TEACHERS[key] = engine.build_teacher(plan, device).eval().requires_grad_(False)
+        net = engine.build_teacher(plan, device).eval().requires_grad_(False)
+        _TEACHERS[key] = fold_batchnorm(net) if fold_bn else net
     return _TEACHERS[key]
+
+
+def fold_batchnorm(net: torch.nn.Module) -> torch.nn.Module:
+    """An experiment for a frozen teacher (``--fold-teacher-bn``): every BatchNorm2d that directly
+    follows a Conv2d among its parent's children (conv1, bn1, … in a ResNet block, a shortcut's
+    Sequential) folded into the convolution's weights and replaced by Identity — one memory pass
+    per layer less. Only valid where the forward applies them in that order (true of the built-in
+    ResNets) and for taps that read after the BatchNorm (KD reads the logits)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = 0
+    for parent in list(net.modules()):
+        children = list(parent.named_children())
+        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
+            if isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d) \
+                    and conv.out_channels == bn.num_features:
+                fused = fuse_conv_bn_eval(conv, bn).to(memory_format=torch.channels_last)
+                setattr(parent, conv_name, fused.requires_grad_(False))
+                setattr(parent, bn_name, torch.nn.Identity())
+                folded += 1
+    print(f"    teacher: {folded} BatchNorm layers folded into their convolutions", flush=True)
+    return net
+
+
+def kd_step_gflop(plan, device) -> float:
+    """GFLOP of one KD step per sample (``torch.utils.flop_counter``): the teacher's forward and
+    the student's forward and backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    shape = (2, *plan.dataset_obj.input_shape)
+    teacher = plan.teacher_obj.make(plan.dataset_obj.num_classes, plan.dataset_obj.input_shape)
+    student = plan.student_obj.make(plan.dataset_obj.num_classes, plan.dataset_obj.input_shape)
+    with FlopCounterMode(display=False) as counter:
+        with torch.no_grad():
+            teacher(torch.zeros(shape))
+        out = student(torch.zeros(shape))
+        (out.logits if hasattr(out, "logits") else out).sum().backward()
+    return counter.get_total_flops() / shape[0] / 1e9
+
+
+def peak_tflops(device) -> float | None:
+    """Dense bf16 tensor-core peak of the GPU (H100/H200 SXM: 989 TFLOP/s), else None."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return 989.0 if ("H100" in name or "H200" in name) else None
 
 
 def step_time(args, device, x, y, batch_size: int, method: str = "kd", capture_mode: str = "none") -> dict:
@@ -149,7 +196,7 @@ def step_time(args, device, x, y, batch_size: int, method: str = "kd", capture_m
     plan = make_plan(RunConfig(method=method, dataset=ds.name, teacher=args.teacher, student=args.student,
                                device=str(device), precision=args.precision, capture=capture_mode,
                                recipe={"batch_size": batch_size, "epochs": args.epochs}), reg)
-    teacher = _teacher(plan, device) if plan.method_obj.needs_teacher else None
+    teacher = _teacher(plan, device, args.fold_teacher_bn) if plan.method_obj.needs_teacher else None
     setup = engine.setup_student(plan, teacher, device)
     split = setup.splits["train"]
     steps = len(split) // batch_size
@@ -169,7 +216,11 @@ def step_time(args, device, x, y, batch_size: int, method: str = "kd", capture_m
     best = min(seconds[1:]) if len(seconds) > 1 else seconds[0]
     ms = 1000 * best / steps
     rate = batch_size * steps / best
-    return {"ms_per_step": ms, "samples_per_s": rate, "steps_per_epoch": steps,
+    gflop = kd_step_gflop(plan, device) if method == "kd" else None
+    flops = {"gflop_per_sample": gflop, "tflops": rate * gflop / 1000} if gflop else {}
+    if flops and peak_tflops(device):
+        flops["share_of_bf16_peak"] = flops["tflops"] / peak_tflops(device)
+    return {"ms_per_step": ms, "samples_per_s": rate, "steps_per_epoch": steps, **flops,
             "epoch_seconds": seconds, "minutes_240_epochs": 240 * args.epoch_samples / rate / 60,
             "tags": state.tags() if state else {}, **({"profile": profile} if profile else {})}
 
@@ -201,7 +252,10 @@ def steps_mode(args, device, x, y) -> dict:
         for mode in args.captures:
             row[mode] = r = step_time(args, device, x, y, bs, "kd", mode)
             print(f"batch {bs:>5} {mode:>8}: {r['ms_per_step']:8.2f} ms/step {r['samples_per_s']:>10.0f} samples/s "
-                  f"240 epochs {r['minutes_240_epochs']:7.1f} min {r['tags'] or ''}", flush=True)
+                  f"240 epochs {r['minutes_240_epochs']:7.1f} min"
+                  + (f" {r['tflops']:6.1f} TFLOP/s" if "tflops" in r else "")
+                  + (f" ({100 * r['share_of_bf16_peak']:.0f} % of bf16 peak)" if "share_of_bf16_peak" in r else "")
+                  + f" {r['tags'] or ''}", flush=True)
         base = row[args.captures[0]]["ms_per_step"]
         for mode in args.captures[1:]:
             row[f"speedup_{mode}"] = base / row[mode]["ms_per_step"]
@@ -396,6 +450,10 @@ def main():
                     help="capture modes compared, the first is the baseline [none,graphs on CUDA; none,compile on CPU]")
     ap.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="[bf16 on CUDA, fp32 on CPU]")
     ap.add_argument("--compile-backend", default=None, help="torch.compile backend for --capture compile (e.g. aot_eager)")
+    ap.add_argument("--compile-mode", default=None,
+                    help="torch.compile mode for --capture compile (e.g. max-autotune-no-cudagraphs) [default]")
+    ap.add_argument("--fold-teacher-bn", action="store_true",
+                    help="experiment: the frozen teacher's BatchNorm layers folded into its convolutions")
     ap.add_argument("--epochs", type=int, default=3, help="epochs per step-time measurement (the first is not counted)")
     ap.add_argument("--samples", type=int, default=8192, help="samples per epoch of the step-time measurements")
     ap.add_argument("--epoch-samples", type=int, default=45000,
@@ -420,11 +478,14 @@ def main():
     args.fit_capture = args.fit_capture or ("graphs" if cuda else "none")
     if args.compile_backend:
         capture.COMPILE_OPTIONS["backend"] = args.compile_backend
+    if args.compile_mode:
+        capture.COMPILE_OPTIONS["mode"] = args.compile_mode
     if cuda:
         torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name(device) if cuda else f"cpu ({os.cpu_count()} cores)"
     report = {"device": name, "torch": torch.__version__, "teacher": args.teacher, "student": args.student,
-              "precision": args.precision or ("bf16" if cuda else "fp32")}
+              "precision": args.precision or ("bf16" if cuda else "fp32"),
+              "compile_options": dict(capture.COMPILE_OPTIONS), "fold_teacher_bn": args.fold_teacher_bn}
     if not (args.methods or args.losses or args.fits or args.plain):
         args.steps = True
     if args.fits:
