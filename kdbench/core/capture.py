@@ -233,3 +233,51 @@ class GraphedSteps:
         with torch.cuda.graph(graph):
             self.out = self.step(epoch, *self.static, False)
         self.graph, self.epoch = graph, epoch
+
+
+class GraphedEval:
+    """Evaluation forwards replayed as CUDA graphs (a run whose steps are captured evaluates the
+    same way): one graph per (network, batch shape) — the full eval batch and the last, partial
+    one — captured at its first use after one eager warm-up forward (cuDNN picks its algorithms
+    for the shape), then replayed for every batch of every later evaluation. The graph reads the
+    network's weights where they live, so the optimizer's in-place updates and
+    ``load_state_dict`` (best-on-validation weights at test time) need no recapture.
+
+    ``correct(net, x, y, forward)`` returns ``forward(x, y)`` — the batch's correct-prediction
+    counts, a device tensor the caller consumes before the next call. If capturing fails, that
+    batch and every later one run eagerly, said once in the log and in :attr:`reason`."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.graphs: dict[tuple, tuple] = {}  # (id(net), shape) -> (graph, static x, static y, out, net)
+        self.reason = ""
+
+    def correct(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, forward: Callable) -> torch.Tensor:
+        if self.reason:
+            return forward(x, y)
+        key = (id(net), tuple(x.shape))
+        if key not in self.graphs:
+            try:
+                self.graphs[key] = self._capture(net, x, y, forward)
+            except Exception as exc:  # noqa: BLE001 - evaluate eagerly from here
+                self.reason = failure_reason(exc)
+                self.graphs.clear()
+                log.warning("kdbench: evaluation runs eagerly (its capture failed): %s", self.reason)
+                return forward(x, y)
+        graph, sx, sy, out, _net = self.graphs[key]
+        sx.copy_(x)
+        sy.copy_(y)
+        graph.replay()
+        return out
+
+    def _capture(self, net, x, y, forward) -> tuple:
+        sx, sy = x.clone(), y.clone()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            forward(sx, sy)  # warm-up, eagerly
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = forward(sx, sy)
+        return graph, sx, sy, out, net  # the network kept alive: its id stays its own

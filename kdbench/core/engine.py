@@ -161,17 +161,23 @@ def load_checkpoint(net: nn.Module, path: str, owner: str) -> None:
 
 @torch.no_grad()
 def evaluate(net: nn.Module, split: DeviceSplit, batch_size: int, device: torch.device,
-             precision: str | None = None) -> dict:
+             precision: str | None = None, graphs: capturing.GraphedEval | None = None) -> dict:
     """Top-1 and top-5 accuracy (fractions) of ``net`` (returning logits or Outputs); the network
-    runs at ``precision`` (None: the device's default), the accuracy is counted in float32."""
+    runs at ``precision`` (None: the device's default), the accuracy is counted in float32.
+    ``graphs``: the batches replayed as CUDA graphs (what a run with captured steps passes)."""
     was = net.training
     net.eval()
-    correct = torch.zeros(2, device=device, dtype=torch.long)
-    for x, y in split.batches(batch_size):
-        with autocast(device, precision):
+    precision = resolve_precision(precision, device)
+
+    def batch_correct(x, y):
+        with precision_autocast(device, precision, graphs is None):
             out = net(x)
         logits = out.logits if hasattr(out, "logits") else out
-        correct += metrics.topk_correct(logits.float(), y)
+        return metrics.topk_correct(logits.float(), y)
+
+    correct = torch.zeros(2, device=device, dtype=torch.long)
+    for x, y in split.batches(batch_size):
+        correct += batch_correct(x, y) if graphs is None else graphs.correct(net, x, y, batch_correct)
     net.train(was)
     top1, top5 = (correct.double() / max(len(split), 1)).tolist()
     return {"top1": top1, "top5": top5}
@@ -473,9 +479,15 @@ class Validation:
         self.job, self.device, self.on_epoch, self.pre_seconds = job, device, on_epoch, pre_seconds
         self.result = FitResult()
         self.best_top1, self.best_epoch, self.best_state = -1.0, 0, None
+        self.graphs: capturing.GraphedEval | None = None  # made at the first evaluation of a graphed run
 
     def evaluate(self, net: nn.Module, split: DeviceSplit) -> dict:
-        return evaluate(net, split, self.job.recipe.eval_batch_size, self.device, self.job.trainee.precision)
+        """Accuracy of ``net`` on ``split``; replayed as CUDA graphs when the run's steps are."""
+        state = self.job.trainee.capture_state
+        if self.graphs is None and state is not None and state.graphs:
+            self.graphs = capturing.GraphedEval(self.device)
+        graphs = self.graphs if state is not None and state.graphs else None
+        return evaluate(net, split, self.job.recipe.eval_batch_size, self.device, self.job.trainee.precision, graphs)
 
     def __call__(self, epoch: int, epoch_metrics: dict) -> None:
         result, student = self.result, self.job.trainee.student

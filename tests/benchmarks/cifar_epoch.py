@@ -263,6 +263,34 @@ def steps_mode(args, device, x, y) -> dict:
     return out
 
 
+def eval_mode(args, device, x, y) -> dict:
+    """Evaluation of the teacher and the student over ``x``: eager vs replayed as CUDA graphs
+    (what a run with captured steps does), ms per pass and whether the accuracies agree."""
+    reg, ds = bench_registry(x, y, 64)
+    plan = make_plan(RunConfig(method="kd", dataset=ds.name, teacher=args.teacher, student=args.student,
+                               device=str(device), precision=args.precision), reg)
+    split = engine.load_split(ds, "val", device, {})  # bench_registry serves x, y for every split
+    out = {}
+    for role, model in (("teacher", plan.teacher_obj), ("student", plan.student_obj)):
+        net = engine.build_model(model, ds, device, 0)
+        row = {}
+        for mode in ("eager", "graphs"):
+            graphs = capture.GraphedEval(device) if mode == "graphs" else None
+            engine.evaluate(net, split, args.eval_batch_size, device, args.precision, graphs)  # warm-up / capture
+            sync(device)
+            start = time.perf_counter()
+            acc = engine.evaluate(net, split, args.eval_batch_size, device, args.precision, graphs)
+            sync(device)
+            row[mode] = {"ms_per_pass": 1000 * (time.perf_counter() - start), **acc,
+                         **({"fallback": graphs.reason} if graphs is not None and graphs.reason else {})}
+        row["same_accuracy"] = row["eager"]["top1"] == row["graphs"]["top1"] and row["eager"]["top5"] == row["graphs"]["top5"]
+        print(f"  {role:<8} {model.name:<11} eager {row['eager']['ms_per_pass']:8.2f} ms  graphs "
+              f"{row['graphs']['ms_per_pass']:8.2f} ms  per pass of {len(split)} samples; same accuracy: "
+              f"{row['same_accuracy']} {row['graphs'].get('fallback', '')}", flush=True)
+        out[role] = row
+    return out
+
+
 def methods_mode(args, device, x, y) -> dict:
     bs, mode = args.batch_sizes[0], args.captures[-1]
     out = {"batch_size": bs, "capture": mode, "methods": {}}
@@ -442,6 +470,8 @@ def main():
     ap.add_argument("--losses", action="store_true", help="bf16 vs fp32 loss terms and gradients, every method")
     ap.add_argument("--fits", action="store_true", help="every built-in method through one short fit")
     ap.add_argument("--plain", action="store_true", help="harness vs a plain loop with a CPU DataLoader")
+    ap.add_argument("--eval", action="store_true", help="evaluation eager vs replayed as CUDA graphs (CUDA only)")
+    ap.add_argument("--eval-batch-size", type=int, default=1024, help="--eval: the evaluation batch")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="--steps: also profile one epoch and print the N kernels with the most device time")
     ap.add_argument("--only", default=None, help="--methods/--fits: only these methods (comma-separated)")
@@ -486,17 +516,20 @@ def main():
     report = {"device": name, "torch": torch.__version__, "teacher": args.teacher, "student": args.student,
               "precision": args.precision or ("bf16" if cuda else "fp32"),
               "compile_options": dict(capture.COMPILE_OPTIONS), "fold_teacher_bn": args.fold_teacher_bn}
-    if not (args.methods or args.losses or args.fits or args.plain):
+    if not (args.methods or args.losses or args.fits or args.plain or args.eval):
         args.steps = True
     if args.fits:
         print(f"== every built-in method, {args.fit_epochs}-epoch fit on the embedded dataset, {name}", flush=True)
         report["fits"] = fits_mode(args, device)
-    if args.steps or args.methods or args.losses or args.plain:
+    if args.steps or args.methods or args.losses or args.plain or args.eval:
         x, y, what = cifar_like(args.samples, args.data_dir)
         report.update(samples=len(y), data=what)
     if args.steps:
         print(f"== {args.teacher} -> {args.student} KD, ms per step ({what}, {len(y)} samples/epoch) on {name}", flush=True)
         report["steps"] = steps_mode(args, device, x, y)
+    if args.eval:
+        print(f"== evaluation, eager vs CUDA graphs, batch {args.eval_batch_size}", flush=True)
+        report["eval"] = eval_mode(args, device, x, y)
     if args.methods:
         print(f"== every built-in method relative to KD, batch {args.batch_sizes[0]}, capture {args.captures[-1]}", flush=True)
         report["methods"] = methods_mode(args, device, x, y)

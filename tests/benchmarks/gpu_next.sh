@@ -11,6 +11,7 @@
 #   4. every built-in method through a 1-epoch fit with --capture compile+graphs (before it can
 #      be the default), batch 64 step time of compile+graphs vs graphs;
 #   5. batch 1024 with torch.compile mode max-autotune-no-cudagraphs (slow to compile: last).
+# After part 1: evaluation eager vs replayed as CUDA graphs (same accuracy? ms per pass).
 #   OUT=/tmp/next bash tests/benchmarks/gpu_next.sh
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -32,6 +33,7 @@ LS=(tests/benchmarks/lockstep_epoch.py --device cuda --scale cifar --rounds 1 --
 CE=(tests/benchmarks/cifar_epoch.py --device cuda --steps --epochs 3 --samples 8192)
 part lockstep_b64 $PY "${LS[@]}" --batch-size 64 --samples 6400 --json "$OUT/lockstep_b64.json"
 part lockstep_b256 $PY "${LS[@]}" --batch-size 256 --samples 12800 --json "$OUT/lockstep_b256.json"
+part eval_graphs $PY tests/benchmarks/cifar_epoch.py --device cuda --eval --samples 10000 --json "$OUT/eval_graphs.json"
 part b1024_profile $PY "${CE[@]}" --batch-sizes 1024 --captures none,graphs,compile --profile 12 --json "$OUT/b1024_profile.json"
 part b1024_folded $PY "${CE[@]}" --batch-sizes 1024 --captures graphs,compile --fold-teacher-bn --json "$OUT/b1024_folded.json"
 part fits_compile_graphs $PY tests/benchmarks/cifar_epoch.py --device cuda --fits --fit-capture compile+graphs --json "$OUT/fits_compile_graphs.json"

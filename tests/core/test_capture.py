@@ -201,3 +201,44 @@ def test_graphs_is_the_default_on_cuda_only_and_an_explicit_mode_wins():
     assert capture.resolve(None, torch.device("cpu")) == "none"
     assert capture.resolve("none", torch.device("cuda")) == "none"
     assert capture.resolve("compile", torch.device("cpu")) == "compile"
+
+
+def test_an_evaluation_whose_capture_fails_runs_eagerly_with_the_same_numbers(teacher, caplog):
+    """GraphedEval falls back to eager forwards when capturing fails (here: no CUDA), says so
+    once, and counts exactly what the eager evaluation counts — over a full and a partial batch."""
+    reg = plugins.load()
+    plan = make_plan(RunConfig(method="kd"), reg)
+    val = engine.load_split(plan.dataset_obj, "val", CPU, {})
+    batch = len(val) // 3 + 1  # two full batches and a partial one
+    eager = engine.evaluate(teacher, val, batch, CPU)
+    graphs = capture.GraphedEval(CPU)
+    first = engine.evaluate(teacher, val, batch, CPU, graphs=graphs)
+    again = engine.evaluate(teacher, val, batch, CPU, graphs=graphs)
+    assert first == again == eager and 0 < eager["top1"] < eager["top5"] < 1
+    with torch.no_grad():
+        logits = torch.cat([teacher(x) for x, _ in val.batches(batch)])
+    labels = torch.cat([y for _, y in val.batches(batch)])
+    assert eager["top1"] == (logits.argmax(1) == labels).sum().item() / len(labels)
+    warned = [r.getMessage() for r in caplog.records if "evaluation runs eagerly" in r.getMessage()]
+    assert len(warned) == 1 and "\n" not in warned[0] and graphs.reason and not graphs.graphs
+
+
+def test_epoch_totals_keep_their_buffers_across_epochs_and_count_what_was_added():
+    """A captured step adds into the totals' buffers by address: reset() must zero them in place;
+    the means are the batch-size-weighted means of the terms, accuracy the share of argmax hits."""
+    totals = engine.EpochTotals(CPU)
+    logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [5.0, 1.0]])
+    y = torch.tensor([0, 0, 0])
+    assert not totals.ready
+    totals.add({"ce": torch.tensor(1.0), "kd": torch.tensor(0.5)}, logits, y)
+    assert totals.ready
+    sums, correct = totals.sums.data_ptr(), totals.correct.data_ptr()
+    totals.accumulate({"ce": torch.tensor(4.0), "kd": torch.tensor(2.0)}, logits[:1], y[:1])
+    totals.count(1)
+    assert totals.means() == pytest.approx([(3 * 1.0 + 4.0) / 4, (3 * 0.5 + 2.0) / 4])
+    assert totals.metrics(totals.means(), 0.1, 0.0)["train_top1"] == 3 / 4
+    totals.reset()
+    assert (totals.sums.data_ptr(), totals.correct.data_ptr()) == (sums, correct)
+    assert totals.seen == 0 and totals.sums.tolist() == [0.0, 0.0] and totals.correct.item() == 0
+    totals.add({"ce": torch.tensor(2.0), "kd": torch.tensor(1.0)}, logits[1:], y[1:])
+    assert totals.means() == pytest.approx([2.0, 1.0]) and totals.names == ["ce", "kd"]
