@@ -111,10 +111,14 @@ def share_teacher(setups: list[StudentSetup], teacher_net: nn.Module, taps: dict
 # --------------------------------------------------------------------------- memory
 
 
-def member_bytes(setup: StudentSetup, batch_size: int, input_shape, device: torch.device, precision: str) -> int:
+def member_bytes(setup: StudentSetup, batch_size: int, input_shape, device: torch.device, precision: str,
+                 eval_batch_size: int = 0) -> int:
     """A rough upper estimate of one member's device memory: weights, gradients and two optimizer
     buffers of the student and the method's modules, and the student's activations kept for the
-    backward pass (every leaf module's output, counted on a forward of two samples)."""
+    backward pass (every leaf module's output, counted on a forward of two samples).
+    ``eval_batch_size``: the member's evaluation is replayed as CUDA graphs (a graphed run), whose
+    two memory pools (the full and the last batch) each hold about three of the largest
+    activations at that batch."""
     nets = [setup.trainee.student.model] + ([setup.trainee.modules] if setup.trainee.modules is not None else [])
     param_bytes = sum(p.numel() * p.element_size() for net in nets for p in net.parameters())
     counts: list[int] = []
@@ -131,7 +135,8 @@ def member_bytes(setup: StudentSetup, batch_size: int, input_shape, device: torc
         setup.trainee.student.train(was)
     element = 2 if precision == "bf16" else 4
     activations = sum(counts) // 2 * batch_size * element
-    return int(4 * param_bytes + 1.5 * activations)
+    evaluation = 2 * 3 * max(counts, default=0) // 2 * eval_batch_size * element
+    return int(4 * param_bytes + 1.5 * activations + evaluation)
 
 
 def free_device_bytes(device: torch.device) -> int | None:

@@ -240,6 +240,7 @@ def _train(claimed: list[tuple[Cell, str]], tracker: Tracker, t0: float, on_even
 
 def _memory_chunks(entries: list[_Entry], device, on_event: Callable) -> list[list[int]]:
     """The group as it fits in the device's free memory: one chunk, or several (with one event)."""
+    from kdbench.core import capture as capturing
     from kdbench.core import lockstep
     from kdbench.core.precision import resolve_precision
 
@@ -247,7 +248,10 @@ def _memory_chunks(entries: list[_Entry], device, on_event: Callable) -> list[li
     if free is None:  # the CPU: no device memory to check
         return [list(range(len(entries)))]
     sizes = [lockstep.member_bytes(e.setup, e.plan.recipe.batch_size, e.plan.dataset_obj.input_shape, device,
-                                   resolve_precision(e.plan.config.precision, device)) for e in entries]
+                                   resolve_precision(e.plan.config.precision, device),
+                                   eval_batch_size=e.plan.recipe.eval_batch_size
+                                   if capturing.resolve(e.plan.config.capture, device) in capturing.GRAPHED else 0)
+             for e in entries]
     budget = int(free * MEMORY_SHARE)
     chunks = lockstep.split_by_memory(sizes, budget)
     if len(chunks) > 1:

@@ -101,3 +101,13 @@ def test_member_memory_estimate_counts_weights_and_activations(env, teacher):
     large = lockstep.member_bytes(setup, 64, plan.dataset_obj.input_shape, CPU, "fp32")
     assert small > 16 * params and large > small
     assert (large - 16 * params) == pytest.approx(8 * (small - 16 * params), rel=0.01)
+    # a graphed run's evaluation graphs: two pools of about three of the largest activations
+    largest = []
+    hooks = [m.register_forward_hook(lambda _m, _a, out: largest.append(out[0].numel()))
+             for m in setup.trainee.student.model.modules() if not list(m.children())]
+    with torch.no_grad():
+        setup.trainee.student(torch.zeros((1, *plan.dataset_obj.input_shape)))
+    for hook in hooks:
+        hook.remove()
+    graphed = lockstep.member_bytes(setup, 8, plan.dataset_obj.input_shape, CPU, "fp32", eval_batch_size=100)
+    assert graphed - small == pytest.approx(2 * 3 * max(largest) * 100 * 4, rel=0.01)
