@@ -21,6 +21,7 @@ training time for the epoch divided by its members, ``peak_mem_mb`` the group's 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 
@@ -34,6 +35,8 @@ from kdbench.core.engine import FitJob, FitResult, OnEpoch, StudentSetup
 from kdbench.core.precision import autocast as precision_autocast
 from kdbench.core.precision import resolve_precision
 from kdbench.core.taps import Tapped
+
+log = logging.getLogger("kdbench")
 
 
 def alone_reason(plan) -> str | None:
@@ -286,10 +289,10 @@ class _GroupGraph:
     of its separate run."""
 
     def __init__(self, runs: dict[int, "_Running"], group: _GroupTeacher, device: torch.device,
-                 streams: dict[int, "torch.cuda.Stream"]):
+                 streams: dict[int, "torch.cuda.Stream"] | None):
         self.runs, self.group, self.device = dict(runs), group, device
         self.streams = {i: streams.setdefault(i, torch.cuda.Stream(device)) for i in self.runs} \
-            if PARALLEL_STREAMS else {}
+            if streams is not None else {}
         self.graphed = capturing.GraphedSteps(self._step, device)
 
     def _teacher(self, x) -> None:
@@ -327,7 +330,9 @@ class _GroupGraph:
 
 
 def _group_graph(running: dict[int, "_Running"], group: _GroupTeacher, device: torch.device,
-                 streams: dict) -> _GroupGraph | None:
+                 streams: dict | None) -> _GroupGraph | None:
+    """The group's graph when every member's step is captured; ``streams`` (member → stream,
+    kept for the stage) for parallel branches, None for one member after the other."""
     if device.type == "cuda" and running and all(run.step.graphed is not None for run in running.values()):
         return _GroupGraph(running, group, device, streams)
     return None
@@ -338,7 +343,7 @@ def _main_stage(running: dict[int, _Running], outcomes: list[MemberOutcome], gro
     first = next(iter(running.values())).job
     recipe, train, augment = first.recipe, first.splits["train"], first.augment
     generator = engine.stream(first.seed, device)  # the main stream every member would draw alone
-    streams: dict[int, torch.cuda.Stream] = {}
+    streams: dict[int, torch.cuda.Stream] | None = {} if PARALLEL_STREAMS else None
     graph: _GroupGraph | None = None
     for epoch in range(recipe.epochs):
         for run in running.values():
@@ -358,8 +363,14 @@ def _main_stage(running: dict[int, _Running], outcomes: list[MemberOutcome], gro
                 except KeyboardInterrupt:
                     raise
                 except Exception as exc:  # noqa: BLE001 - capturing failed: this batch again, eagerly
-                    graph.fall_back(exc)
-                    graph = None
+                    if graph.streams:  # parallel branches first give way to one member after the other
+                        log.warning("kdbench: lockstep members captured one after the other (parallel "
+                                    "streams failed): %s", capturing.failure_reason(exc))
+                        streams = None
+                        graph = _group_graph(running, group, device, streams)
+                    else:
+                        graph.fall_back(exc)
+                        graph = None
                     group.start_batch(x)
                 else:
                     for run in running.values():
