@@ -270,7 +270,7 @@ def fit_group(members: list[Member], group: _GroupTeacher, device: torch.device)
 
 
 #: run the members' steps of a group graph on parallel streams (False: one after the other;
-#: tests/benchmarks/lockstep_epoch.py --serial measures the difference)
+#: tests/benchmarks/lockstep_epoch.py --streams both measures the difference)
 PARALLEL_STREAMS = True
 
 
@@ -291,8 +291,12 @@ class _GroupGraph:
     def __init__(self, runs: dict[int, "_Running"], group: _GroupTeacher, device: torch.device,
                  streams: dict[int, "torch.cuda.Stream"] | None):
         self.runs, self.group, self.device = dict(runs), group, device
-        self.streams = {i: streams.setdefault(i, torch.cuda.Stream(device)) for i in self.runs} \
-            if streams is not None else {}
+        self.streams = {}
+        if streams is not None:
+            for i in self.runs:
+                if i not in streams:
+                    streams[i] = torch.cuda.Stream(device)
+                self.streams[i] = streams[i]
         self.graphed = capturing.GraphedSteps(self._step, device)
 
     def _teacher(self, x) -> None:
