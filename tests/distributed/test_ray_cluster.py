@@ -5,6 +5,8 @@
   SIGKILL mid-way; Ray re-runs the cell; at the end every cell has exactly one FINISHED run, the
   killed run is KILLED (never RUNNING), and the teacher was trained once although the two nodes
   have separate teacher caches (the second fetches the weights from the teacher's MLflow run);
+* the same with ``--lockstep``: the worker training a group of 3 cells is killed; Ray re-runs the
+  group, and every cell still ends with exactly one FINISHED run;
 * a study with 2 Optuna workers as Ray tasks on a PostgreSQL storage: exactly the asked trials;
 * a multi-node cluster with a local sqlite store is refused in one line, exit 2.
 
@@ -309,6 +311,71 @@ def test_killed_driver_then_rerun_resumes(cluster, tmp_path):
     assert len({r.data.tags["config_hash"] for r in finished}) == len(finished) == 6, out
     assert {r.info.run_id: r.info.end_time for r in finished if r.info.run_id in before} == before
     assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def test_lockstep_group_survives_a_killed_ray_worker(cluster, tmp_path):
+    """``bench --executor ray --lockstep``: the Ray worker training a group of 3 cells (kd, at,
+    fitnets of one seed, one teacher forward per batch) is killed with SIGKILL; Ray re-runs the
+    group, whose claims wait until the dead worker's heartbeat is stale (it looks as if on another
+    machine), mark its runs KILLED and train the cells again: at the end every cell has exactly one
+    FINISHED run, nothing is RUNNING, a rerun is a no-op."""
+    from mlflow.tracking import MlflowClient
+
+    from kdbench.workflows import bench, suites
+
+    # other seeds than the other tests' suites (a cell's identity is its config hash); 6 epochs: a
+    # group trains for seconds, so the poll below sees it RUNNING
+    (tmp_path / "lock.toml").write_text(
+        SUITE.replace('name = "dist"', 'name = "lock"').replace("seeds = [0, 1, 2]", "seeds = [20, 21, 22]")
+        .replace('methods = ["vanilla", "kd"]', 'methods = ["vanilla", "kd", "at", "fitnets"]')
+        .replace("epochs = 2", "epochs = 6"))
+    args = ("bench", "lock.toml", "--lockstep", "--executor", "ray", "--ray-address", cluster["ray"],
+            "--tracking-uri", cluster["tracking"])
+    proc = kdbench(cluster, *args, cwd=tmp_path)
+    client = MlflowClient(cluster["tracking"])
+    query = "tags.leaderboard = 'lock' AND tags.role = 'student'"
+    group, deadline = [], time.time() + 240
+    while not group and proc.poll() is None and time.time() < deadline:
+        exp = client.get_experiment_by_name("kdbench/mnist1d")
+        running = client.search_runs([exp.experiment_id], f"{query} AND attributes.status = 'RUNNING' AND "
+                                     "tags.lockstep = '3'") if exp else []
+        pids = [r.data.tags["kdbench.pid"] for r in running]
+        pid = next((pid for pid in pids if pids.count(pid) == 3), None)  # a whole group set up in one worker
+        if pid is not None:
+            group = [r for r in running if r.data.tags["kdbench.pid"] == pid]
+            # as if the worker ran on another machine (its runs name their host once, at the start):
+            # the re-run's claims cannot check its pid, only its heartbeat's age tells it is dead
+            for run in group:
+                client.set_tag(run.info.run_id, "kdbench.host", "another-machine")
+            os.kill(int(pid), signal.SIGKILL)  # the Ray worker training the group
+        time.sleep(0.05)
+    output, _ = proc.communicate(timeout=max(10, deadline - time.time()))
+    assert group, f"no lockstep group was seen training:\n{output}"
+    assert sorted(r.data.tags["method"] for r in group) == ["at", "fitnets", "kd"]
+    assert proc.returncode == 0, output
+    assert "lockstep: 9 cells in 3 groups" in output and "12 to run" in output, output
+    assert "suite: 12 done, 0 running, 0 failed, 0 left" in output, output
+
+    exp = client.get_experiment_by_name("kdbench/mnist1d").experiment_id
+    runs = client.search_runs([exp], query)
+    hashes = [cell.config_hash for cell in bench.plan_cells(suites.load_suite(str(tmp_path / "lock.toml")))]
+    finished = [r.data.tags["config_hash"] for r in runs if r.info.status == "FINISHED"]
+    assert sorted(finished) == sorted(hashes) and len(set(hashes)) == 12  # exactly one FINISHED run per cell
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    for run in group:  # the killed worker's runs: KILLED (by the re-run's claims), their cells finished again
+        again = client.get_run(run.info.run_id)
+        assert again.info.status == "KILLED", again
+        assert again.data.tags["failure_reason"] == f"process died (no heartbeat): pid {pid} on another-machine"
+        assert run.data.tags["config_hash"] in finished
+    retried = [r for r in runs if r.info.status == "FINISHED" and r.data.tags["config_hash"] in
+               {g.data.tags["config_hash"] for g in group}]
+    assert {r.data.tags["lockstep"] for r in retried} == {"3"}  # ... trained as a group again
+    assert not {r.data.tags["kdbench.pid"] for r in retried} & {g.data.tags["kdbench.pid"] for g in group}
+
+    rerun = kdbench(cluster, *args, cwd=tmp_path)
+    out, _ = rerun.communicate(timeout=120)
+    assert rerun.returncode == 0 and "12 already finished, 0 to run" in out, out
+    assert len(client.search_runs([exp], query)) == len(runs)
 
 
 def test_a_store_one_node_cannot_reach_is_refused_before_any_run(cluster, tmp_path):

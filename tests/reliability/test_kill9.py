@@ -243,6 +243,80 @@ def test_tune_reaches_its_trials_after_a_dead_worker(env, monkeypatch):
     assert runs(env, "r.status = 'RUNNING'") == []
 
 
+def lockstep_group(env, exclude: set) -> set[str]:
+    """The run ids of a lockstep group of 3 training in one process, all RUNNING (a group's runs
+    carry the tag ``lockstep`` once it has set them up, just before the shared teacher forward
+    starts); empty while none is. ``exclude``: run ids not to count (earlier kills' runs)."""
+    by_pid: dict[str, set[str]] = {}
+    try:
+        with sqlite3.connect(f"file:{env / 'mlflow.db'}?mode=ro", uri=True, timeout=5) as con:
+            rows = con.execute(
+                "SELECT r.run_uuid, p.value FROM runs r JOIN tags l ON l.run_uuid = r.run_uuid AND l.key = "
+                "'lockstep' AND l.value = '3' JOIN tags p ON p.run_uuid = r.run_uuid AND p.key = 'kdbench.pid' "
+                "WHERE r.status = 'RUNNING'").fetchall()
+    except sqlite3.Error:
+        return set()
+    for run_id, pid in rows:
+        if run_id not in exclude:
+            by_pid.setdefault(pid, set()).add(run_id)
+    return next((group for group in by_pid.values() if len(group) == 3), set())
+
+
+def test_bench_lockstep_killed_mid_group_then_rerun(rel):
+    """kill -9 of `bench --lockstep` while a group of 3 trains (in the bench process itself), then
+    of `bench --lockstep --jobs 2` while a group trains in a worker; the same command then finishes
+    the suite: each cell once, the killed groups' runs KILLED, the runs finished before untouched."""
+    suite = (rel / "rel.toml").read_text()
+    (rel / "rel.toml").write_text(suite.replace(
+        'methods = ["vanilla", {name = "kd", params = {T = 2.0}}]',
+        'methods = ["vanilla", {name = "kd", params = {T = 2.0}}, "at", "fitnets"]').replace(
+        "epochs = 2", "epochs = 4"))  # 4: a group trains for seconds, so the poll sees it RUNNING
+    assert '"at", "fitnets"' in (rel / "rel.toml").read_text()
+    orphans, killed_groups = set(), []
+    for jobs in (1, 2):
+        proc = kdbench("bench", "rel.toml", "--lockstep", "--jobs", jobs, cwd=rel)
+        seen = set().union(*killed_groups)  # the first kill's runs stay RUNNING until a store is touched
+        group = wait_for("a lockstep group training", lambda: lockstep_group(rel, seen), proc=proc)
+        finished_before = {r[0] for r in runs(rel, "r.status = 'FINISHED'")}
+        children = descendants(proc.pid)
+        assert jobs == 1 or len(children) >= 2  # the group trains in a worker process
+        proc.send_signal(signal.SIGKILL)
+        out, _ = proc.communicate()
+        assert "lockstep: 9 cells in 3 groups" in out or jobs == 2, out
+        end = time.time() + 15
+        while alive(children) and time.time() < end:
+            time.sleep(0.2)
+        left = alive(children)
+        for pid in left:  # do not leave them behind for the other tests
+            os.kill(pid, signal.SIGKILL)
+        orphans |= left
+        killed_groups.append(group)
+        assert finished_before <= {r[0] for r in runs(rel, "r.status = 'FINISHED'")}
+    again = kdbench("bench", "rel.toml", "--lockstep", cwd=rel)
+    out, _ = again.communicate(timeout=300)
+    touch_store(rel)
+    row = tally(rel, "bench --lockstep, kill -9 mid-group (jobs 1, 2), rerun", 2, orphans=len(orphans),
+                failed=int(again.returncode != 0))
+    assert row == {**row, "lost": 0, "duplicated": 0, "left RUNNING": 0, "orphans": 0, "failed procs": 0}, out
+    assert "lockstep:" in out, out
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{rel}/mlflow.db")
+    # the bench process's own group: marked KILLED by a later command (its pid is gone); a worker's
+    # group: by the worker as it follows its dead parent (or, had that failed, by a later command)
+    reasons = (("process died (no heartbeat): pid",), ("the kdbench bench process died", "process died"))
+    for killed, reason in zip(killed_groups, reasons):
+        assert len(killed) == 3
+        ended = [client.get_run(run_id) for run_id in killed]
+        assert [r.info.status for r in ended] == ["KILLED"] * len(ended)
+        assert all(r.data.tags["failure_reason"].startswith(reason) for r in ended), [
+            r.data.tags.get("failure_reason") for r in ended]
+    # every run that did not finish was killed by one of the two kills: nothing failed
+    unfinished = runs(rel, "r.status != 'FINISHED'")
+    assert {r[1] for r in unfinished} == {"KILLED"} and set().union(*killed_groups) <= {r[0] for r in unfinished}
+
+
 def test_concurrent_first_use_of_a_fresh_store(env):
     script = ("import sys; from kdbench.workflows.tracking import Tracker; t = Tracker(sys.argv[1]); "
               "r = t.start('mnist1d', 'x', {'role': 'probe'}, {}); t.finish(r)")
