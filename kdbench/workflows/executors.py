@@ -8,7 +8,8 @@ why (``on_lost``). A job's function receives the results of the jobs it needs as
 * ``local`` (the default, no Ray needed): jobs run level by level (a level's jobs need only earlier
   levels) in ``jobs`` spawned worker processes, or in this process for ``jobs=1``. On a machine with
   GPUs each worker is pinned to one GPU by ``CUDA_VISIBLE_DEVICES``, round-robin over the visible
-  GPUs, at most ``runs_per_gpu`` workers per GPU.
+  GPUs, at most ``runs_per_gpu`` workers per GPU. A worker that dies takes the pool's other jobs
+  in flight with it (Python's process pool): they are re-run in a new pool (``max_retries``).
 * ``ray``: each job is a Ray task; needs are Ray task dependencies (a cell starts when its teacher's
   task has returned, no polling). A GPU job asks for ``1/runs_per_gpu`` of a GPU, a CPU job for one
   CPU; Ray places them. A task whose worker process or node dies is re-run by Ray (``max_retries``);
@@ -23,6 +24,7 @@ import socket
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -195,24 +197,55 @@ def run_local(jobs: list[Job], config: ExecutorConfig, on_done: Callable, on_los
     workers = len(slots_list)
     threads = max(1, (os.cpu_count() or 1) // workers)
     ctx = mp.get_context("spawn")  # not fork: forking after torch has run (OpenMP threads) can deadlock
-    slots = ctx.Queue()
-    for gpu in slots_list:
-        slots.put(gpu)
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_local_worker_init,
-                             initargs=(os.getpid(), slots, threads)) as pool:
+
+    def new_pool() -> ProcessPoolExecutor:
+        slots = ctx.Queue()  # each worker takes its GPU slot from here: a fresh queue per pool
+        for gpu in slots_list:
+            slots.put(gpu)
+        return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_local_worker_init,
+                                   initargs=(os.getpid(), slots, threads))
+
+    # A worker that dies (kill -9, the OOM killer) breaks the whole pool: Python ends the other
+    # workers and fails every job in flight with BrokenProcessPool, without saying whose worker
+    # died. As Ray does for a lost worker, each such job is run again in a new pool, at most
+    # ``max_retries`` times; the lost attempts' runs are ended KILLED by the claims' liveness check.
+    lost_times: dict[str, int] = {}
+    pool = new_pool()
+    try:
         for level in levels(jobs):
-            futures = {pool.submit(job.fn, *job.args, *(results[need] for need in job.needs)): job
-                       for job in level}
-            waiting = set(futures)
-            while waiting:
-                finished, waiting = wait(waiting, return_when=FIRST_COMPLETED)
-                for future in finished:
+            todo = list(level)
+            while todo:
+                futures, broken = {}, []
+                for job in todo:
                     try:
-                        result = future.result()
-                    except Exception as exc:  # noqa: BLE001 - the worker died: record and go on
-                        finish(futures[future], lost=f"{type(exc).__name__}: {exc}")
+                        futures[pool.submit(job.fn, *job.args, *(results[need] for need in job.needs))] = job
+                    except BrokenProcessPool as exc:
+                        broken.append((job, exc))
+                waiting = set(futures)
+                while waiting:
+                    finished, waiting = wait(waiting, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        try:
+                            result = future.result()
+                        except BrokenProcessPool as exc:
+                            broken.append((futures[future], exc))
+                        except Exception as exc:  # noqa: BLE001 - the job could not run: record and go on
+                            finish(futures[future], lost=f"{type(exc).__name__}: {exc}")
+                        else:
+                            finish(futures[future], result)
+                todo = []
+                for job, exc in broken:
+                    lost_times[job.key] = lost_times.get(job.key, 0) + 1
+                    if lost_times[job.key] > config.max_retries:
+                        finish(job, lost=f"a worker process died {lost_times[job.key]} times running it "
+                                         f"({type(exc).__name__})")
                     else:
-                        finish(futures[future], result)
+                        todo.append(job)
+                if broken:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    pool = new_pool()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------- Ray

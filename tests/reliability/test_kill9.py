@@ -196,6 +196,43 @@ def test_bench_jobs_2_killed_leaves_no_orphan_and_resumes(rel):
     assert row == {**row, "lost": 0, "duplicated": 0, "left RUNNING": 0, "orphans": 0, "failed procs": 0}, out
 
 
+def running_cell_pids(env) -> dict[str, int]:
+    """run id -> the pid (``kdbench.pid`` tag) of each RUNNING student run."""
+    db = env / "mlflow.db"
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+            rows = con.execute(
+                "SELECT r.run_uuid, p.value FROM runs r JOIN tags p ON p.run_uuid = r.run_uuid AND p.key = "
+                "'kdbench.pid' JOIN tags o ON o.run_uuid = r.run_uuid AND o.key = 'role' AND o.value = 'student' "
+                "WHERE r.status = 'RUNNING'").fetchall()
+    except sqlite3.Error:
+        return {}
+    return {run: int(pid) for run, pid in rows}
+
+
+def test_bench_jobs_2_a_killed_worker_is_rerun_and_the_suite_finishes(rel):
+    """kill -9 of one worker of `bench --jobs 2`: Python's process pool breaks (the other worker's
+    cell is ended with it); both cells are run again in a new pool and the same command finishes
+    the suite, each cell once, the lost attempts KILLED."""
+    (rel / "rel.toml").write_text((rel / "rel.toml").read_text().replace("epochs = 2", "epochs = 4"))
+    proc = kdbench("bench", "rel.toml", "--jobs", 2, cwd=rel)
+    workers = wait_for("a cell RUNNING in a worker", lambda: {
+        pid for pid in running_cell_pids(rel).values() if pid in descendants(proc.pid)}, proc=proc)
+    victim = next(iter(workers))
+    os.kill(victim, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+    touch_store(rel)
+    row = tally(rel, "bench --jobs 2, kill -9 one worker mid-cell", 1, failed=int(proc.returncode != 0))
+    assert row == {**row, "lost": 0, "duplicated": 0, "left RUNNING": 0, "failed procs": 0}, out
+    assert "6 finished, 0 failed" in out, out
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{rel}/mlflow.db")
+    killed = [client.get_run(r[0]) for r in runs(rel, "r.status = 'KILLED'")]
+    assert killed and any(r.data.tags.get("kdbench.pid") == str(victim) for r in killed)
+    assert not runs(rel, "r.status = 'FAILED'")
+
+
 def test_two_benches_of_one_suite_run_each_cell_once(rel):
     first, second = kdbench("bench", "rel.toml", cwd=rel), kdbench("bench", "rel.toml", cwd=rel)
     outs = [proc.communicate(timeout=400)[0] for proc in (first, second)]
