@@ -30,7 +30,6 @@ import copy
 import json
 import math
 import os
-import statistics
 import time
 import traceback
 
