@@ -1,5 +1,4 @@
 """Precision: networks under (CPU) bf16 autocast, every loss term in float32 with autocast off."""
-import contextlib
 
 import pytest
 import torch

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from methods.kit import method, npy, probe_of, rnd, shapes, step_of
+from methods.kit import method, npy, probe_of, rnd, step_of
 
 
 def kdsvd_np(feats_s, feats_t, k, conn=None):

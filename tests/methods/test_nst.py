@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from methods.kit import method, npy, pool_np, rnd, shapes, step_of
+from methods.kit import method, npy, pool_np, rnd, step_of
 
 
 def nst_np(fs, ft, kernel, c=0.0, d=2, sigma=1.0):

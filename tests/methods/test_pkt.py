@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from methods.kit import method, npy, rnd, shapes, step_of
+from methods.kit import method, npy, rnd, step_of
 
 
 def pkt_np(fs, ft, eps=1e-7):

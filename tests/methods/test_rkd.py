@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from methods.kit import method, npy, rnd, shapes, step_of
+from methods.kit import method, npy, rnd, step_of
 
 
 def huber(a, b):
