@@ -19,7 +19,9 @@ Ray is imported only inside the functions that use it (``pip install 'kdbench[ra
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import sys
 import time
@@ -141,11 +143,68 @@ def gpu_slots(gpus: list[str], workers: int, runs_per_gpu: int) -> list[str | No
     return [gpus[i % len(gpus)] for i in range(min(workers, len(gpus) * runs_per_gpu))]
 
 
-def _local_worker_init(parent_pid: int, slots, threads: int) -> None:
-    """In each local worker: take a GPU slot (``CUDA_VISIBLE_DEVICES``, before CUDA starts), set
-    the threads, and die with the parent (a thread marks this worker's runs KILLED first)."""
+#: in a local worker: Ctrl-C was pressed (it runs no further job) / a job is running
+_interrupted = False
+_in_job = False
+
+
+def _on_ctrl_c(signum, frame) -> None:
+    """A local worker's SIGINT handler. Ctrl-C in a terminal reaches every process of the group:
+    the job running here is interrupted (once: its run is being ended KILLED, which a second Ctrl-C
+    must not cut short), an idle worker just stops taking jobs (Python's default would end it with
+    a KeyboardInterrupt traceback); the parent cancels what is left and shuts the pool down."""
+    global _interrupted
+    first = not _interrupted
+    _interrupted = True
+    if first and _in_job:
+        raise KeyboardInterrupt
+
+
+def _run_job(fn: Callable, *args):
+    """A job in a local worker: none starts after Ctrl-C (those already queued for this worker)."""
+    global _in_job
+    if _interrupted:
+        raise KeyboardInterrupt
+    _in_job = True
+    try:
+        return fn(*args)
+    finally:
+        _in_job = False
+
+
+@contextlib.contextmanager
+def _ctrl_c_held():
+    """Hold off Ctrl-C while this thread starts a worker: the worker begins with SIGINT blocked
+    (the mask is inherited) until :func:`_local_worker_init` has set its handler, so a Ctrl-C during
+    its start-up is handled, not a traceback; and this process finishes handing the worker its
+    start-up data (a KeyboardInterrupt half-way left it a truncated pipe and an EOFError
+    traceback), then raises the KeyboardInterrupt."""
     import threading
 
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield  # Windows, or not the main thread (which alone gets KeyboardInterrupt)
+        return
+    pressed = []
+    handler = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        signal.signal(signal.SIGINT, handler)
+        if pressed and callable(handler):
+            handler(signal.SIGINT, None)  # the default one raises KeyboardInterrupt
+
+
+def _local_worker_init(parent_pid: int, slots, threads: int) -> None:
+    """In each local worker: take a GPU slot (``CUDA_VISIBLE_DEVICES``, before CUDA starts), set
+    the threads, handle Ctrl-C (:func:`_on_ctrl_c`), and die with the parent (a thread marks this
+    worker's runs KILLED first)."""
+    import threading
+
+    signal.signal(signal.SIGINT, _on_ctrl_c)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by _ctrl_c_held
     gpu = slots.get()
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
@@ -218,7 +277,9 @@ def run_local(jobs: list[Job], config: ExecutorConfig, on_done: Callable, on_los
                 futures, broken = {}, []
                 for job in todo:
                     try:
-                        futures[pool.submit(job.fn, *job.args, *(results[need] for need in job.needs))] = job
+                        with _ctrl_c_held():  # submit may start a worker
+                            future = pool.submit(_run_job, job.fn, *job.args, *(results[need] for need in job.needs))
+                        futures[future] = job
                     except BrokenProcessPool as exc:
                         broken.append((job, exc))
                 waiting = set(futures)

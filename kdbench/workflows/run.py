@@ -20,7 +20,7 @@ from kdbench.core.plan import Plan, RunConfig, make_plan
 from kdbench.core.precision import resolve_precision
 from kdbench.workflows.provenance import base_tags, recipe_hash
 from kdbench.workflows.teachers import Teacher, obtain_teacher, obtain_teachers, teacher_ids, teacher_tags
-from kdbench.workflows.tracking import Tracker, failure_reason
+from kdbench.workflows.tracking import Tracker, ended_status, failure_reason
 
 
 @dataclass(kw_only=True)
@@ -101,7 +101,7 @@ def end_failed_run(tracker: Tracker, run_id: str, config: RunConfig, exc: BaseEx
     trial_state=PRUNED) through marker attributes, so the runner needs no Optuna import."""
     status = getattr(exc, "kdbench_run_status", None)
     if status is None:
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        status = ended_status(exc)
         tags = {"trial_state": "FAILED"} if "mlflow.parentRunId" in config.tags else {}
     else:
         tags = dict(getattr(exc, "kdbench_run_tags", {}))

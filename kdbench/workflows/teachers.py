@@ -25,7 +25,7 @@ from kdbench.core.splits import load_split
 from kdbench.data import cache_dir, file_digest
 from kdbench.errors import KdbenchError
 from kdbench.workflows.provenance import base_tags
-from kdbench.workflows.tracking import Tracker, failure_reason
+from kdbench.workflows.tracking import Tracker, ended_status, failure_reason
 
 log = logging.getLogger("kdbench")
 
@@ -162,14 +162,14 @@ def trained_teacher(plan: Plan, device, tracker: Tracker, on_epoch) -> Teacher:
     try:
         net, result = engine.run_teacher(plan, device, tracker.epoch_logger(run_id, on_epoch))
     except BaseException as exc:
-        tracker.finish(run_id, "FAILED", failure_reason(exc))
+        tracker.finish(run_id, ended_status(exc), failure_reason(exc))
         raise
     teacher_metrics = dict(result.metrics)
     tracker.log_metrics(run_id, teacher_metrics)
     try:  # the weights go with the run: a FINISHED teacher run always has them
         tracker.client.log_artifact(run_id, str(_save_to_cache(key, result, teacher_metrics)), WEIGHTS_FOLDER)
     except BaseException as exc:
-        tracker.finish(run_id, "FAILED", failure_reason(exc))
+        tracker.finish(run_id, ended_status(exc), failure_reason(exc))
         raise
     tracker.finish(run_id)
     return Teacher(net=net, id=key, run_id=run_id, metrics=teacher_metrics)

@@ -303,6 +303,11 @@ class Tracker:
             return False
 
 
+def ended_status(exc: BaseException) -> str:
+    """The status of a run its exception ended: KILLED for Ctrl-C (not a failure), else FAILED."""
+    return "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+
+
 def failure_reason(exc: BaseException) -> str:
     """How a failed run's ``failure_reason`` names the exception that ended it."""
     return f"{type(exc).__name__}: {exc}"

@@ -432,12 +432,39 @@ class _Objective:
 
 
 def _optimize_one(study, objective):
-    """Run one trial in this worker; its frozen trial (None if Optuna ran none)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mine = []  # this worker's trial (another worker may have added later ones)
-        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False,
-                       callbacks=[lambda _study, trial: mine.append(trial)])
+    """Run one trial in this worker; its frozen trial (None if Optuna ran none).
+
+    On Ctrl-C Optuna marks the trial FAIL and re-raises, after logging it as failed with the
+    KeyboardInterrupt's traceback; those log lines are dropped, so that the command ends with its
+    one line (``kdbench`` says the run was interrupted)."""
+    import logging
+
+    interrupted = []
+
+    def run(trial):
+        try:
+            return objective(trial)
+        except KeyboardInterrupt:
+            interrupted.append(trial.number)
+            try:  # shown by `kdbench tune --show`; Optuna then marks the trial FAIL
+                trial.set_user_attr("fail_reason", "interrupted (Ctrl-C)")
+            except Exception:  # noqa: BLE001, S110 - the store is busy: the Ctrl-C still goes through
+                pass
+            raise
+
+    def not_interrupted(record) -> bool:
+        return not any(record.getMessage().startswith(f"Trial {number} failed") for number in interrupted)
+
+    log = logging.getLogger("optuna.study._optimize")
+    log.addFilter(not_interrupted)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mine = []  # this worker's trial (another worker may have added later ones)
+            study.optimize(run, n_trials=1, catch=(Exception,), gc_after_trial=False,
+                           callbacks=[lambda _study, trial: mine.append(trial)])
+    finally:
+        log.removeFilter(not_interrupted)
     return mine[0] if mine else None
 
 
