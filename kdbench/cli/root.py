@@ -26,6 +26,7 @@ class OneLineErrorGroup(click.Group):
         except BrokenPipeError:
             _quiet_broken_pipe()
         except KeyboardInterrupt:
+            _end_own_runs()
             click.echo("interrupted; the run is marked KILLED in MLflow", err=True)
             sys.exit(130)
         except Exception as exc:
@@ -33,6 +34,14 @@ class OneLineErrorGroup(click.Group):
                 raise
             click.echo(one_line(exc), err=True)
             sys.exit(1)
+
+
+def _end_own_runs() -> None:
+    """After Ctrl-C: any run this process still owns ends KILLED — the workflows end their own, but
+    a Ctrl-C can land between a run's creation and the code that would end it."""
+    from kdbench.workflows import claims  # the standard library only: cheap
+
+    claims.end_owned_runs("interrupted (Ctrl-C)")
 
 
 def _quiet_broken_pipe() -> None:

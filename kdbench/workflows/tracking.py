@@ -219,8 +219,8 @@ class Tracker:
         """A new RUNNING run owned by this process (its heartbeat runs until :meth:`finish`)."""
         run = self.client.create_run(self.experiment_id(dataset), run_name=run_name)
         run_id = run.info.run_id
+        claims.HEARTBEAT.add(self.client, run_id)  # owned from here: a Ctrl-C ends it KILLED (cli.root)
         self.fill(run_id, {**tags, **claims.owner_tags()}, params)
-        claims.HEARTBEAT.add(self.client, run_id)
         return run_id
 
     def fill(self, run_id: str, tags: dict, params: dict) -> None:

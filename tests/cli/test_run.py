@@ -131,3 +131,20 @@ def test_nan_and_raising_plugins_fail_cleanly_and_are_recorded(env, add_dist):
     assert len(runs(env, role="teacher")) == 1  # what was recorded before stays
     debug = invoke("--debug", "run", "--method", "kdtest_raise", "--epochs", "1")
     assert isinstance(debug.exception, ValueError)
+
+
+def test_ctrl_c_between_creating_a_run_and_filling_it_still_ends_it_killed(env, monkeypatch):
+    """The narrowest Ctrl-C window: the run exists but the workflow has not reached the code that
+    would end it. The command's top level ends every run this process still owns KILLED."""
+    from kdbench.workflows import claims
+    from kdbench.workflows.tracking import Tracker
+
+    def interrupted(self, run_id, tags, params):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Tracker, "fill", interrupted)
+    result = invoke("run", "--method", "vanilla", "--epochs", "1")
+    assert result.exit_code == 130, result.output
+    (run,) = runs(env)
+    assert run.info.status == "KILLED" and run.data.tags["failure_reason"] == "interrupted (Ctrl-C)"
+    assert not claims.HEARTBEAT.owned()
