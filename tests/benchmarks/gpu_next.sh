@@ -12,7 +12,7 @@
 #      be the default), batch 64 step time of compile+graphs vs graphs;
 #   5. batch 1024 with torch.compile mode max-autotune-no-cudagraphs (slow to compile: last).
 # After part 1: evaluation eager vs replayed as CUDA graphs (same accuracy? ms per pass).
-#   OUT=/tmp/next bash tests/benchmarks/gpu_next.sh
+#   OUT=/tmp/next bash tests/benchmarks/gpu_next.sh          (SMOKE=1: a CPU check of the arguments)
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 OUT="${OUT:-/tmp/kdbench-next}"; mkdir -p "$OUT"
@@ -29,14 +29,24 @@ part() {  # name, then the command
   timeout "$PART_S" "$@" > "$OUT/$name.log" 2>&1; echo "   exit $?"
   grep -v "^\s*$" "$OUT/$name.log" | grep -iv "warn" | tail -22
 }
-LS=(tests/benchmarks/lockstep_epoch.py --device cuda --scale cifar --rounds 1 --epochs 3 --capture graphs --streams both)
-CE=(tests/benchmarks/cifar_epoch.py --device cuda --steps --epochs 3 --samples 8192)
-part lockstep_b64 $PY "${LS[@]}" --batch-size 64 --samples 6400 --json "$OUT/lockstep_b64.json"
-part lockstep_b256 $PY "${LS[@]}" --batch-size 256 --samples 12800 --json "$OUT/lockstep_b256.json"
-part eval_graphs $PY tests/benchmarks/cifar_epoch.py --device cuda --eval --samples 10000 --json "$OUT/eval_graphs.json"
-part b1024_profile $PY "${CE[@]}" --batch-sizes 1024 --captures none,graphs,compile --profile 12 --json "$OUT/b1024_profile.json"
-part b1024_folded $PY "${CE[@]}" --batch-sizes 1024 --captures graphs,compile --fold-teacher-bn --json "$OUT/b1024_folded.json"
-part fits_compile_graphs $PY tests/benchmarks/cifar_epoch.py --device cuda --fits --fit-capture compile+graphs --json "$OUT/fits_compile_graphs.json"
-part b64_compile_graphs $PY "${CE[@]}" --batch-sizes 64 --captures graphs,compile+graphs --json "$OUT/b64_compile_graphs.json"
-part b1024_max_autotune $PY "${CE[@]}" --batch-sizes 1024 --captures compile --compile-mode max-autotune-no-cudagraphs --json "$OUT/b1024_max_autotune.json"
+# SMOKE=1: the same commands on the CPU with tiny sizes (graphs -> none, compile+graphs -> compile,
+# resnet8 pair, aot_eager), to check every part's arguments before spending GPU time (~3 min)
+if [ "${SMOKE:-0}" = 1 ]; then
+  DEV=cpu; G=none; CG=compile; B64=16; B256=32; B1024=32; N=128; NL=96; SMALL=(--teacher resnet8 --student resnet8)
+  LSX=(--methods kd,at --threads 1); CEX=(--compile-backend aot_eager); FITX=(--only kd,at --compile-backend aot_eager)
+  MODE=default; export OMP_NUM_THREADS=1
+else
+  DEV=cuda; G=graphs; CG=compile+graphs; B64=64; B256=256; B1024=1024; N=8192; NL=6400; SMALL=()
+  LSX=(); CEX=(); FITX=(); MODE=max-autotune-no-cudagraphs
+fi
+LS=(tests/benchmarks/lockstep_epoch.py --device $DEV --scale cifar --rounds 1 --epochs 3 --capture $G --streams both "${LSX[@]}")
+CE=(tests/benchmarks/cifar_epoch.py --device $DEV --steps --epochs 3 --samples $N "${SMALL[@]}" "${CEX[@]}")
+part lockstep_b64 $PY "${LS[@]}" --batch-size $B64 --samples $NL --json "$OUT/lockstep_b64.json"
+part lockstep_b256 $PY "${LS[@]}" --batch-size $B256 --samples $(( NL * 2 )) --json "$OUT/lockstep_b256.json"
+part eval_graphs $PY tests/benchmarks/cifar_epoch.py --device $DEV --eval --samples $(( N + N / 5 )) "${SMALL[@]}" --json "$OUT/eval_graphs.json"
+part b1024_profile $PY "${CE[@]}" --batch-sizes $B1024 --captures none,$G,compile --profile 12 --json "$OUT/b1024_profile.json"
+part b1024_folded $PY "${CE[@]}" --batch-sizes $B1024 --captures $G,compile --fold-teacher-bn --json "$OUT/b1024_folded.json"
+part fits_compile_graphs $PY tests/benchmarks/cifar_epoch.py --device $DEV --fits --fit-capture $CG "${FITX[@]}" --json "$OUT/fits_compile_graphs.json"
+part b64_compile_graphs $PY "${CE[@]}" --batch-sizes $B64 --captures $G,$CG --json "$OUT/b64_compile_graphs.json"
+part b1024_max_autotune $PY "${CE[@]}" --batch-sizes $B1024 --captures compile --compile-mode $MODE --json "$OUT/b1024_max_autotune.json"
 echo "== [$(( $(date +%s) - START ))s] done"
