@@ -9,7 +9,6 @@ Students train on the embedded MNIST-1D; the teacher is a checkpoint (one test t
 a cache of its own, to interrupt it). Each scenario waits for its interrupt point by polling the
 stores every 50 ms: an epoch's ``val_top1`` logged by a RUNNING run.
 """
-import hashlib
 import os
 import signal
 import sqlite3
@@ -19,44 +18,24 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from kdbench.core import engine, plugins
-from kdbench.core.plan import RunConfig, make_plan
+from helpers import checkpoint_suite, teacher_checkpoint
 
 POLL = 0.05  # seconds between looks at the stores
 GRACE = 10.0  # seconds the group gets to wind down once the command has exited
 
-SUITE = """
-name = "cc"
-dataset = "mnist1d"
-seeds = {seeds}
-methods = [{methods}]
-[recipe]
-epochs = {epochs}
-[[pairs]]
-teacher = "cnn1d_4x32"
-student = "cnn1d_2x16"
-teacher_checkpoint = "t.pt"
-teacher_sha256 = "{sha}"
-"""
 
 
 @pytest.fixture
 def cc(env, monkeypatch):
     """A working directory with a teacher checkpoint ``t.pt`` (an untrained net: fast to load)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    torch.manual_seed(0)
-    net = engine.build_teacher(make_plan(RunConfig(), plugins.registry()), torch.device("cpu"))
-    torch.save({"model": net.state_dict()}, env / "t.pt")
+    teacher_checkpoint(env)
     return env
 
 
 def write_suite(env, methods: str, epochs: int, seeds: str = "[0, 1, 2]") -> Path:
-    sha = hashlib.sha256((env / "t.pt").read_bytes()).hexdigest()
-    path = env / "cc.toml"
-    path.write_text(SUITE.format(methods=methods, epochs=epochs, seeds=seeds, sha=sha))
-    return path
+    return checkpoint_suite(env, "cc", methods=methods, seeds=seeds, epochs=epochs)
 
 
 # --------------------------------------------------------------------------- processes

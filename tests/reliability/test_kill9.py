@@ -7,7 +7,6 @@ after a later command touched the store, orphaned processes, failed processes (g
 Cells and trials train 1-2 epochs on the embedded MNIST-1D; the suite's teacher is a checkpoint.
 """
 import contextlib
-import hashlib
 import os
 import signal
 import sqlite3
@@ -17,27 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from kdbench.core import engine, plugins
-from kdbench.core.plan import RunConfig, make_plan
+from helpers import checkpoint_suite
 
 ROWS: list[dict] = []
 COLUMNS = ("scenario", "kill points", "lost", "duplicated", "left RUNNING", "orphans", "failed procs")
 
-SUITE = """
-name = "rel"
-dataset = "mnist1d"
-seeds = [0, 1, 2]
-methods = ["vanilla", {{name = "kd", params = {{T = 2.0}}}}]
-[recipe]
-epochs = {epochs}
-[[pairs]]
-teacher = "cnn1d_4x32"
-student = "cnn1d_2x16"
-teacher_checkpoint = "t.pt"
-teacher_sha256 = "{sha}"
-"""
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -58,11 +42,7 @@ def rel(env, monkeypatch):
     """A working directory with the suite ``rel.toml`` (checkpoint teacher) and fast heartbeats."""
     monkeypatch.setenv("KDBENCH_HEARTBEAT_SECONDS", "2")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    torch.manual_seed(0)
-    net = engine.build_teacher(make_plan(RunConfig(), plugins.registry()), torch.device("cpu"))
-    torch.save({"model": net.state_dict()}, env / "t.pt")
-    sha = hashlib.sha256((env / "t.pt").read_bytes()).hexdigest()
-    (env / "rel.toml").write_text(SUITE.format(sha=sha, epochs=2))
+    checkpoint_suite(env, "rel", epochs=2)
     return env
 
 
