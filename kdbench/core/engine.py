@@ -298,10 +298,6 @@ class EpochTotals:
     def count(self, n: int) -> None:
         self.seen += n
 
-    def add(self, terms: dict[str, torch.Tensor], logits: torch.Tensor, y: torch.Tensor) -> None:
-        self.accumulate(terms, logits, y)
-        self.count(len(y))
-
     def reset(self) -> None:
         """Zero the buffers in place (a captured step keeps their addresses)."""
         if self.sums is not None:

@@ -230,7 +230,8 @@ def test_epoch_totals_keep_their_buffers_across_epochs_and_count_what_was_added(
     logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [5.0, 1.0]])
     y = torch.tensor([0, 0, 0])
     assert not totals.ready
-    totals.add({"ce": torch.tensor(1.0), "kd": torch.tensor(0.5)}, logits, y)
+    totals.accumulate({"ce": torch.tensor(1.0), "kd": torch.tensor(0.5)}, logits, y)
+    totals.count(3)
     assert totals.ready
     sums, correct = totals.sums.data_ptr(), totals.correct.data_ptr()
     totals.accumulate({"ce": torch.tensor(4.0), "kd": torch.tensor(2.0)}, logits[:1], y[:1])
@@ -240,5 +241,6 @@ def test_epoch_totals_keep_their_buffers_across_epochs_and_count_what_was_added(
     totals.reset()
     assert (totals.sums.data_ptr(), totals.correct.data_ptr()) == (sums, correct)
     assert totals.seen == 0 and totals.sums.tolist() == [0.0, 0.0] and totals.correct.item() == 0
-    totals.add({"ce": torch.tensor(2.0), "kd": torch.tensor(1.0)}, logits[1:], y[1:])
+    totals.accumulate({"ce": torch.tensor(2.0), "kd": torch.tensor(1.0)}, logits[1:], y[1:])
+    totals.count(2)
     assert totals.means() == pytest.approx([2.0, 1.0]) and totals.names == ["ce", "kd"]
