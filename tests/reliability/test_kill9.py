@@ -53,14 +53,20 @@ def kdbench(*args, cwd) -> subprocess.Popen:
 
 def runs(env, where: str = "1") -> list[tuple]:
     """(run id, status, role, config_hash, leaderboard) of the store's runs, read raw (no MLflow)."""
-    db = env / "mlflow.db"
-    if not db.exists():
-        return []
     query = ("SELECT r.run_uuid, r.status, "
              "(SELECT value FROM tags WHERE run_uuid = r.run_uuid AND key = 'role'), "
              "(SELECT value FROM tags WHERE run_uuid = r.run_uuid AND key = 'config_hash'), "
              "(SELECT value FROM tags WHERE run_uuid = r.run_uuid AND key = 'leaderboard') "
              f"FROM runs r WHERE {where}")
+    return store_rows(env, query)
+
+
+def store_rows(env, query: str) -> list[tuple]:
+    """The rows of ``query`` on the MLflow store, read-only and raw (no MLflow); none while the store
+    is missing or busy."""
+    db = env / "mlflow.db"
+    if not db.exists():
+        return []
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
             return con.execute(query).fetchall()
@@ -178,15 +184,9 @@ def test_bench_jobs_2_killed_leaves_no_orphan_and_resumes(rel):
 
 def running_cell_pids(env) -> dict[str, int]:
     """run id -> the pid (``kdbench.pid`` tag) of each RUNNING student run."""
-    db = env / "mlflow.db"
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-            rows = con.execute(
-                "SELECT r.run_uuid, p.value FROM runs r JOIN tags p ON p.run_uuid = r.run_uuid AND p.key = "
-                "'kdbench.pid' JOIN tags o ON o.run_uuid = r.run_uuid AND o.key = 'role' AND o.value = 'student' "
-                "WHERE r.status = 'RUNNING'").fetchall()
-    except sqlite3.Error:
-        return {}
+    rows = store_rows(env, "SELECT r.run_uuid, p.value FROM runs r JOIN tags p ON p.run_uuid = r.run_uuid AND "
+                           "p.key = 'kdbench.pid' JOIN tags o ON o.run_uuid = r.run_uuid AND o.key = 'role' AND "
+                           "o.value = 'student' WHERE r.status = 'RUNNING'")
     return {run: int(pid) for run, pid in rows}
 
 
@@ -265,14 +265,9 @@ def lockstep_group(env, exclude: set) -> set[str]:
     carry the tag ``lockstep`` once it has set them up, just before the shared teacher forward
     starts); empty while none is. ``exclude``: run ids not to count (earlier kills' runs)."""
     by_pid: dict[str, set[str]] = {}
-    try:
-        with sqlite3.connect(f"file:{env / 'mlflow.db'}?mode=ro", uri=True, timeout=5) as con:
-            rows = con.execute(
-                "SELECT r.run_uuid, p.value FROM runs r JOIN tags l ON l.run_uuid = r.run_uuid AND l.key = "
-                "'lockstep' AND l.value = '3' JOIN tags p ON p.run_uuid = r.run_uuid AND p.key = 'kdbench.pid' "
-                "WHERE r.status = 'RUNNING'").fetchall()
-    except sqlite3.Error:
-        return set()
+    rows = store_rows(env, "SELECT r.run_uuid, p.value FROM runs r JOIN tags l ON l.run_uuid = r.run_uuid AND "
+                           "l.key = 'lockstep' AND l.value = '3' JOIN tags p ON p.run_uuid = r.run_uuid AND "
+                           "p.key = 'kdbench.pid' WHERE r.status = 'RUNNING'")
     for run_id, pid in rows:
         if run_id not in exclude:
             by_pid.setdefault(pid, set()).add(run_id)
