@@ -176,6 +176,17 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
             group["lr"] = lr
 
 
+def on_side_stream(device: torch.device, fn: Callable):
+    """``fn()`` on a fresh side stream, ordered after and before the current stream's work: the
+    eager warm-up before a capture (what PyTorch's CUDA-graph notes ask for)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        out = fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    return out
+
+
 StepFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor | None, bool], object]
 
 
@@ -203,7 +214,7 @@ class GraphedSteps:
             return self.step(epoch, x, y, index, False)
         if self.warm < WARMUP_STEPS:
             self.warm += 1
-            return self._side_stream(lambda: self.step(epoch, x, y, index, False))
+            return on_side_stream(self.device, lambda: self.step(epoch, x, y, index, False))
         if self.graph is None or epoch != self.epoch:
             self._capture(epoch, x, y, index)
         sx, sy, si = self.static
@@ -213,14 +224,6 @@ class GraphedSteps:
             si.copy_(index)
         self.graph.replay()
         return self.out
-
-    def _side_stream(self, fn):
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            out = fn()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        return out
 
     def _capture(self, epoch, x, y, index) -> None:
         # The previous epoch's graph and every tensor of its private memory pool (outputs, static
@@ -272,11 +275,7 @@ class GraphedEval:
 
     def _capture(self, net, x, y, forward) -> tuple:
         sx, sy = x.clone(), y.clone()
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            forward(sx, sy)  # warm-up, eagerly
-        torch.cuda.current_stream(self.device).wait_stream(stream)
+        on_side_stream(self.device, lambda: forward(sx, sy))  # warm-up, eagerly
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = forward(sx, sy)
