@@ -84,6 +84,7 @@ class CaptureState:
     used: str
     reason: str = ""
     compiled: list[nn.Module] = field(default_factory=list)
+    limit_hits: int = 0  # Dynamo's recompile-limit hits in the process when the networks were compiled
 
     @property
     def compiles(self) -> bool:
@@ -144,6 +145,17 @@ def failure_reason(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- compile
 
 
+#: Dynamo keeps its compiled code per function (a network class's ``forward``), shared by every
+#: instance, with one entry per set of guards: train or eval mode, grad mode, each method's taps.
+#: A run adds a few, a lockstep group a few per member. Past ``recompile_limit`` (8 by default)
+#: Dynamo runs the function uncompiled without an error, so a worker's fourth cell or a tune's
+#: fourth trial trained uncompiled under a ``capture=compile`` tag (seen on the H100). kdbench
+#: raises the limit while its networks are compiled and empties Dynamo's caches when the
+#: process's last compiled network is released, so each run compiles as in a fresh process.
+RECOMPILE_LIMIT = 64
+_live: list[nn.Module] = []  # the networks compiled by runs still going in this process
+
+
 def compile_networks(state: CaptureState, nets: list[nn.Module]) -> None:
     """Compile ``nets`` in place (their state dicts keep their keys), once per run."""
     if not state.compiles:
@@ -151,16 +163,42 @@ def compile_networks(state: CaptureState, nets: list[nn.Module]) -> None:
     # the taps are forward hooks: Dynamo must guard on them (by default it does not), or code
     # compiled for one run's hooks would be reused for another's (another method, another trial)
     torch._dynamo.config.skip_nnmodule_hook_guards = False
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    state.limit_hits = recompile_limit_hits()
     for net in nets:
         if net is not None and not any(net is done for done in state.compiled):
             net.compile(**COMPILE_OPTIONS)
             state.compiled.append(net)
+            _live.append(net)
+
+
+def recompile_limit_hits() -> int:
+    """How often Dynamo gave up compiling a function in this process (its limit reached)."""
+    return sum(n for reason, n in torch._dynamo.utils.counters["unimplemented"].items()
+               if reason.startswith("Dynamo recompile limit"))
+
+
+def check_compiled(state: CaptureState) -> None:
+    """At the end of a compiled run: if Dynamo's recompile limit was reached meanwhile, some calls
+    ran uncompiled — said in the log and in the run's ``capture_fallback`` tag, not hidden."""
+    if state.compiled and not state.reason and recompile_limit_hits() > state.limit_hits:
+        state.reason = "Dynamo's recompile limit was reached: some network calls ran uncompiled"
+        log.warning("kdbench: %s (--capture %s)", state.reason, state.asked)
 
 
 def uncompile(nets: list[nn.Module]) -> None:
-    """Undo :func:`compile_networks` (``nn.Module.compile`` sets ``_compiled_call_impl``)."""
+    """Undo :func:`compile_networks` (``nn.Module.compile`` sets ``_compiled_call_impl``); when
+    no compiled network is left in the process, Dynamo's caches are emptied (see above)."""
+    released = False
     for net in nets:
         net._compiled_call_impl = None
+        for i, live in enumerate(_live):
+            if live is net:
+                del _live[i]
+                released = True
+                break
+    if released and not _live:
+        torch._dynamo.reset()
 
 
 # --------------------------------------------------------------------------- CUDA graphs

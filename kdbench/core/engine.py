@@ -545,6 +545,7 @@ def finish_fit(job: FitJob, validation: Validation, device: torch.device) -> Fit
     result.metrics["peak_mem_mb"] = peak_memory_mb(device)[0]
     state = job.trainee.capture_state
     if state is not None:
+        capturing.check_compiled(state)
         result.tags.update(state.tags())
         capturing.uncompile(state.compiled)  # the networks outlive the run (a cached teacher): eager again
         state.compiled = []

@@ -194,6 +194,29 @@ def test_runs_in_one_process_with_other_taps_do_not_reuse_each_others_compiled_c
         assert result.tags == {"capture": "compile"}, (method, result.tags)
 
 
+def test_every_run_of_a_process_compiles(teacher, aot_eager):
+    """Dynamo's compiled code is kept per network class, for every instance: with its default
+    limit of 8 entries the fourth run of a process (a worker's next cell, a tune trial) trained
+    uncompiled under a capture=compile tag, on the H100 as here. Each run now compiles afresh."""
+    reg = plugins.load()
+    counters = torch._dynamo.utils.counters
+    for method in ("kd", "at", "sp", "pkt", "rkd"):
+        before = counters["stats"]["unique_graphs"]
+        result, _ = fit(reg, method, teacher, capture="compile")
+        assert counters["stats"]["unique_graphs"] - before >= 2, method  # student and teacher
+        assert result.tags == {"capture": "compile"}, (method, result.tags)
+    assert capture.recompile_limit_hits() == 0 and capture._live == []
+
+
+def test_a_run_that_reaches_the_recompile_limit_says_so_in_its_tags(teacher, aot_eager, monkeypatch, caplog):
+    monkeypatch.setattr(capture, "RECOMPILE_LIMIT", 1)
+    with torch._dynamo.config.patch(recompile_limit=1):  # train mode, then eval: 2 entries
+        result, _ = fit(plugins.load(), "kd", teacher, capture="compile")
+    assert result.tags["capture"] == "compile"
+    assert "recompile limit" in result.tags["capture_fallback"]
+    assert "recompile limit was reached" in caplog.text
+
+
 def test_graphs_is_the_default_on_cuda_only_and_an_explicit_mode_wins():
     from kdbench.core import capture
 

@@ -111,3 +111,25 @@ def test_member_memory_estimate_counts_weights_and_activations(env, teacher):
         hook.remove()
     graphed = lockstep.member_bytes(setup, 8, plan.dataset_obj.input_shape, CPU, "fp32", eval_batch_size=100)
     assert graphed - small == pytest.approx(2 * 3 * max(largest) * 100 * 4, rel=0.01)
+
+
+def test_a_compiled_group_compiles_every_member(env, teacher, monkeypatch):
+    """The members' students share one network class, so Dynamo's entries for it grow with the
+    group (train and eval mode per member): past its default limit of 8 the later members ran
+    uncompiled. The group's members all compile, and none is tagged as having fallen back."""
+    from kdbench.core import capture
+
+    monkeypatch.setattr(capture, "COMPILE_OPTIONS", {"backend": "aot_eager"})
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    plans = [make_plan(RunConfig(method=m, recipe={"epochs": 1}, seed=1, capture="compile"), plugins.registry())
+             for m in METHODS]
+    setups = [engine.setup_student(plan, teacher, CPU) for plan in plans]
+    members = [lockstep.member(plan, setup, CPU, lambda e: None) for plan, setup in zip(plans, setups)]
+    group = lockstep.share_teacher(setups, teacher, plans[0].teacher_obj.taps_of(teacher), "teacher")
+    outcomes = lockstep.fit_group(members, group, CPU)
+    for method, outcome in zip(METHODS, outcomes):
+        assert outcome.error is None, (method, outcome.error)
+        assert outcome.result.tags["capture"] == "compile" and "capture_fallback" not in outcome.result.tags, method
+    assert capture.recompile_limit_hits() == 0 and capture._live == []
+    torch._dynamo.reset()
