@@ -31,7 +31,7 @@ import time
 import torch
 
 from kdbench.contracts import Augment, Dataset, Recipe
-from kdbench.core import engine, lockstep, plugins
+from kdbench.core import capture, engine, lockstep, plugins
 from kdbench.core.plan import RunConfig, make_plan
 from kdbench.core.plugins import Entry
 
@@ -125,8 +125,11 @@ def main():
     parser.add_argument("--streams", choices=("parallel", "serial", "both"), default="parallel",
                         help="a group graph's members on parallel streams (default), one after the other, or both")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--compile-backend", default=None, help="torch.compile backend of the compile modes (e.g. aot_eager)")
     parser.add_argument("--json", default=None, help="write the figures here too")
     args = parser.parse_args()
+    if args.compile_backend:
+        capture.COMPILE_OPTIONS = {**capture.COMPILE_OPTIONS, "backend": args.compile_backend}
     if args.threads:
         torch.set_num_threads(args.threads)
     args.device = engine.select_device(args.device)
