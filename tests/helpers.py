@@ -58,3 +58,21 @@ def checkpoint_suite(folder: Path, name: str, *, methods: str = '"vanilla", {nam
     path = folder / f"{name}.toml"
     path.write_text(SUITE.format(name=name, seeds=seeds, methods=methods, epochs=epochs, sha=sha))
     return path
+
+
+def job_sleep(seconds: float) -> str:
+    """A local-executor job (importable by spawned workers): sleeps, then returns ``"done"``."""
+    import time
+
+    time.sleep(seconds)
+    return "done"
+
+
+def job_kill_own_worker(delay: float) -> None:
+    """A local-executor job that kills its own worker process (as the OOM killer would)."""
+    import os
+    import signal
+    import time
+
+    time.sleep(delay)
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -9,7 +9,8 @@ why (``on_lost``). A job's function receives the results of the jobs it needs as
   levels) in ``jobs`` spawned worker processes, or in this process for ``jobs=1``. On a machine with
   GPUs each worker is pinned to one GPU by ``CUDA_VISIBLE_DEVICES``, round-robin over the visible
   GPUs, at most ``runs_per_gpu`` workers per GPU. A worker that dies takes the pool's other jobs
-  in flight with it (Python's process pool): they are re-run in a new pool (``max_retries``).
+  in flight with it (Python's process pool): they are re-run in a new pool, and the job whose
+  worker died is charged one of its ``max_retries``.
 * ``ray``: each job is a Ray task; needs are Ray task dependencies (a cell starts when its teacher's
   task has returned, no polling). A GPU job asks for ``1/runs_per_gpu`` of a GPU, a CPU job for one
   CPU; Ray places them. A task whose worker process or node dies is re-run by Ray (``max_retries``);
@@ -146,6 +147,7 @@ def gpu_slots(gpus: list[str], workers: int, runs_per_gpu: int) -> list[str | No
 #: in a local worker: Ctrl-C was pressed (it runs no further job) / a job is running
 _interrupted = False
 _in_job = False
+_started = None  # a local worker's queue of (job key, pid): which worker runs which job
 
 
 def _on_ctrl_c(signum, frame) -> None:
@@ -160,11 +162,14 @@ def _on_ctrl_c(signum, frame) -> None:
         raise KeyboardInterrupt
 
 
-def _run_job(fn: Callable, *args):
-    """A job in a local worker: none starts after Ctrl-C (those already queued for this worker)."""
+def _run_job(key: str, fn: Callable, *args):
+    """A job in a local worker: none starts after Ctrl-C (those already queued for this worker).
+    Says which worker runs it (:func:`_charged`)."""
     global _in_job
     if _interrupted:
         raise KeyboardInterrupt
+    if _started is not None:
+        _started.put((key, os.getpid()))
     _in_job = True
     try:
         return fn(*args)
@@ -196,12 +201,14 @@ def _ctrl_c_held():
             handler(signal.SIGINT, None)  # the default one raises KeyboardInterrupt
 
 
-def _local_worker_init(parent_pid: int, slots, threads: int) -> None:
+def _local_worker_init(parent_pid: int, slots, threads: int, started=None) -> None:
     """In each local worker: take a GPU slot (``CUDA_VISIBLE_DEVICES``, before CUDA starts), set
     the threads, handle Ctrl-C (:func:`_on_ctrl_c`), and die with the parent (a thread marks this
-    worker's runs KILLED first)."""
+    worker's runs KILLED first). ``started``: where each job says which worker runs it."""
     import threading
 
+    global _started
+    _started = started
     signal.signal(signal.SIGINT, _on_ctrl_c)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by _ctrl_c_held
@@ -223,6 +230,20 @@ def _local_worker_init(parent_pid: int, slots, threads: int) -> None:
                 os._exit(1)
 
     threading.Thread(target=watch, name="kdbench-parent-watch", daemon=True).start()
+
+
+def _charged(broken: list[Job], processes: dict, job_starts) -> list[Job]:
+    """The jobs of a broken pool charged a retry: the one whose worker died of itself — Python
+    ends the pool's other workers with SIGTERM — when that can be told, else every job in flight
+    (the pool does not say whose worker died; each break still charges at least one job, so a job
+    that kills its worker every time cannot keep the others going round for ever)."""
+    worker_of = {}
+    while not job_starts.empty():
+        key, pid = job_starts.get()
+        worker_of[key] = pid
+    died = {pid for pid, proc in processes.items() if proc.exitcode not in (None, -signal.SIGTERM)}
+    culprits = [job for job in broken if worker_of.get(job.key) in died]
+    return culprits or broken
 
 
 def run_local(jobs: list[Job], config: ExecutorConfig, on_done: Callable, on_lost: Callable,
@@ -257,19 +278,21 @@ def run_local(jobs: list[Job], config: ExecutorConfig, on_done: Callable, on_los
     threads = max(1, (os.cpu_count() or 1) // workers)
     ctx = mp.get_context("spawn")  # not fork: forking after torch has run (OpenMP threads) can deadlock
 
-    def new_pool() -> ProcessPoolExecutor:
+    def new_pool() -> tuple[ProcessPoolExecutor, Any]:
         slots = ctx.Queue()  # each worker takes its GPU slot from here: a fresh queue per pool
         for gpu in slots_list:
             slots.put(gpu)
+        job_starts = ctx.SimpleQueue()  # (job key, worker pid) as each job starts
         return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_local_worker_init,
-                                   initargs=(os.getpid(), slots, threads))
+                                   initargs=(os.getpid(), slots, threads, job_starts)), job_starts
 
     # A worker that dies (kill -9, the OOM killer) breaks the whole pool: Python ends the other
-    # workers and fails every job in flight with BrokenProcessPool, without saying whose worker
-    # died. As Ray does for a lost worker, each such job is run again in a new pool, at most
-    # ``max_retries`` times; the lost attempts' runs are ended KILLED by the claims' liveness check.
+    # workers and fails every job in flight with BrokenProcessPool. As Ray does for a lost worker,
+    # each such job is run again in a new pool; the one whose worker died is charged a retry
+    # (:func:`_charged`) and recorded lost past ``max_retries``; the lost attempts' runs are ended
+    # KILLED by the claims' liveness check.
     lost_times: dict[str, int] = {}
-    pool = new_pool()
+    pool, job_starts = new_pool()
     try:
         for level in levels(jobs):
             todo = list(level)
@@ -278,7 +301,8 @@ def run_local(jobs: list[Job], config: ExecutorConfig, on_done: Callable, on_los
                 for job in todo:
                     try:
                         with _ctrl_c_held():  # submit may start a worker
-                            future = pool.submit(_run_job, job.fn, *job.args, *(results[need] for need in job.needs))
+                            future = pool.submit(_run_job, job.key, job.fn, *job.args,
+                                                 *(results[need] for need in job.needs))
                         futures[future] = job
                     except BrokenProcessPool as exc:
                         broken.append((job, exc))
@@ -295,16 +319,19 @@ def run_local(jobs: list[Job], config: ExecutorConfig, on_done: Callable, on_los
                         else:
                             finish(futures[future], result)
                 todo = []
+                if broken:
+                    processes = dict(getattr(pool, "_processes", None) or {})  # exit codes once joined
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    charged = _charged([job for job, _ in broken], processes, job_starts)
+                    pool, job_starts = new_pool()
                 for job, exc in broken:
-                    lost_times[job.key] = lost_times.get(job.key, 0) + 1
-                    if lost_times[job.key] > config.max_retries:
+                    if any(job is c for c in charged):
+                        lost_times[job.key] = lost_times.get(job.key, 0) + 1
+                    if lost_times.get(job.key, 0) > config.max_retries:
                         finish(job, lost=f"a worker process died {lost_times[job.key]} times running it "
                                          f"({type(exc).__name__})")
                     else:
                         todo.append(job)
-                if broken:
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    pool = new_pool()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

@@ -213,6 +213,22 @@ def test_bench_jobs_2_a_killed_worker_is_rerun_and_the_suite_finishes(rel):
     assert not runs(rel, "r.status = 'FAILED'")
 
 
+def test_a_job_that_kills_its_worker_every_time_spends_its_own_retries_not_its_neighbours():
+    """The local pool breaks as a whole when one worker dies, failing the job beside it too; only
+    the job whose worker died is charged a retry: it is recorded lost after 1 + max_retries
+    deaths, and the job that shared the pool with it each time finishes."""
+    import helpers
+    from kdbench.workflows.executors import ExecutorConfig, Job, run_local
+
+    jobs = [Job(key="crasher", fn=helpers.job_kill_own_worker, args=(0.5,)),
+            Job(key="sleeper", fn=helpers.job_sleep, args=(3.0,))]
+    done, lost = {}, {}
+    run_local(jobs, ExecutorConfig(jobs=2, max_retries=1), on_done=lambda job, result: done.update({job.key: result}),
+              on_lost=lambda job, why: lost.update({job.key: why}))
+    assert done == {"sleeper": "done"}
+    assert list(lost) == ["crasher"] and lost["crasher"].startswith("a worker process died 2 times"), lost
+
+
 def test_two_benches_of_one_suite_run_each_cell_once(rel):
     first, second = kdbench("bench", "rel.toml", cwd=rel), kdbench("bench", "rel.toml", cwd=rel)
     outs = [proc.communicate(timeout=400)[0] for proc in (first, second)]
