@@ -272,8 +272,23 @@ class GraphedSteps:
         self.static = (x.clone(), y.clone(), index.clone() if index is not None else None)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.out = self.step(epoch, *self.static, False)
+            out = self.step(epoch, *self.static, False)
+        # kept without their autograd graph: holding it kept the parameters' AccumulateGrad nodes
+        # of the capture stream alive, and an eager step on another stream (a partial batch, the
+        # profiler's steps) then warned of a stream mismatch on the H100
+        self.out = _detached(out)
         self.graph, self.epoch = graph, epoch
+
+
+def _detached(out):
+    """``out`` (tensors in tuples, lists and dicts) without autograd history."""
+    if isinstance(out, torch.Tensor):
+        return out.detach()
+    if isinstance(out, dict):
+        return {k: _detached(v) for k, v in out.items()}
+    if isinstance(out, (tuple, list)):
+        return type(out)(_detached(v) for v in out)
+    return out
 
 
 class GraphedEval:
