@@ -5,6 +5,8 @@
 # gets min(its limit, the time left) and is skipped under 20 s. Logs and figures (*.json) go to
 # $WORK and, after every part, into one archive $OUT/next.tgz (a device call returns 8 files at most).
 # The H100 run of 2026-11-27 measured the earlier parts (docs/PERFORMANCE.md); left:
+#   0. kdsvd's top singular vectors: the exact per-sample eigh (208x KD's step) against one batched
+#      SVD per stage (kdsvd.CUDA_SOLVER = "gesvda"): time, and how far the vectors differ;
 #   1. every built-in method through a 1-epoch fit with --capture compile+graphs, now that each
 #      run really compiles (that run found Dynamo's recompile limit leaving all but the first
 #      three uncompiled): before compile+graphs can be the CUDA default;
@@ -46,6 +48,7 @@ else
 fi
 LS=(tests/benchmarks/lockstep_epoch.py --device $DEV --scale cifar --rounds 1 --epochs 3 "${LSX[@]}")
 CE=(tests/benchmarks/cifar_epoch.py --device $DEV --steps --epochs 3 --samples $N "${SMALL[@]}" "${CEX[@]}")
+part kdsvd_solver 60 $PY tests/benchmarks/kdsvd_solver.py --device $DEV --batch-size $B64 --json "$WORK/kdsvd_solver.json"
 part fits_compile_graphs 240 $PY tests/benchmarks/cifar_epoch.py --device $DEV --fits --fit-capture $CG "${FITX[@]}" --json "$WORK/fits_compile_graphs.json"
 part lockstep_b64_cg 110 $PY "${LS[@]}" --capture $CG --separate-capture $CG --streams parallel --batch-size $B64 --samples $NL --json "$WORK/lockstep_b64_cg.json"
 part b1024_max_autotune 400 $PY "${CE[@]}" --batch-sizes $B1024 --captures compile --compile-mode $MODE --json "$WORK/b1024_max_autotune.json"

@@ -177,9 +177,10 @@ def test_cli_names_the_choices_of_precision_and_capture():
 
 
 def test_engine_and_benchmarks_import_neither_mlflow_nor_optuna():
+    scripts = [str(ROOT / "tests/benchmarks" / name) for name in ("cifar_epoch.py", "lockstep_epoch.py", "kdsvd_solver.py")]
     code = ("import sys, runpy; import kdbench.core.engine, kdbench.core.capture, kdbench.core.precision, "
             "kdbench.core.plan, kdbench.core.plugins; "
-            f"runpy.run_path({str(ROOT / 'tests/benchmarks/cifar_epoch.py')!r}, run_name='not_main'); "
+            f"[runpy.run_path(path, run_name='not_main') for path in {scripts!r}]; "
             "bad = [m for m in ('mlflow', 'optuna') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
