@@ -46,6 +46,10 @@ GRAPHED = ("graphs", "compile+graphs")
 
 #: keyword arguments of ``torch.compile`` in ``compile`` mode (tests use {"backend": "aot_eager"})
 COMPILE_OPTIONS: dict = {}
+#: those of the frozen networks (teachers: forward passes only, weights fixed), None: the same as
+#: the student's; where a slower, more thorough compilation may pay (``cifar_epoch.py
+#: --teacher-compile-mode max-autotune-no-cudagraphs``: the teacher is two thirds of a KD step)
+FROZEN_COMPILE_OPTIONS: dict | None = None
 
 #: eager steps before the first CUDA-graph capture of a stage
 WARMUP_STEPS = 3
@@ -156,8 +160,9 @@ RECOMPILE_LIMIT = 64
 _live: list[nn.Module] = []  # the networks compiled by runs still going in this process
 
 
-def compile_networks(state: CaptureState, nets: list[nn.Module]) -> None:
-    """Compile ``nets`` in place (their state dicts keep their keys), once per run."""
+def compile_networks(state: CaptureState, nets: list[nn.Module], frozen: list[nn.Module] = ()) -> None:
+    """Compile ``nets`` (trained) and ``frozen`` (teachers) in place (their state dicts keep their
+    keys), once per run."""
     if not state.compiles:
         return
     # the taps are forward hooks: Dynamo must guard on them (by default it does not), or code
@@ -165,9 +170,10 @@ def compile_networks(state: CaptureState, nets: list[nn.Module]) -> None:
     torch._dynamo.config.skip_nnmodule_hook_guards = False
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     state.limit_hits = recompile_limit_hits()
-    for net in nets:
+    frozen_options = COMPILE_OPTIONS if FROZEN_COMPILE_OPTIONS is None else FROZEN_COMPILE_OPTIONS
+    for net, options in [*((n, COMPILE_OPTIONS) for n in nets), *((n, frozen_options) for n in frozen)]:
         if net is not None and not any(net is done for done in state.compiled):
-            net.compile(**COMPILE_OPTIONS)
+            net.compile(**options)
             state.compiled.append(net)
             _live.append(net)
 

@@ -339,9 +339,9 @@ def run_capture_state(trainee: Trainee, device: torch.device) -> capturing.Captu
     """The run's capture state (made by its first stage; the networks compiled once)."""
     if trainee.capture_state is None:
         trainee.capture_state = capturing.start(trainee.capture, device, trainee.capturable, trainee.method_name)
-        capturing.compile_networks(trainee.capture_state,
-                                   [trainee.student.model, trainee.teacher.model if trainee.teacher else None,
-                                    *(t.model for t in trainee.teachers)])
+        capturing.compile_networks(trainee.capture_state, [trainee.student.model],
+                                   frozen=[trainee.teacher.model if trainee.teacher else None,
+                                           *(t.model for t in trainee.teachers)])
     return trainee.capture_state
 
 

@@ -481,6 +481,9 @@ def main():
     ap.add_argument("--compile-backend", default=None, help="torch.compile backend for --capture compile (e.g. aot_eager)")
     ap.add_argument("--compile-mode", default=None,
                     help="torch.compile mode for --capture compile (e.g. max-autotune-no-cudagraphs) [default]")
+    ap.add_argument("--teacher-compile-mode", default=None,
+                    help="torch.compile mode of the teacher alone, e.g. max-autotune-no-cudagraphs (inference "
+                         "only: fewer kernels to tune than the whole step) [--compile-mode]")
     ap.add_argument("--fold-teacher-bn", action="store_true",
                     help="experiment: the frozen teacher's BatchNorm layers folded into its convolutions")
     ap.add_argument("--epochs", type=int, default=3, help="epochs per step-time measurement (the first is not counted)")
@@ -509,12 +512,17 @@ def main():
         capture.COMPILE_OPTIONS["backend"] = args.compile_backend
     if args.compile_mode:
         capture.COMPILE_OPTIONS["mode"] = args.compile_mode
+    if args.teacher_compile_mode:
+        capture.FROZEN_COMPILE_OPTIONS = {**capture.COMPILE_OPTIONS, "mode": args.teacher_compile_mode}
+        print(f"    teacher compiled with mode {args.teacher_compile_mode} (the student: "
+              f"{capture.COMPILE_OPTIONS.get('mode', 'default')})", flush=True)
     if cuda:
         torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name(device) if cuda else f"cpu ({os.cpu_count()} cores)"
     report = {"device": name, "torch": torch.__version__, "teacher": args.teacher, "student": args.student,
               "precision": args.precision or ("bf16" if cuda else "fp32"),
-              "compile_options": dict(capture.COMPILE_OPTIONS), "fold_teacher_bn": args.fold_teacher_bn}
+              "compile_options": dict(capture.COMPILE_OPTIONS), "fold_teacher_bn": args.fold_teacher_bn,
+              "teacher_compile_options": capture.FROZEN_COMPILE_OPTIONS}
     if not (args.methods or args.losses or args.fits or args.plain or args.eval):
         args.steps = True
     if args.fits:

@@ -209,6 +209,24 @@ def test_every_run_of_a_process_compiles(teacher, aot_eager):
     assert capture.recompile_limit_hits() == 0 and capture._live == []
 
 
+def test_the_teacher_is_compiled_with_the_frozen_networks_options(teacher, aot_eager, monkeypatch):
+    """``FROZEN_COMPILE_OPTIONS`` (a thorough compile for the forward-only teacher) reach the
+    teacher alone; the student keeps ``COMPILE_OPTIONS``."""
+    graphs = []
+
+    def frozen_backend(gm, example_inputs):  # a torch.compile backend that records what it gets
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(capture, "FROZEN_COMPILE_OPTIONS", {"backend": frozen_backend})
+    result, terms = fit(plugins.load(), "kd", teacher, capture="compile")
+    assert result.tags == {"capture": "compile"}
+    assert len(graphs) == 1  # the teacher's forward (eval mode, no grad): the student's went to aot_eager
+    inputs = [n for n in graphs[0].graph.nodes if n.op == "placeholder"]  # the batch, weights, buffers
+    shapes = {tuple(n.meta["example_value"].shape) for n in inputs if "example_value" in n.meta}
+    assert {tuple(p.shape) for p in teacher.parameters()} <= shapes, shapes  # the teacher's weights
+
+
 def test_a_run_that_reaches_the_recompile_limit_says_so_in_its_tags(teacher, aot_eager, monkeypatch, caplog):
     monkeypatch.setattr(capture, "RECOMPILE_LIMIT", 1)
     with torch._dynamo.config.patch(recompile_limit=1):  # train mode, then eval: 2 entries
