@@ -7,6 +7,9 @@
 # The H100 run of 2026-11-27 measured the earlier parts (docs/PERFORMANCE.md); left:
 #   0. kdsvd's top singular vectors: the exact per-sample eigh (208x KD's step) against one batched
 #      SVD per stage (kdsvd.CUDA_SOLVER = "gesvda"): time, and how far the vectors differ;
+#   b. batch 64, graphs and compile+graphs, with the teacher's convolution and linear weights
+#      stored in bf16 (the values autocast casts them to: no cast kernels per step) against the same
+#      without, in the same call: the <= 2 ms target by the default path?
 #   1. every built-in method through a 1-epoch fit with --capture compile+graphs, now that each
 #      run really compiles (that run found Dynamo's recompile limit leaving all but the first
 #      three uncompiled): before compile+graphs can be the CUDA default;
@@ -18,6 +21,7 @@
 #      step's max-autotune did not finish compiling in 150 s on the H100, the teacher's forward
 #      alone has fewer kernels to tune. Then the whole step's, as time allows.
 #   OUT=/tmp/next bash tests/benchmarks/gpu_next.sh          (SMOKE=1: a CPU check of the arguments)
+#   PARTS=kdsvd_solver,b64_teacher_bf16 OUT=... bash ...    (only those parts, by name)
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 OUT="${OUT:-/tmp/kdbench-next}"; mkdir -p "$OUT"
@@ -31,6 +35,7 @@ fi
 START=$(date +%s)
 part() {  # name, its time limit in seconds, then the command
   local name=$1 limit=$2; shift 2
+  if [ -n "${PARTS:-}" ] && [[ ",$PARTS," != *",$name,"* ]]; then return; fi
   local left=$(( TOTAL_S - ($(date +%s) - START) - 5 ))
   [ "$left" -lt "$limit" ] && limit=$left
   if [ "$limit" -lt 20 ]; then echo "== $name skipped: ${left}s left of TOTAL_S=$TOTAL_S"; return; fi
@@ -52,6 +57,8 @@ fi
 LS=(tests/benchmarks/lockstep_epoch.py --device $DEV --scale cifar --rounds 1 --epochs 3 "${LSX[@]}")
 CE=(tests/benchmarks/cifar_epoch.py --device $DEV --steps --epochs 3 --samples $N "${SMALL[@]}" "${CEX[@]}")
 part kdsvd_solver 60 $PY tests/benchmarks/kdsvd_solver.py --device $DEV --batch-size $B64 --json "$WORK/kdsvd_solver.json"
+part b64_baseline 75 $PY "${CE[@]}" --batch-sizes $B64 --captures $G,$CG --precision bf16 --json "$WORK/b64_baseline.json"
+part b64_teacher_bf16 75 $PY "${CE[@]}" --batch-sizes $B64 --captures $G,$CG --precision bf16 --teacher-bf16-weights --json "$WORK/b64_teacher_bf16.json"
 part fits_compile_graphs 240 $PY tests/benchmarks/cifar_epoch.py --device $DEV --fits --fit-capture $CG "${FITX[@]}" --json "$WORK/fits_compile_graphs.json"
 part lockstep_b64_cg 110 $PY "${LS[@]}" --capture $CG --separate-capture $CG --streams parallel --batch-size $B64 --samples $NL --json "$WORK/lockstep_b64_cg.json"
 part b1024_teacher_autotune 300 $PY "${CE[@]}" --batch-sizes $B1024 --captures compile --teacher-compile-mode $MODE --json "$WORK/b1024_teacher_autotune.json"
