@@ -166,10 +166,10 @@ def _run_job(key: str, fn: Callable, *args):
     """A job in a local worker: none starts after Ctrl-C (those already queued for this worker).
     Says which worker runs it (:func:`_charged`)."""
     global _in_job
-    if _interrupted:
-        raise KeyboardInterrupt
     if _started is not None:
         _started.put((key, os.getpid()))
+    if _interrupted:
+        raise KeyboardInterrupt
     _in_job = True
     try:
         return fn(*args)
