@@ -41,11 +41,18 @@ def write_suite(env, methods: str, epochs: int, seeds: str = "[0, 1, 2]") -> Pat
 # --------------------------------------------------------------------------- processes
 
 
+def _as_foreground_job() -> None:
+    """In the child before exec: SIGINT handled by default, as in a terminal's foreground job — a
+    test run started in the background by a non-interactive shell (``bash .ci/run &``) inherits it
+    ignored, and Python then never turns it into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(*args, cwd) -> subprocess.Popen:
     """``kdbench ARGS`` as a terminal's foreground job: its own process group (pgid = its pid)."""
     return subprocess.Popen([sys.executable, "-m", "kdbench", *map(str, args)], cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_as_foreground_job)
 
 
 def group(pgid: int) -> set[int]:
