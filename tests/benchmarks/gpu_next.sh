@@ -5,21 +5,25 @@
 # gets min(its limit, the time left) and is skipped under 20 s. Logs and figures (*.json) go to
 # $WORK and, after every part, into one archive $OUT/next.tgz (a device call returns 8 files at most).
 # The H100 run of 2026-11-27 measured the earlier parts (docs/PERFORMANCE.md); left:
-#   0. kdsvd's top singular vectors: the exact per-sample eigh (208x KD's step) against one batched
-#      SVD per stage (kdsvd.CUDA_SOLVER = "gesvda"): time, and how far the vectors differ;
-#   b. batch 64, graphs and compile+graphs, with the teacher's convolution and linear weights
-#      stored in bf16 (the values autocast casts them to: no cast kernels per step) against the same
-#      without, in the same call: the <= 2 ms target by the default path?
-#   1. every built-in method through a 1-epoch fit with --capture compile+graphs, now that each
-#      run really compiles (that run found Dynamo's recompile limit leaving all but the first
-#      three uncompiled): before compile+graphs can be the CUDA default;
-#   2. lockstep at batch 64 with the members' networks compiled (compile+graphs) against separate
+#   1. kdsvd_solver: kdsvd's top singular vectors, the exact per-sample eigh (208x KD's step)
+#      against one batched SVD per stage (kdsvd.CUDA_SOLVER = "gesvda"): time, and how far they differ;
+#   2. b64_baseline, b64_teacher_bf16: batch 64, graphs and compile+graphs, with the teacher's
+#      convolution and linear weights stored in bf16 (the values autocast casts them to: no cast
+#      kernels per step) against the same without, in one call: the <= 2 ms target by default?
+#   3. fits_compile_graphs: every built-in method through a 1-epoch fit with --capture
+#      compile+graphs, now that each run really compiles (the H100 run found Dynamo's recompile
+#      limit leaving all but the first three uncompiled): before it can be the CUDA default;
+#   4. lockstep_b64_cg: lockstep at batch 64 with compile+graphs members against separate
 #      compile+graphs runs: does the 2.29x (graphs) hold when each step is faster?
-#   3. batch 1024 with the teacher alone compiled in mode max-autotune-no-cudagraphs (inductor's
-#      convolution templates can apply BatchNorm, residual add and ReLU in the convolution's
-#      epilogue: the pass over every activation that BatchNorm folding did not remove); the whole
-#      step's max-autotune did not finish compiling in 150 s on the H100, the teacher's forward
-#      alone has fewer kernels to tune. Then the whole step's, as time allows.
+#   5. b1024_recapture: batch 1024, compile vs compile+graphs at the real epoch's 44 steps (the
+#      earlier runs' 8 steps per epoch charged each step an eighth of the once-per-epoch recapture,
+#      which is likely why graphs looked slower than eager and compile at 1024); every step-time
+#      part now runs the real epoch (45,056 samples), batch 64 too;
+#   6. b1024_teacher_autotune: the teacher alone compiled in mode max-autotune-no-cudagraphs
+#      (inductor's convolution templates can apply BatchNorm, residual add and ReLU in the
+#      convolution's epilogue: the pass over every activation that folding did not remove; the
+#      whole step's max-autotune did not finish compiling in 150 s on the H100); then the whole
+#      step's (b1024_max_autotune), as time allows.
 #   OUT=/tmp/next bash tests/benchmarks/gpu_next.sh          (SMOKE=1: a CPU check of the arguments)
 #   PARTS=kdsvd_solver,b64_teacher_bf16 OUT=... bash ...    (only those parts, by name)
 set -u
@@ -51,16 +55,20 @@ if [ "${SMOKE:-0}" = 1 ]; then
   LSX=(--methods kd,at --threads 1 --compile-backend aot_eager); CEX=(--compile-backend aot_eager); FITX=(--only kd,at --compile-backend aot_eager)
   MODE=default; export OMP_NUM_THREADS=1
 else
-  DEV=cuda; G=graphs; CG=compile+graphs; B64=64; B256=256; B1024=1024; N=8192; NL=6400; SMALL=()
+  DEV=cuda; G=graphs; CG=compile+graphs; B64=64; B256=256; B1024=1024; N=45056; NL=6400; SMALL=()
   LSX=(); CEX=(); FITX=(); MODE=max-autotune-no-cudagraphs
 fi
 LS=(tests/benchmarks/lockstep_epoch.py --device $DEV --scale cifar --rounds 1 --epochs 3 "${LSX[@]}")
+# step times at the real CIFAR-100 epoch (45,000 training samples: 704 steps at 64, 44 at 1024), not
+# 8,192 samples as before: a captured step is recaptured once per epoch, and 8 steps per epoch at
+# 1024 charged each step an eighth of a capture (128 steps at 64: about 0.1 ms of a 2 ms step)
 CE=(tests/benchmarks/cifar_epoch.py --device $DEV --steps --epochs 3 --samples $N "${SMALL[@]}" "${CEX[@]}")
 part kdsvd_solver 60 $PY tests/benchmarks/kdsvd_solver.py --device $DEV --batch-size $B64 --json "$WORK/kdsvd_solver.json"
 part b64_baseline 75 $PY "${CE[@]}" --batch-sizes $B64 --captures $G,$CG --precision bf16 --json "$WORK/b64_baseline.json"
 part b64_teacher_bf16 75 $PY "${CE[@]}" --batch-sizes $B64 --captures $G,$CG --precision bf16 --teacher-bf16-weights --json "$WORK/b64_teacher_bf16.json"
 part fits_compile_graphs 240 $PY tests/benchmarks/cifar_epoch.py --device $DEV --fits --fit-capture $CG "${FITX[@]}" --json "$WORK/fits_compile_graphs.json"
 part lockstep_b64_cg 110 $PY "${LS[@]}" --capture $CG --separate-capture $CG --streams parallel --batch-size $B64 --samples $NL --json "$WORK/lockstep_b64_cg.json"
+part b1024_recapture 100 $PY "${CE[@]}" --batch-sizes $B1024 --captures compile,$CG --json "$WORK/b1024_recapture.json"
 part b1024_teacher_autotune 300 $PY "${CE[@]}" --batch-sizes $B1024 --captures compile --teacher-compile-mode $MODE --json "$WORK/b1024_teacher_autotune.json"
 part b1024_max_autotune 400 $PY "${CE[@]}" --batch-sizes $B1024 --captures compile --compile-mode $MODE --json "$WORK/b1024_max_autotune.json"
 echo "AccumulateGrad stream-mismatch warnings per log (0 expected since capture keeps detached outputs):"
