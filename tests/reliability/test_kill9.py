@@ -111,6 +111,18 @@ def alive(pids) -> set[int]:
     return {pid for pid in pids if pid_alive(pid)}
 
 
+def orphans_of(children, seconds: float = 15) -> set[int]:
+    """The children still alive ``seconds`` after their parent was killed (each should die with it),
+    then killed: none is left behind for the other tests."""
+    end = time.time() + seconds
+    while alive(children) and time.time() < end:
+        time.sleep(0.2)
+    left = alive(children)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    return left
+
+
 def touch_store(env) -> None:
     """A later command touching the store: its search marks runs of dead processes KILLED."""
     from kdbench.workflows.tracking import Tracker
@@ -169,12 +181,7 @@ def test_bench_jobs_2_killed_leaves_no_orphan_and_resumes(rel):
     assert len(children) >= 2  # the workers (and the resource tracker)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    end = time.time() + 15
-    while alive(children) and time.time() < end:
-        time.sleep(0.2)
-    orphans = alive(children)
-    for pid in orphans:  # do not leave them behind for the other tests
-        os.kill(pid, signal.SIGKILL)
+    orphans = orphans_of(children)
     again = kdbench("bench", "rel.toml", cwd=rel)
     out, _ = again.communicate(timeout=300)
     row = tally(rel, "bench --jobs 2, kill -9 parent mid-cell, rerun", 1, orphans=len(orphans),
@@ -311,13 +318,7 @@ def test_bench_lockstep_killed_mid_group_then_rerun(rel):
         proc.send_signal(signal.SIGKILL)
         out, _ = proc.communicate()
         assert "lockstep: 9 cells in 3 groups" in out or jobs == 2, out
-        end = time.time() + 15
-        while alive(children) and time.time() < end:
-            time.sleep(0.2)
-        left = alive(children)
-        for pid in left:  # do not leave them behind for the other tests
-            os.kill(pid, signal.SIGKILL)
-        orphans |= left
+        orphans |= orphans_of(children)
         killed_groups.append(group)
         assert finished_before <= {r[0] for r in runs(rel, "r.status = 'FINISHED'")}
     again = kdbench("bench", "rel.toml", "--lockstep", cwd=rel)
