@@ -533,7 +533,8 @@ def main():
         capture.COMPILE_OPTIONS["backend"] = args.compile_backend
     if args.compile_mode:
         capture.COMPILE_OPTIONS["mode"] = args.compile_mode
-    if args.teacher_bf16_weights and (args.precision or ("bf16" if cuda else "fp32")) != "bf16":
+    precision = args.precision or ("bf16" if cuda else "fp32")
+    if args.teacher_bf16_weights and precision != "bf16":
         ap.error("--teacher-bf16-weights needs --precision bf16 (the weights hold what bf16 autocast casts them to)")
     if args.teacher_compile_mode:
         capture.FROZEN_COMPILE_OPTIONS = {**capture.COMPILE_OPTIONS, "mode": args.teacher_compile_mode}
@@ -543,7 +544,7 @@ def main():
         torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name(device) if cuda else f"cpu ({os.cpu_count()} cores)"
     report = {"device": name, "torch": torch.__version__, "teacher": args.teacher, "student": args.student,
-              "precision": args.precision or ("bf16" if cuda else "fp32"),
+              "precision": precision,
               "compile_options": dict(capture.COMPILE_OPTIONS), "fold_teacher_bn": args.fold_teacher_bn,
               "teacher_bf16_weights": args.teacher_bf16_weights,
               "teacher_compile_options": capture.FROZEN_COMPILE_OPTIONS}

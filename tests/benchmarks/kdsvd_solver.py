@@ -17,24 +17,20 @@ import time
 import torch
 
 from kdbench.core import plugins
-from kdbench_builtin.methods import kdsvd
+from kdbench.core.taps import Tapped
 from kdbench.losses import stage_outputs
+from kdbench_builtin.methods import kdsvd
 
 
-def stage_maps(name: str, batch_size: int, device) -> list[torch.Tensor]:
+def stage_maps(reg, name: str, batch_size: int, device) -> list[torch.Tensor]:
     """A network's stage outputs on one batch, as kdsvd reads them: [B, N, C] float32."""
-    reg = plugins.load()
     model = reg.models[name].obj
     net = model.make(100, (3, 32, 32)).to(device).eval()
     taps = model.taps_of(net)
-    feats = {}
-    for tap_name, tap in taps.items():
-        dict(net.named_modules())[tap.module].register_forward_hook(
-            lambda _m, _a, out, tap_name=tap_name: feats.__setitem__(tap_name, out))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        net(torch.rand(batch_size, 3, 32, 32, generator=g).to(device))
-    return [kdsvd.as_matrix(f) for f in stage_outputs(feats)]
+        out = Tapped(net, taps, list(taps), name)(torch.rand(batch_size, 3, 32, 32, generator=g).to(device))
+    return [kdsvd.as_matrix(f) for f in stage_outputs(out.feats)]
 
 
 def timed(fn, device, repeats: int) -> float:
@@ -58,7 +54,8 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
-    maps = {net: stage_maps(net, args.batch_size, device) for net in ("resnet32x4", "resnet8x4")}
+    reg = plugins.load()
+    maps = {net: stage_maps(reg, net, args.batch_size, device) for net in ("resnet32x4", "resnet8x4")}
     kept = {"resnet32x4": args.k, "resnet8x4": args.k + 3}  # teacher k, student k + 3
 
     def solves(solver: str):
