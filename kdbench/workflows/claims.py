@@ -243,11 +243,12 @@ def store_lock(uri: str, cache: Path):
 
 def holder(client, experiment_id: str, config_hash: str):
     """The run that holds ``config_hash``: a FINISHED one, or a RUNNING one owned by a live process
-    (dead ones are marked KILLED); None when the cell is free."""
-    done = client.search_runs([experiment_id], f"attributes.status = 'FINISHED' AND tags.config_hash = '{config_hash}'",
-                              max_results=1)
-    if done:
-        return done[0]
+    (dead ones are marked KILLED); None when the cell is free.
+
+    The RUNNING runs are read first: a run's owner ends it outside the claim lock, and a status
+    only moves on from RUNNING, so a run that finishes between the two reads is seen by one of
+    them. Read the other way round, a run finishing in between was in neither, and a second
+    bench ran its cell again (seen once in CI: two benches of one suite)."""
     runs = client.search_runs([experiment_id], f"attributes.status = 'RUNNING' AND tags.config_hash = '{config_hash}'",
                               max_results=100)
     now, live = time.time(), None
@@ -257,4 +258,6 @@ def holder(client, experiment_id: str, config_hash: str):
             end_dead_run(client, run)
         elif alive and live is None:
             live = run
-    return live
+    done = client.search_runs([experiment_id], f"attributes.status = 'FINISHED' AND tags.config_hash = '{config_hash}'",
+                              max_results=1)
+    return done[0] if done else live

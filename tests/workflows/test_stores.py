@@ -118,3 +118,32 @@ def test_concurrent_first_use_of_a_fresh_optuna_storage(env):
              for _ in range(3)]
     errors = [proc.communicate(timeout=120)[1] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0, 0], errors
+
+
+def test_a_cell_finishing_while_another_bench_claims_it_stays_held(env):
+    """A run's owner ends it outside the claim lock. A run that finishes between the claim's two
+    reads (its RUNNING runs, its FINISHED run) must still hold the cell: read FINISHED first, it
+    was in neither read, and two benches of one suite ran that cell twice (seen in CI)."""
+    from kdbench.workflows import claims
+
+    tracker = Tracker(f"sqlite:///{env}/mlflow.db")
+    run_id = tracker.start("mnist1d", "cell", {"config_hash": "abc"}, {})  # RUNNING, this live process's
+    exp = tracker.experiment_id("mnist1d")
+
+    class FinishesAfterTheFirstRead:  # the owner's set_terminated lands right after the first search
+        def __init__(self, client):
+            self.client, self.reads = client, 0
+
+        def search_runs(self, *args, **kwargs):
+            found = self.client.search_runs(*args, **kwargs)
+            self.reads += 1
+            if self.reads == 1:
+                tracker.finish(run_id)
+            return found
+
+        def __getattr__(self, name):
+            return getattr(self.client, name)
+
+    held = claims.holder(FinishesAfterTheFirstRead(tracker.client), exp, "abc")
+    assert held is not None and held.info.run_id == run_id
+    assert tracker.client.get_run(run_id).info.status == "FINISHED"
