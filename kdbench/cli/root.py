@@ -11,6 +11,7 @@ import click
 from kdbench import __version__
 from kdbench.cli import bench, catalog, data, leaderboard, plugin, run, tune, ui
 from kdbench.errors import KdbenchError
+from kdbench.workflows import interrupts
 
 
 class OneLineErrorGroup(click.Group):
@@ -74,6 +75,7 @@ def main(ctx, debug):
     """kdbench: benchmark knowledge-distillation methods."""
     ctx.obj = {"debug": debug}
     _warnings_as_lines()
+    interrupts.keep_ctrl_c()
 
 
 def _warnings_as_lines() -> None:

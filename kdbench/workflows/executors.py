@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kdbench.errors import KdbenchError
+from kdbench.workflows import interrupts
 
 EXECUTORS = ("local", "ray")
 #: runs packed on one GPU. 1: with captured steps (the default on CUDA) one run keeps the GPU busy —
@@ -144,9 +145,11 @@ def gpu_slots(gpus: list[str], workers: int, runs_per_gpu: int) -> list[str | No
     return [gpus[i % len(gpus)] for i in range(min(workers, len(gpus) * runs_per_gpu))]
 
 
-#: in a local worker: Ctrl-C was pressed (it runs no further job) / a job is running
+#: in a local worker: Ctrl-C was pressed (it runs no further job) / a job is running / the job
+#: was sent its KeyboardInterrupt
 _interrupted = False
 _in_job = False
+_delivered = False
 _started = None  # a local worker's queue of (job key, pid): which worker runs which job
 
 
@@ -155,11 +158,18 @@ def _on_ctrl_c(signum, frame) -> None:
     the job running here is interrupted (once: its run is being ended KILLED, which a second Ctrl-C
     must not cut short), an idle worker just stops taking jobs (Python's default would end it with
     a KeyboardInterrupt traceback); the parent cancels what is left and shuts the pool down."""
-    global _interrupted
-    first = not _interrupted
+    global _interrupted, _delivered
     _interrupted = True
-    if first and _in_job:
+    if _in_job and not _delivered:
+        _delivered = True
         raise KeyboardInterrupt
+
+
+def _rearm() -> None:
+    """The job's KeyboardInterrupt was raised inside a finalizer, which swallowed it: it is
+    delivered again (:func:`interrupts.keep_ctrl_c`), so :func:`_on_ctrl_c` raises it once more."""
+    global _delivered
+    _delivered = False
 
 
 def _run_job(key: str, fn: Callable, *args):
@@ -210,6 +220,7 @@ def _local_worker_init(parent_pid: int, slots, threads: int, started=None) -> No
     global _started
     _started = started
     signal.signal(signal.SIGINT, _on_ctrl_c)
+    interrupts.keep_ctrl_c(_rearm)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by _ctrl_c_held
     gpu = slots.get()

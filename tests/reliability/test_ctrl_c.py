@@ -326,3 +326,47 @@ def test_ctrl_c_during_bench_lockstep_group_then_resume(cc, jobs):
     done = [tag(cc, run_id, "config_hash") for run_id, status in after.items() if status == "FINISHED"]
     assert sorted(done) == sorted(hashes)
     assert "RUNNING" not in statuses(cc).values()
+
+
+# --------------------------------------------------------------------------- a Ctrl-C in a finalizer
+
+FINALIZER = """
+import signal, sys, weakref
+from kdbench.workflows import executors, interrupts
+if sys.argv[1] == "worker":  # a local worker's handler, a job running
+    signal.signal(signal.SIGINT, executors._on_ctrl_c)
+    interrupts.keep_ctrl_c(executors._rearm)
+    executors._in_job = True
+else:  # the command's own process: Python's default handler
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    interrupts.keep_ctrl_c()
+
+class Table:
+    pass
+
+def callback(ref):  # as SQLAlchemy's weak-reference callbacks: the Ctrl-C lands in here
+    signal.raise_signal(signal.SIGINT)
+    ref = None
+
+table = Table()
+kept = weakref.ref(table, callback)
+try:
+    del table
+    for _ in range(10**8):
+        pass
+    print("trained to the end")
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+@pytest.mark.parametrize("where", ["command", "worker"])
+def test_a_ctrl_c_landing_in_a_finalizer_still_interrupts_without_a_traceback(where):
+    """One CI run printed "Exception ignored in: <bound method _MultipleClassMarker._remove_item …>
+    … KeyboardInterrupt" from a ``bench --lockstep --jobs 2`` worker: the Ctrl-C landed in a
+    SQLAlchemy weak-reference callback, which swallowed it (the job went on training). Without
+    :func:`interrupts.keep_ctrl_c` this prints that traceback and "trained to the end"."""
+    done = subprocess.run([sys.executable, "-c", FINALIZER, where], capture_output=True, text=True,
+                          timeout=60)
+    assert done.stdout.strip() == "interrupted", (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
