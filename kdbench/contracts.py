@@ -341,7 +341,9 @@ class Step:
     * ``teacher``: the frozen teacher's :class:`Outputs` (no graph); None without a teacher.
     * ``hp``: the method's hyperparameters, by name (``step.hp.T``).
     * ``modules``: what the method's ``build`` returned (trained with the student), or None.
-    * ``epoch``: 0-based, within the current stage; ``epochs``: that stage's epoch count.
+    * ``epoch``: 0-based, within the current stage; ``epochs``: that stage's epoch count. A
+      captured step (``--capture graphs``) that reads ``epoch`` is captured again at each epoch;
+      one that does not is captured once per stage.
     * ``stage``: the current stage's name (``"main"``, or a pre-stage's :attr:`Stage.name`).
     * ``index``: the batch's sample indices in the training split (e.g. for a memory bank).
     * ``student_net``: the student as ``x -> Outputs`` (same taps), for methods that re-run it.

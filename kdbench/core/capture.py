@@ -15,8 +15,11 @@ Three modes (``RunConfig.capture``, ``--capture``):
   ``set_to_none=False`` (their buffers stay put), autocast runs with ``cache_enabled=False``, a
   few eager warm-up steps on a side stream precede the first capture (lazy optimizer state,
   cuDNN autotuning), the outputs (loss terms, logits) are consumed before the next replay, and
-  a batch of another shape (the last, partial one) runs eagerly. The step reads ``Step.epoch``
-  as a Python int, so the graph is recaptured at each epoch (one capture per epoch, no warm-up).
+  a batch of another shape (the last, partial one) runs eagerly. A method's loss may read
+  ``Step.epoch``, a Python int that a graph would freeze: the capture watches for that read
+  (:func:`watching_epoch`), and only a step that read it is recaptured at each epoch (one capture
+  per epoch, no warm-up: dkd's and reviewkd's warm-up ramps); every other step is captured once
+  per stage.
 * ``compile+graphs`` — CUDA only: both. The networks are compiled first (fused kernels: what
   large, compute-bound batches need) and the whole step, compiled networks included, is then
   captured as in ``graphs`` (what small, launch-bound batches need). The compilation happens in
@@ -29,13 +32,17 @@ the run falls back to eager. Either way one line is logged and the run is tagged
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+import sys
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
+from kdbench.contracts import Step
 from kdbench.errors import KdbenchError
 
 CAPTURES = ("none", "compile", "graphs", "compile+graphs")
@@ -234,18 +241,61 @@ def on_side_stream(device: torch.device, fn: Callable):
 StepFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor | None, bool], object]
 
 
+# --------------------------------------------------------------------------- reads of Step.epoch
+
+#: the captures in progress, each told whether its step read ``Step.epoch`` (innermost last)
+_watchers: list[list[bool]] = []
+#: names through which a step's epoch can be read without asking for ``epoch`` itself
+_REVEALING = frozenset({"epoch", "__dict__", "__getstate__", "__reduce__", "__reduce_ex__"})
+_REPLACE = dataclasses.replace.__code__
+
+
+class WatchedStep(Step):
+    """A :class:`Step` that tells the captures in progress (:func:`watching_epoch`) that its
+    ``epoch`` was read — also through its ``__dict__``, ``copy``, ``dataclasses.asdict`` and the
+    like, which count as a read. ``dataclasses.replace`` (how combined methods give each part its
+    step) only carries the value over to a new WatchedStep, whose reads are watched in turn."""
+
+    def __getattribute__(self, name: str):
+        if name in _REVEALING and _watchers and sys._getframe(1).f_code is not _REPLACE:
+            for seen in _watchers:
+                seen[0] = True
+        return object.__getattribute__(self, name)
+
+
+def step_class() -> type[Step]:
+    """The class of the steps to build now: watched while a capture watches, else plain."""
+    return WatchedStep if _watchers else Step
+
+
+@contextlib.contextmanager
+def watching_epoch() -> Iterator[list[bool]]:
+    """While inside: ``seen[0]`` becomes True when a step built by :func:`step_class` has its
+    epoch read. A graph captured from a step that never read it stays valid in every epoch."""
+    seen = [False]
+    _watchers.append(seen)
+    try:
+        yield seen
+    finally:
+        _watchers.remove(seen)
+
+
 class GraphedSteps:
     """A stage's training step replayed as a CUDA graph.
 
     ``step(epoch, x, y, index, zero_to_none)`` runs one eager step (forward, loss, backward,
     optimizer, and whatever the caller accumulates on the device) and returns its outputs. The first full batches of the
     stage run eagerly (:data:`WARMUP_STEPS`, on a side stream); then the step is captured on
-    static copies of the batch and replayed. A batch of another shape runs eagerly."""
+    static copies of the batch and replayed. A batch of another shape runs eagerly. The graph is
+    captured again at the next epoch only if the captured step read ``Step.epoch``
+    (:func:`watching_epoch`)."""
 
     def __init__(self, step: StepFn, device: torch.device):
         self.step, self.device = step, device
         self.graph: torch.cuda.CUDAGraph | None = None
         self.epoch = -1
+        self.reads_epoch = True  # until a capture has shown otherwise
+        self.captures = 0
         self.shape: tuple | None = None
         self.warm = 0
         self.static: tuple | None = None  # x, y, index
@@ -259,7 +309,7 @@ class GraphedSteps:
         if self.warm < WARMUP_STEPS:
             self.warm += 1
             return on_side_stream(self.device, lambda: self.step(epoch, x, y, index, False))
-        if self.graph is None or epoch != self.epoch:
+        if self.graph is None or (epoch != self.epoch and self.reads_epoch):
             self._capture(epoch, x, y, index)
         sx, sy, si = self.static
         sx.copy_(x)
@@ -277,8 +327,10 @@ class GraphedSteps:
         torch.cuda.synchronize(self.device)
         self.static = (x.clone(), y.clone(), index.clone() if index is not None else None)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with watching_epoch() as seen, torch.cuda.graph(graph):
             out = self.step(epoch, *self.static, False)
+        self.reads_epoch = seen[0]
+        self.captures += 1
         # kept without their autograd graph: holding it kept the parameters' AccumulateGrad nodes
         # of the capture stream alive, and an eager step on another stream (a partial batch, the
         # profiler's steps) then warned of a stream mismatch on the H100

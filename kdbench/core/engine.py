@@ -259,7 +259,7 @@ def _batch_loss(trainee: Trainee, stage: Stage, epoch: int, epochs: int, x: torc
         teachers = [float32_outputs(t) for t in teachers] if teachers is not None else None
         student_net = _AtPrecision(trainee.student, device, precision, cache)
         teacher_net = _AtPrecision(trainee.teacher, device, precision, cache) if trainee.teacher is not None else None
-    step = Step(
+    step = capturing.step_class()(
         x=x, y=y, student=student, teacher=teacher, hp=trainee.hp, modules=trainee.modules,
         epoch=epoch, epochs=epochs, stage=stage.name, index=index,
         student_net=student_net, teacher_net=teacher_net, teachers=teachers,

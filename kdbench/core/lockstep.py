@@ -358,8 +358,8 @@ def _main_stage(running: dict[int, _Running], outcomes: list[MemberOutcome], gro
         for x, y, index in train.shuffled(recipe.batch_size, generator, augment):
             group.start_batch(x)
             if graph is None or graph.runs.keys() != running.keys():
-                # kept while the members stay (GraphedSteps recaptures it each epoch, as a run's
-                # step is); a member that failed leaves it
+                # kept while the members stay (GraphedSteps recaptures it at a new epoch if a
+                # member's step read Step.epoch, as a run's step is); a member that failed leaves it
                 graph = _group_graph(running, group, device, streams)
             if graph is not None and all(run.totals.ready for run in running.values()):
                 try:

@@ -18,7 +18,9 @@
 #   5. b1024_recapture: batch 1024, compile vs compile+graphs at the real epoch's 44 steps (the
 #      earlier runs' 8 steps per epoch charged each step an eighth of the once-per-epoch recapture,
 #      which is likely why graphs looked slower than eager and compile at 1024); every step-time
-#      part now runs the real epoch (45,056 samples), batch 64 too;
+#      part now runs the real epoch (45,056 samples), batch 64 too; and KD's graph is now kept
+#      across epochs (only a step that reads Step.epoch is recaptured), so "best epoch after the
+#      first" is pure replay;
 #   6. b1024_teacher_autotune: the teacher alone compiled in mode max-autotune-no-cudagraphs
 #      (inductor's convolution templates can apply BatchNorm, residual add and ReLU in the
 #      convolution's epilogue: the pass over every activation that folding did not remove; the

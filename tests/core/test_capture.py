@@ -1,7 +1,11 @@
 """Captured steps on the CPU: torch.compile gives eager's numbers, a method that cannot be
 captured (or a capture that fails) runs eagerly and says so, the lr lives in a tensor."""
+import contextlib
+import copy
+import dataclasses
 import subprocess
 import sys
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -286,3 +290,88 @@ def test_epoch_totals_keep_their_buffers_across_epochs_and_count_what_was_added(
     totals.accumulate({"ce": torch.tensor(2.0), "kd": torch.tensor(1.0)}, logits[1:], y[1:])
     totals.count(2)
     assert totals.means() == pytest.approx([2.0, 1.0]) and totals.names == ["ce", "kd"]
+
+
+# --------------------------------------------------------------------------- reads of Step.epoch
+
+#: the built-in methods whose loss reads Step.epoch: their warm-up ramps
+READS_EPOCH = {"dkd", "reviewkd"}
+
+
+def _reads_epoch(reg, method: str, teacher) -> bool:
+    """Whether one batch of each of the method's stages (pre-stages, then main) reads the epoch."""
+    plan = make_plan(RunConfig(method=method, recipe={"epochs": 1}), reg)
+    setup = engine.setup_student(plan, teacher if plan.method_obj.needs_teacher else None, CPU)
+    split = setup.splits["train"]
+    x, y, index = split.x[:64], split.y[:64], torch.arange(64)
+    stages = [stage for stage, _ in setup.pre_stages] + [engine.Stage("main", 1, plan.method_obj.loss)]
+    with capture.watching_epoch() as seen:
+        for stage in stages:
+            engine._batch_loss(setup.trainee, stage, 0, 1, x, y, index, CPU)
+    return seen[0]
+
+
+@pytest.mark.parametrize("method", sorted(plugins.load().methods) + ["kd+dkd", "kd+at", "fitnets+crd"])
+def test_only_the_methods_with_a_warm_up_ramp_read_the_epoch(teacher, method):
+    """The captured graph of every other method (pre-stages included) is kept across epochs."""
+    assert _reads_epoch(plugins.load(), method, teacher) == bool(set(method.split("+")) & READS_EPOCH)
+
+
+def _watched(epoch: int = 3):
+    return capture.WatchedStep(x=torch.zeros(2, 1), y=torch.zeros(2), student=None, teacher=None,
+                               hp=SimpleNamespace(T=4.0), modules=None, epoch=epoch, epochs=5, stage="main")
+
+
+@pytest.mark.parametrize("read, counts", [
+    (lambda s: s.epoch, True),
+    (lambda s: getattr(s, "epoch"), True),
+    (lambda s: vars(s)["epoch"], True),
+    (lambda s: copy.copy(s).epochs, True),  # its copy's epoch could be read later, unwatched
+    (lambda s: dataclasses.asdict(s)["epochs"], True),
+    (lambda s: dataclasses.replace(s, hp=SimpleNamespace()).epoch, True),
+    (lambda s: dataclasses.replace(s, hp=SimpleNamespace()).hp, False),  # how combined methods split a step
+    (lambda s: (s.epochs, s.stage, s.hp.T, s.x.sum()), False),
+])
+def test_every_way_of_reading_a_steps_epoch_counts_and_passing_it_on_does_not(read, counts):
+    step = _watched()
+    with capture.watching_epoch() as seen:
+        read(step)
+    assert seen[0] is counts
+    assert capture.step_class() is engine.Step  # plain steps once no capture watches
+    read(step)  # no watcher: nothing to tell
+
+
+def test_a_graphed_step_is_captured_again_at_a_new_epoch_only_if_it_read_the_epoch(monkeypatch):
+    """CUDA graphs faked on the CPU: a capture runs the step, a replay runs it again with what the
+    capture saw (a graph freezes Python values). A step reading the epoch is recaptured each
+    epoch and so always computes with the right one; a step that does not is captured once."""
+    live = {}
+
+    class FakeGraph:
+        def replay(self):
+            steps = live["steps"]
+            steps.step(steps.epoch, *steps.static, False)
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(capture, "on_side_stream", lambda device, fn: fn())
+
+    def trained(read):
+        used = []
+
+        def step(epoch, x, y, index, to_none):
+            made = capture.step_class()(x=x, y=y, student=None, teacher=None, hp=SimpleNamespace(),
+                                        modules=None, epoch=epoch, epochs=3, stage="main")
+            used.append((epoch, read(made)))
+
+        steps = live["steps"] = capture.GraphedSteps(step, CPU)
+        for epoch in range(3):
+            for _ in range(capture.WARMUP_STEPS + 2):
+                steps(epoch, torch.zeros(4, 2), torch.zeros(4), None)
+        return steps.captures, used
+
+    captures, used = trained(lambda made: made.epoch)
+    assert captures == 3 and all(true == seen for true, seen in used)
+    captures, used = trained(lambda made: made.epochs)
+    assert captures == 1
