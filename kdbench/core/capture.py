@@ -8,7 +8,7 @@ Three modes (``RunConfig.capture``, ``--capture``):
   loss, backward and optimizer step stay eager. Works on the CPU too, which is how CI checks that
   it gives eager's numbers.
 * ``graphs`` — CUDA only, and the default there: the *whole* step (teacher forward, student forward, float32 loss,
-  backward, optimizer step) is captured once per epoch with ``torch.cuda.graph`` on static
+  backward, optimizer step) is captured once per stage with ``torch.cuda.graph`` on static
   input buffers and replayed for every full batch. What makes that valid (the pitfalls the H100
   probe found): the optimizer is fused with its learning rate in a device tensor (the schedule
   writes into it, so nothing is recaptured for it), gradients are zeroed with

@@ -337,7 +337,7 @@ def _group_graph(running: dict[int, "_Running"], group: _GroupTeacher, device: t
                  streams: dict | None) -> _GroupGraph | None:
     """The group's graph when every member's step is captured; ``streams`` (member → stream,
     kept for the stage) for parallel branches, None for one member after the other."""
-    if device.type == "cuda" and running and all(run.step.graphed is not None for run in running.values()):
+    if running and all(run.step.graphed is not None for run in running.values()):
         return _GroupGraph(running, group, device, streams)
     return None
 

@@ -1,0 +1,167 @@
+"""The ``graphs`` path of the engine on the CPU, with CUDA graphs faked: a capture runs the step
+once (as ``torch.cuda.graph`` does, recording it), and a replay runs it again with what the capture
+saw — its epoch, its static batch buffers, its output tensors updated in place — as a real graph
+replays its kernels with the Python values of its capture frozen in. What this checks is kdbench's
+logic around the graph (warm-up, static inputs, the in-graph epoch totals, the partial batch, the
+fused optimizer with its lr in a tensor, which steps are captured again at a new epoch), against
+eager runs: the numbers must be eager's."""
+import contextlib
+from typing import Callable
+
+import pytest
+import torch
+
+from kdbench.core import capture, engine, plugins
+from kdbench.core.plan import RunConfig, make_plan
+
+CPU = torch.device("cpu")
+
+
+def _copy_into(kept, new) -> None:
+    """A replay's outputs land in the tensors the capture returned."""
+    if isinstance(kept, torch.Tensor):
+        kept.copy_(new)
+    elif isinstance(kept, dict):
+        for key in kept:
+            _copy_into(kept[key], new[key])
+    elif isinstance(kept, (tuple, list)):
+        for a, b in zip(kept, new):
+            _copy_into(a, b)
+
+
+class FakeGraph:
+    """A real capture records the step without running it, and the replay that follows runs it;
+    a faked capture has run it already, so its first replay does nothing. Later replays run what
+    was captured (``rerun``: the Python values of the capture) into the capture's outputs."""
+
+    rerun: Callable = None
+    out = None
+    ran = True  # the capture ran the step for the batch it was captured on
+
+    def replay(self):
+        if self.ran:
+            self.ran = False
+            return
+        _copy_into(self.out, self.rerun())
+
+
+class RecordingSteps(capture.GraphedSteps):
+    """GraphedSteps as it is, its graph told what it holds (what a real graph records)."""
+
+    def _capture(self, epoch, x, y, index):
+        super()._capture(epoch, x, y, index)
+        self.graph.rerun = lambda: self.step(epoch, *self.static, False)
+        self.graph.out = self.out
+
+
+class RecordingEval(capture.GraphedEval):
+    captured: list = []  # (network, batch shape) of every evaluation graph
+
+    def _capture(self, net, x, y, forward):
+        graph, sx, sy, out, net = super()._capture(net, x, y, forward)
+        RecordingEval.captured.append((type(net).__name__, tuple(x.shape)))
+        graph.rerun, graph.out = (lambda: forward(sx, sy)), out
+        return graph, sx, sy, out, net
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, **kwargs: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(capture, "on_side_stream", lambda device, fn: fn())
+    monkeypatch.setattr(capture, "GraphedSteps", RecordingSteps)
+    monkeypatch.setattr(capture, "GraphedEval", RecordingEval)
+    monkeypatch.setattr(RecordingEval, "captured", [])
+    monkeypatch.setattr(capture, "check_capture", lambda name, device=None: name or "none")
+    captures = []
+    original = RecordingSteps._capture
+    monkeypatch.setattr(RecordingSteps, "_capture", lambda self, *a: (captures.append(a[0]), original(self, *a)))
+    return captures
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    torch.manual_seed(0)
+    plan = make_plan(RunConfig(method="kd"), plugins.load())
+    return engine.build_teacher(plan, CPU).eval().requires_grad_(False)
+
+
+EPOCHS = 2
+#: dkd's warm-up over the whole run (the ramp 1/2, 1): its default, scaled to 2 epochs, is done in
+#: the first, and a graph that froze the epoch would give the same numbers
+HPARAMS = {"dkd": {"warmup": 240}}
+
+
+def fit(method, teacher, capture_mode):
+    plan = make_plan(RunConfig(method=method, recipe={"epochs": EPOCHS}, capture=capture_mode,
+                               hparams=HPARAMS.get(method, {})), plugins.load())
+    setup = engine.setup_student(plan, teacher if plan.method_obj.needs_teacher else None, CPU)
+    logs = []
+    result = engine.run_student(plan, setup, CPU, logs.append, with_test=False)
+    losses = {(log.stage, log.epoch, k): v for log in logs for k, v in log.metrics.items() if "loss" in k}
+    return result, losses
+
+
+@pytest.mark.parametrize("method, recaptured", [
+    ("kd", False),
+    ("dkd", True),  # its warm-up ramp reads Step.epoch: a graph kept from epoch 1 would freeze it
+    ("crd", False),  # the batch's sample indices are a static input (its memory bank)
+    ("fitnets", False),  # a pre-stage: a stage of its own, captured once
+])
+def test_faked_graphs_give_eager_numbers_and_recapture_only_what_reads_the_epoch(teacher, fake_graphs, monkeypatch,
+                                                                                method, recaptured):
+    """Bitwise: the eager reference uses the captured step's optimizer too (fused, its lr in a
+    tensor; that it trains as the float-lr one does is test_capture's)."""
+    optimizer = engine.stage_optimizer
+    monkeypatch.setattr(engine, "stage_optimizer", lambda trainee, stage, recipe, device_lr=None:
+                        optimizer(trainee, stage, recipe, CPU))
+    eager, eager_losses = fit(method, teacher, "none")
+    graphed, graphed_losses = fit(method, teacher, "graphs")
+    assert graphed.metrics.get("capture_fallback") is None
+    assert graphed_losses == eager_losses
+    assert graphed.curve == eager.curve
+    assert fake_graphs, "nothing was captured"
+    assert RecordingEval.captured, "the evaluation was not captured"
+    assert (len(set(fake_graphs)) == EPOCHS) is recaptured, fake_graphs
+
+
+#: no method drawing device random numbers: inside a group graph the members share that stream
+#: (CRD's negatives differ from its separate run's, as on a GPU); dkd recaptures the group graph
+LOCKSTEP = ["kd", "dkd", "fitnets", "at"]
+
+
+def test_a_lockstep_group_graph_trains_each_member_as_its_separate_eager_run(teacher, fake_graphs, monkeypatch):
+    """One graph for the group's step (one teacher forward, the members one after the other),
+    captured again at each epoch because dkd reads it; every member bitwise its separate run."""
+    from kdbench.core import lockstep
+
+    optimizer = engine.stage_optimizer
+    monkeypatch.setattr(engine, "stage_optimizer", lambda trainee, stage, recipe, device_lr=None:
+                        optimizer(trainee, stage, recipe, CPU))
+    monkeypatch.setattr(lockstep, "PARALLEL_STREAMS", False)
+
+    def plan(method, capture_mode):
+        return make_plan(RunConfig(method=method, recipe={"epochs": EPOCHS}, seed=1, capture=capture_mode,
+                                   hparams=HPARAMS.get(method, {})), plugins.load())
+
+    separate = {}
+    for method in LOCKSTEP:
+        alone = plan(method, "none")
+        separate[method] = engine.run_student(alone, engine.setup_student(alone, teacher, CPU), CPU,
+                                              lambda log: None, with_test=False)
+    plans = [plan(method, "graphs") for method in LOCKSTEP]
+    setups, members = [], []
+    for p in plans:
+        setups.append(engine.setup_student(p, teacher, CPU))
+        members.append(lockstep.member(p, setups[-1], CPU, lambda log: None, with_test=False))
+    group = lockstep.share_teacher(setups, teacher, plans[0].teacher_obj.taps_of(teacher), "teacher")
+    outcomes = lockstep.fit_group(members, group, CPU)
+    for method, outcome in zip(LOCKSTEP, outcomes):
+        assert outcome.error is None, (method, outcome.error)
+        assert outcome.result.metrics.get("capture_fallback") is None, method
+        assert outcome.result.curve == separate[method].curve, method
+        for key, value in separate[method].state_dict.items():
+            assert torch.equal(outcome.result.state_dict[key], value), (method, key)
+    assert sorted(set(fake_graphs)) == list(range(EPOCHS))  # the group's graph, at each epoch
+    # (and fitnets' hint stage, run alone before the group, captured once)
