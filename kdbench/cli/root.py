@@ -11,7 +11,6 @@ import click
 from kdbench import __version__
 from kdbench.cli import bench, catalog, data, leaderboard, plugin, run, tune, ui
 from kdbench.errors import KdbenchError
-from kdbench.workflows import interrupts
 
 
 class OneLineErrorGroup(click.Group):
@@ -75,6 +74,8 @@ def main(ctx, debug):
     """kdbench: benchmark knowledge-distillation methods."""
     ctx.obj = {"debug": debug}
     _warnings_as_lines()
+    from kdbench.workflows import interrupts  # here: `kdbench --help` loads no workflow
+
     interrupts.keep_ctrl_c()
 
 
