@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from kdbench.errors import KdbenchError
 from kdbench.workflows import claims
 from kdbench.workflows.claims import file_lock
+from kdbench.workflows.interrupts import hold_ctrl_c_in
 
 EXPERIMENT_PREFIX = "kdbench/"
 PROBE_SECONDS = 3.0  # how long a store may take to answer before kdbench gives up on it
@@ -192,11 +193,13 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self._reaped: set = set()
+        # each call whole: a Ctrl-C inside a SQLite statement left the store locked (interrupts)
         if self.uri in _READY:
-            self.client = MlflowClient(tracking_uri=pick_pg_driver(self.uri))
+            self.client = hold_ctrl_c_in(MlflowClient(tracking_uri=pick_pg_driver(self.uri)))
             return
         check_store(self.uri)
-        self.client = _create_store(lambda: MlflowClient(tracking_uri=pick_pg_driver(self.uri)), self.uri)
+        self.client = hold_ctrl_c_in(_create_store(lambda: MlflowClient(tracking_uri=pick_pg_driver(self.uri)),
+                                                   self.uri))
 
     def experiment_id(self, dataset: str) -> str:
         name = EXPERIMENT_PREFIX + dataset
