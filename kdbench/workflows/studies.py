@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kdbench.errors import KdbenchError
+from kdbench.workflows.interrupts import hold_ctrl_c_in
 
 RECIPE_PREFIX = "recipe."
 STALE_REASON = "worker died (stale heartbeat)"
@@ -75,7 +76,7 @@ def _journal_storage(path: str, must_exist: bool):
 
     if must_exist and not Path(path).exists():
         raise KdbenchError(f"no study journal at {path}; run `kdbench tune --storage journal` first")
-    return optuna.storages.JournalStorage(JournalFileBackend(path))
+    return hold_ctrl_c_in(optuna.storages.JournalStorage(JournalFileBackend(path)))
 
 
 def _rdb_storage(url: str, heartbeat: int):
@@ -91,10 +92,11 @@ def _rdb_storage(url: str, heartbeat: int):
     try:
         with lock, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return optuna.storages.RDBStorage(
+            # each call whole: a Ctrl-C inside a SQLite statement left the store locked (interrupts)
+            return hold_ctrl_c_in(optuna.storages.RDBStorage(
                 url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
                 engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
-            )
+            ))
     except Exception as exc:  # sqlalchemy OperationalError, missing driver, bad URL …
         text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         password = _password(url)
