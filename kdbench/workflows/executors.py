@@ -199,16 +199,12 @@ def _ctrl_c_held():
     if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
         yield  # Windows, or not the main thread (which alone gets KeyboardInterrupt)
         return
-    pressed = []
-    handler = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        signal.signal(signal.SIGINT, handler)
-        if pressed and callable(handler):
-            handler(signal.SIGINT, None)  # the default one raises KeyboardInterrupt
+    with interrupts.held():  # a Ctrl-C while the mask is lifted again is handled at the end
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _local_worker_init(parent_pid: int, slots, threads: int, started=None) -> None:
