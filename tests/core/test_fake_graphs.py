@@ -80,6 +80,15 @@ def fake_graphs(monkeypatch):
     return captures
 
 
+@pytest.fixture
+def captured_optimizer(monkeypatch):
+    """Eager runs get the captured step's optimizer too (fused, its lr in a tensor), so that the
+    two paths compare bitwise; that it trains as the float-lr one does is test_capture's."""
+    optimizer = engine.stage_optimizer
+    monkeypatch.setattr(engine, "stage_optimizer", lambda trainee, stage, recipe, device_lr=None:
+                        optimizer(trainee, stage, recipe, CPU))
+
+
 @pytest.fixture(scope="module")
 def teacher():
     torch.manual_seed(0)
@@ -109,13 +118,9 @@ def fit(method, teacher, capture_mode):
     ("crd", False),  # the batch's sample indices are a static input (its memory bank)
     ("fitnets", False),  # a pre-stage: a stage of its own, captured once
 ])
-def test_faked_graphs_give_eager_numbers_and_recapture_only_what_reads_the_epoch(teacher, fake_graphs, monkeypatch,
-                                                                                method, recaptured):
-    """Bitwise: the eager reference uses the captured step's optimizer too (fused, its lr in a
-    tensor; that it trains as the float-lr one does is test_capture's)."""
-    optimizer = engine.stage_optimizer
-    monkeypatch.setattr(engine, "stage_optimizer", lambda trainee, stage, recipe, device_lr=None:
-                        optimizer(trainee, stage, recipe, CPU))
+def test_faked_graphs_give_eager_numbers_and_recapture_only_what_reads_the_epoch(teacher, fake_graphs,
+                                                                                captured_optimizer, method, recaptured):
+    """Bitwise, with the same optimizer on both paths (captured_optimizer)."""
     eager, eager_losses = fit(method, teacher, "none")
     graphed, graphed_losses = fit(method, teacher, "graphs")
     assert graphed.metrics.get("capture_fallback") is None
@@ -131,14 +136,12 @@ def test_faked_graphs_give_eager_numbers_and_recapture_only_what_reads_the_epoch
 LOCKSTEP = ["kd", "dkd", "fitnets", "at"]
 
 
-def test_a_lockstep_group_graph_trains_each_member_as_its_separate_eager_run(teacher, fake_graphs, monkeypatch):
+def test_a_lockstep_group_graph_trains_each_member_as_its_separate_eager_run(teacher, fake_graphs, captured_optimizer,
+                                                                            monkeypatch):
     """One graph for the group's step (one teacher forward, the members one after the other),
     captured again at each epoch because dkd reads it; every member bitwise its separate run."""
     from kdbench.core import lockstep
 
-    optimizer = engine.stage_optimizer
-    monkeypatch.setattr(engine, "stage_optimizer", lambda trainee, stage, recipe, device_lr=None:
-                        optimizer(trainee, stage, recipe, CPU))
     monkeypatch.setattr(lockstep, "PARALLEL_STREAMS", False)
 
     def plan(method, capture_mode):
