@@ -41,6 +41,7 @@ from kdbench.core import capture, engine, plugins
 from kdbench.core.engine import Stage
 from kdbench.core.plan import RunConfig, make_plan
 from kdbench.core.plugins import Entry
+from kdbench.core.precision import resolve_precision
 
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
@@ -211,11 +212,13 @@ def step_time(args, device, x, y, batch_size: int, method: str = "kd", capture_m
                                device=str(device), precision=args.precision, capture=capture_mode,
                                recipe={"batch_size": batch_size, "epochs": args.epochs}), reg)
     teacher = _teacher(plan, device, args.fold_teacher_bn) if plan.method_obj.needs_teacher else None
-    if teacher is not None and args.teacher_bf16_weights:
+    changed = teacher is not None and (args.teacher_bf16_weights or args.fuse_teacher)
+    if changed:
         teacher = copy.deepcopy(teacher)
     setup = engine.setup_student(plan, teacher, device)
     if teacher is not None and args.teacher_bf16_weights:
         bf16_matmul_weights(teacher)
+    fusion = fuse(args, plan, setup, teacher, device) if changed and args.fuse_teacher else None
     split = setup.splits["train"]
     steps = len(split) // batch_size
     if steps < 1:
@@ -227,6 +230,11 @@ def step_time(args, device, x, y, batch_size: int, method: str = "kd", capture_m
     engine.train_stage(setup.trainee, stage, args.epochs, plan.recipe, split, gen, ds.augment, device,
                        lambda e, m: seconds.append(m["epoch_seconds"]), scheduled=False)
     state = setup.trainee.capture_state
+    if fusion is not None:
+        import teacher_fusion  # beside this script, whose folder is first on sys.path
+
+        fusion["refused"] = teacher_fusion.failed_layers(teacher)  # known after the first (eager) calls
+        print(f"    teacher fused: {fusion}", flush=True)
     profile = _profile(args, setup, stage, plan, split, gen, ds, device, steps) if args.profile else None
     capture.uncompile([m for m in (setup.trainee.student.model, teacher) if m is not None])
     if capture_mode in capture.COMPILED:  # the next size compiles afresh (static shapes), not as a dynamic-shape recompile
@@ -240,7 +248,26 @@ def step_time(args, device, x, y, batch_size: int, method: str = "kd", capture_m
         flops["share_of_bf16_peak"] = flops["tflops"] / peak_tflops(device)
     return {"ms_per_step": ms, "samples_per_s": rate, "steps_per_epoch": steps, **flops,
             "epoch_seconds": seconds, "minutes_240_epochs": 240 * args.epoch_samples / rate / 60,
-            "tags": state.tags() if state else {}, **({"profile": profile} if profile else {})}
+            "tags": state.tags() if state else {}, **({"profile": profile} if profile else {}),
+            **({"teacher_fusion": fusion} if fusion else {})}
+
+
+def fuse(args, plan, setup, teacher, device) -> dict:
+    """``--fuse-teacher``: the teacher's convolutions fused with their BatchNorm, ReLU and residual
+    add (teacher_fusion.py), after the engine's set-up (its probe runs the teacher without
+    autocast); KD only: a tap inside a block would no longer fire. Its logits are compared with the
+    unfused teacher's on one batch under the run's autocast."""
+    import teacher_fusion  # beside this script, whose folder is first on sys.path
+
+    if setup.trainee.teacher.wanted:
+        raise SystemExit(f"--fuse-teacher: {plan.method_obj.name} reads teacher taps {setup.trainee.teacher.wanted}; KD only")
+    bf16 = resolve_precision(plan.config.precision, device) == "bf16"
+    fusion = teacher_fusion.fuse_teacher(teacher, torch.bfloat16 if bf16 else torch.float32)
+    x = torch.randn(256, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
+    x = x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+    original = _teacher(plan, device, args.fold_teacher_bn)
+    fusion["against_unfused"] = teacher_fusion.compare(original, teacher, x, torch.bfloat16 if bf16 else None)
+    return fusion
 
 
 def _profile(args, setup, stage, plan, split, gen, ds, device, steps) -> list[dict]:
@@ -505,6 +532,9 @@ def main():
                          "only: fewer kernels to tune than the whole step) [--compile-mode]")
     ap.add_argument("--teacher-bf16-weights", action="store_true",
                     help="experiment: the teacher's convolution and linear weights stored in bf16 (no casts per step)")
+    ap.add_argument("--fuse-teacher", action="store_true",
+                    help="experiment (KD): the teacher's convolutions fused with their BatchNorm, ReLU and residual add "
+                         "(one cuDNN call each on CUDA; teacher_fusion.py)")
     ap.add_argument("--fold-teacher-bn", action="store_true",
                     help="experiment: the frozen teacher's BatchNorm layers folded into its convolutions")
     ap.add_argument("--epochs", type=int, default=3, help="epochs per step-time measurement (the first is not counted)")
@@ -546,7 +576,7 @@ def main():
     report = {"device": name, "torch": torch.__version__, "teacher": args.teacher, "student": args.student,
               "precision": precision,
               "compile_options": dict(capture.COMPILE_OPTIONS), "fold_teacher_bn": args.fold_teacher_bn,
-              "teacher_bf16_weights": args.teacher_bf16_weights,
+              "teacher_bf16_weights": args.teacher_bf16_weights, "fuse_teacher": args.fuse_teacher,
               "teacher_compile_options": capture.FROZEN_COMPILE_OPTIONS}
     if not (args.methods or args.losses or args.fits or args.plain or args.eval):
         args.steps = True

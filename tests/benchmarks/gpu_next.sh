@@ -12,21 +12,27 @@
 #      kept across epochs, so "best epoch after the first" is pure replay), and one more epoch of
 #      each under the profiler: the kernels that take a compiled step's time (the only profile so
 #      far is of the uncompiled graphs step), which says what the next kernel work must fuse;
-#   2. b64_baseline, b64_teacher_bf16: batch 64, graphs and compile+graphs, with the teacher's
-#      convolution and linear weights stored in bf16 (the values autocast casts them to: no cast
-#      kernels per step) against the same without, in one call: the <= 2 ms target by default?
-#   3. b1024_teacher_autotune: the teacher alone compiled in mode max-autotune-no-cudagraphs
+#   2. b64_baseline: batch 64, graphs and compile+graphs, as the engine is;
+#   3. b64_fused_teacher, b1024_fused_teacher: the same (and batch 1024 compile, compile+graphs)
+#      with the teacher's convolutions fused with their BatchNorm, ReLU and residual add, one
+#      cuDNN conv-bias-add-ReLU call each (teacher_fusion.py: 42 kernels per teacher forward
+#      instead of about 153, each activation written once). Fewer kernels is what batch 64 needs,
+#      one pass less over every teacher activation what batch 1024 needs. Its log says how far the
+#      fused logits are from the unfused ones and which layers cuDNN refused (they stay unfused);
+#   4. b64_teacher_bf16: batch 64 with the teacher's convolution and linear weights stored in bf16
+#      (the values autocast casts them to: no cast kernels per step), against b64_baseline;
+#   5. b1024_teacher_autotune: the teacher alone compiled in mode max-autotune-no-cudagraphs
 #      (inductor's convolution templates can apply BatchNorm, residual add and ReLU in the
 #      convolution's epilogue: the pass over every activation that folding did not remove; the
 #      whole step's max-autotune did not finish compiling in 150 s on the H100);
-#   4. kdsvd_solver: kdsvd's top singular vectors, the exact per-sample eigh (208x KD's step)
+#   6. kdsvd_solver: kdsvd's top singular vectors, the exact per-sample eigh (208x KD's step)
 #      against one batched SVD per stage (kdsvd.CUDA_SOLVER = "gesvda"): time, and how far they differ;
-#   5. fits_compile_graphs: every built-in method through a 1-epoch fit with --capture
+#   7. fits_compile_graphs: every built-in method through a 1-epoch fit with --capture
 #      compile+graphs, now that each run really compiles (the H100 run found Dynamo's recompile
 #      limit leaving all but the first three uncompiled): before it can be the CUDA default;
-#   6. lockstep_b64_cg: lockstep at batch 64 with compile+graphs members against separate
+#   8. lockstep_b64_cg: lockstep at batch 64 with compile+graphs members against separate
 #      compile+graphs runs: does the 2.29x (graphs) hold when each step is faster?
-#   7. b1024_max_autotune: the whole step's max-autotune, as time allows.
+#   9. b1024_max_autotune: the whole step's max-autotune, as time allows.
 # The parts add up to more than one call's TOTAL_S: a second call with PARTS= naming the skipped
 # ones measures the rest.
 #   OUT=/tmp/next bash tests/benchmarks/gpu_next.sh          (SMOKE=1: a CPU check of the arguments)
@@ -70,6 +76,8 @@ LS=(tests/benchmarks/lockstep_epoch.py --device $DEV --scale cifar --rounds 1 --
 CE=(tests/benchmarks/cifar_epoch.py --device $DEV --steps --epochs 3 --samples $N "${SMALL[@]}" "${CEX[@]}")
 part b1024_recapture 150 $PY "${CE[@]}" --batch-sizes $B1024 --captures compile,$CG --profile 30 --json "$WORK/b1024_recapture.json"
 part b64_baseline 75 $PY "${CE[@]}" --batch-sizes $B64 --captures $G,$CG --precision bf16 --json "$WORK/b64_baseline.json"
+part b64_fused_teacher 75 $PY "${CE[@]}" --batch-sizes $B64 --captures $G,$CG --precision bf16 --fuse-teacher --json "$WORK/b64_fused_teacher.json"
+part b1024_fused_teacher 150 $PY "${CE[@]}" --batch-sizes $B1024 --captures compile,$CG --precision bf16 --fuse-teacher --json "$WORK/b1024_fused_teacher.json"
 part b64_teacher_bf16 75 $PY "${CE[@]}" --batch-sizes $B64 --captures $G,$CG --precision bf16 --teacher-bf16-weights --json "$WORK/b64_teacher_bf16.json"
 part b1024_teacher_autotune 300 $PY "${CE[@]}" --batch-sizes $B1024 --captures compile --teacher-compile-mode $MODE --json "$WORK/b1024_teacher_autotune.json"
 part kdsvd_solver 60 $PY tests/benchmarks/kdsvd_solver.py --device $DEV --batch-size $B64 --json "$WORK/kdsvd_solver.json"
