@@ -6,6 +6,10 @@
 # $WORK and, after every part, into one archive $OUT/next.tgz (a device call returns 8 files at most).
 # The H100 run of 2026-11-27 measured the earlier parts (docs/PERFORMANCE.md). Left, the unmet
 # target first (>= 120,000 samples/s at batch 1024: 67,541 with compile on that H100):
+#   0. teacher_forward: the teacher's forward alone at 64 and 1024, eager and replayed from a
+#      graph, as the engine runs it and with each teacher experiment below (bf16 weights, folded
+#      BatchNorm, fused convolutions): the teacher's share of a step and what each experiment
+#      saves of it, in 20 s, before the step-time parts that say the same at the step's scale;
 #   1. b1024_recapture: batch 1024, compile vs compile+graphs at the real epoch's 44 steps (the
 #      earlier runs' 8 steps per epoch charged each step an eighth of the once-per-epoch recapture,
 #      which is likely why graphs looked slower than eager and compile at 1024; KD's graph is now
@@ -62,11 +66,11 @@ part() {  # name, its time limit in seconds, then the command
 # SMOKE=1: the same commands on the CPU with tiny sizes (graphs -> none, compile+graphs -> compile,
 # resnet8 pair, aot_eager), to check every part's arguments before spending GPU time (~3 min)
 if [ "${SMOKE:-0}" = 1 ]; then
-  DEV=cpu; G=none; CG=compile; B64=16; B256=32; B1024=32; N=128; NL=96; SMALL=(--teacher resnet8 --student resnet8)
+  DEV=cpu; G=none; CG=compile; B64=16; B256=32; B1024=32; N=128; NL=96; SMALL=(--teacher resnet8 --student resnet8); SMALLT=(--teacher resnet8 --repeats 3)
   LSX=(--methods kd,at --threads 1 --compile-backend aot_eager); CEX=(--compile-backend aot_eager); FITX=(--only kd,at --compile-backend aot_eager)
   MODE=default; export OMP_NUM_THREADS=1
 else
-  DEV=cuda; G=graphs; CG=compile+graphs; B64=64; B256=256; B1024=1024; N=45056; NL=6400; SMALL=()
+  DEV=cuda; G=graphs; CG=compile+graphs; B64=64; B256=256; B1024=1024; N=45056; NL=6400; SMALL=(); SMALLT=()
   LSX=(); CEX=(); FITX=(); MODE=max-autotune-no-cudagraphs
 fi
 LS=(tests/benchmarks/lockstep_epoch.py --device $DEV --scale cifar --rounds 1 --epochs 3 "${LSX[@]}")
@@ -74,6 +78,7 @@ LS=(tests/benchmarks/lockstep_epoch.py --device $DEV --scale cifar --rounds 1 --
 # 8,192 samples as before: a captured step is recaptured once per epoch, and 8 steps per epoch at
 # 1024 charged each step an eighth of a capture (128 steps at 64: about 0.1 ms of a 2 ms step)
 CE=(tests/benchmarks/cifar_epoch.py --device $DEV --steps --epochs 3 --samples $N "${SMALL[@]}" "${CEX[@]}")
+part teacher_forward 60 $PY tests/benchmarks/teacher_fusion.py --device $DEV --batch-sizes $B64,$B1024 "${SMALLT[@]}" --json "$WORK/teacher_forward.json"
 part b1024_recapture 150 $PY "${CE[@]}" --batch-sizes $B1024 --captures compile,$CG --profile 30 --json "$WORK/b1024_recapture.json"
 part b64_baseline 75 $PY "${CE[@]}" --batch-sizes $B64 --captures $G,$CG --precision bf16 --json "$WORK/b64_baseline.json"
 part b64_fused_teacher 75 $PY "${CE[@]}" --batch-sizes $B64 --captures $G,$CG --precision bf16 --fuse-teacher --json "$WORK/b64_fused_teacher.json"

@@ -125,3 +125,106 @@ def compare(original: nn.Module, fused: nn.Module, x: torch.Tensor, autocast_dty
         a, b = original(x).float(), fused(x).float()
     return {"max_rel_diff": ((a - b).abs().max() / a.abs().max()).item(),
             "top1_agree": (a.argmax(1) == b.argmax(1)).float().mean().item()}
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+def _variants(net: nn.Module, bf16: bool) -> dict[str, nn.Module]:
+    """The teacher as the engine runs it, and the experiments of cifar_epoch.py on a copy each."""
+    import copy
+
+    from cifar_epoch import bf16_matmul_weights, fold_batchnorm  # beside this script
+
+    out = {"plain": net}
+    if bf16:
+        out["bf16_weights"] = bf16_matmul_weights(copy.deepcopy(net))
+    out["folded_bn"] = fold_batchnorm(copy.deepcopy(net))
+    fused = copy.deepcopy(net)
+    fuse_teacher(fused, torch.bfloat16 if bf16 else torch.float32)
+    out["fused"] = fused
+    return out
+
+
+def time_forward(net: nn.Module, x: torch.Tensor, autocast_dtype, graphed: bool, repeats: int) -> float:
+    """ms per forward pass of ``net`` on ``x`` (no grad, the run's autocast): eager, or replayed
+    from a CUDA graph (how a captured step runs it)."""
+    import time
+
+    cuda = x.device.type == "cuda"
+
+    def forward():
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32,
+                                             enabled=autocast_dtype is not None, cache_enabled=False):
+            return net(x)
+
+    for _ in range(3):  # cuDNN's autotuning, the fused ops' first call, the allocator
+        forward()
+    run = forward
+    if graphed:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            forward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            forward()
+        run = graph.replay
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    if cuda:
+        torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - start) / repeats
+
+
+def main() -> None:
+    """ms per teacher forward at each batch size: as the engine runs it, with bf16 weights, with
+    the BatchNorm folded, fused; eager and (CUDA) replayed from a graph. The fused teacher's
+    distance to the plain one is printed too."""
+    import argparse
+    import json
+
+    from kdbench.core import plugins
+
+    ap = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--teacher", default="resnet32x4")
+    ap.add_argument("--batch-sizes", default="64,1024")
+    ap.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="[bf16 on CUDA, fp32 on CPU]")
+    ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    torch.backends.cudnn.benchmark = True
+    bf16 = (args.precision or ("bf16" if cuda else "fp32")) == "bf16"
+    dtype = torch.bfloat16 if bf16 else None
+    torch.manual_seed(0)
+    net = plugins.load().models[args.teacher].obj.make(100, (3, 32, 32)).to(device).eval().requires_grad_(False)
+    if cuda:
+        net = net.to(memory_format=torch.channels_last)
+    nets = _variants(net, bf16)
+    report = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
+              "teacher": args.teacher, "precision": "bf16" if bf16 else "fp32", "batch": {}}
+    for bs in [int(b) for b in args.batch_sizes.split(",")]:
+        x = torch.randn(bs, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(device)
+        x = x.contiguous(memory_format=torch.channels_last) if cuda else x
+        row = {"fused_against_plain": compare(nets["plain"], nets["fused"], x, dtype)}
+        for name, variant in nets.items():
+            for graphed in ([False, True] if cuda else [False]):
+                ms = time_forward(variant, x, dtype, graphed, args.repeats)
+                row[f"{name}{'_graph' if graphed else ''}_ms"] = ms
+        row["fused_refused"] = failed_layers(nets["fused"])
+        report["batch"][bs] = row
+        print(f"batch {bs:>5}: " + "  ".join(f"{k[:-3]} {v:.3f} ms" for k, v in row.items() if k.endswith("_ms"))
+              + f"  | fused vs plain {row['fused_against_plain']}  refused {len(row['fused_refused'])}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

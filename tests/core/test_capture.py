@@ -181,7 +181,8 @@ def test_cli_names_the_choices_of_precision_and_capture():
 
 
 def test_engine_and_benchmarks_import_neither_mlflow_nor_optuna():
-    scripts = [str(ROOT / "tests/benchmarks" / name) for name in ("cifar_epoch.py", "lockstep_epoch.py", "kdsvd_solver.py")]
+    scripts = [str(ROOT / "tests/benchmarks" / name) for name in ("cifar_epoch.py", "lockstep_epoch.py", "kdsvd_solver.py",
+                                                                  "teacher_fusion.py")]
     code = ("import sys, runpy; import kdbench.core.engine, kdbench.core.capture, kdbench.core.precision, "
             "kdbench.core.plan, kdbench.core.plugins; "
             f"[runpy.run_path(path, run_name='not_main') for path in {scripts!r}]; "
