@@ -566,6 +566,9 @@ def main():
     precision = args.precision or ("bf16" if cuda else "fp32")
     if args.teacher_bf16_weights and precision != "bf16":
         ap.error("--teacher-bf16-weights needs --precision bf16 (the weights hold what bf16 autocast casts them to)")
+    if args.fuse_teacher and (args.fold_teacher_bn or args.teacher_bf16_weights):
+        ap.error("--fuse-teacher folds the BatchNorm and stores the weights in the run's precision itself: "
+                 "drop --fold-teacher-bn and --teacher-bf16-weights")
     if args.teacher_compile_mode:
         capture.FROZEN_COMPILE_OPTIONS = {**capture.COMPILE_OPTIONS, "mode": args.teacher_compile_mode}
         print(f"    teacher compiled with mode {args.teacher_compile_mode} (the student: "
