@@ -265,7 +265,7 @@ def fuse(args, plan, setup, teacher, device) -> dict:
     fusion = teacher_fusion.fuse_teacher(teacher, torch.bfloat16 if bf16 else torch.float32)
     x = torch.randn(256, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
     x = x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
-    original = _teacher(plan, device, args.fold_teacher_bn)
+    original = _teacher(plan, device)  # the cached unfused one (folding and fusing exclude each other)
     fusion["against_unfused"] = teacher_fusion.compare(original, teacher, x, torch.bfloat16 if bf16 else None)
     return fusion
 
