@@ -261,12 +261,12 @@ def fuse(args, plan, setup, teacher, device) -> dict:
 
     if setup.trainee.teacher.wanted:
         raise SystemExit(f"--fuse-teacher: {plan.method_obj.name} reads teacher taps {setup.trainee.teacher.wanted}; KD only")
-    bf16 = resolve_precision(plan.config.precision, device) == "bf16"
-    fusion = teacher_fusion.fuse_teacher(teacher, torch.bfloat16 if bf16 else torch.float32)
+    precision = resolve_precision(plan.config.precision, device)
+    fusion = teacher_fusion.fuse_teacher(teacher, torch.bfloat16 if precision == "bf16" else torch.float32)
     x = torch.randn(256, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
     x = x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
     original = _teacher(plan, device)  # the cached unfused one (folding and fusing exclude each other)
-    fusion["against_unfused"] = teacher_fusion.compare(original, teacher, x, torch.bfloat16 if bf16 else None)
+    fusion["against_unfused"] = teacher_fusion.compare(original, teacher, x, precision)
     return fusion
 
 

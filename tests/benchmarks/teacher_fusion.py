@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from kdbench.core.precision import autocast
+
 
 def cudnn_fusable(x: torch.Tensor) -> bool:
     """Whether the cuDNN conv-bias-add-ReLU ops can serve ``x`` (a test fakes them on the CPU)."""
@@ -118,10 +120,11 @@ def failed_layers(net: nn.Module) -> dict[str, str]:
 
 
 @torch.no_grad()
-def compare(original: nn.Module, fused: nn.Module, x: torch.Tensor, autocast_dtype: torch.dtype | None) -> dict:
-    """The fused teacher's logits against the original's on ``x`` (the run's autocast): the largest
-    difference relative to the largest logit, and how often the top-1 class agrees."""
-    with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+def compare(original: nn.Module, fused: nn.Module, x: torch.Tensor, precision: str) -> dict:
+    """The fused teacher's logits against the original's on ``x`` (the run's autocast, ``precision``
+    bf16 or fp32): the largest difference relative to the largest logit, and how often the top-1
+    class agrees."""
+    with autocast(x.device, precision):
         a, b = original(x).float(), fused(x).float()
     return {"max_rel_diff": ((a - b).abs().max() / a.abs().max()).item(),
             "top1_agree": (a.argmax(1) == b.argmax(1)).float().mean().item()}
@@ -145,38 +148,33 @@ def _variants(net: nn.Module, bf16: bool) -> dict[str, nn.Module]:
     return out
 
 
-def time_forward(net: nn.Module, x: torch.Tensor, autocast_dtype, graphed: bool, repeats: int) -> float:
+def time_forward(net: nn.Module, x: torch.Tensor, precision: str, graphed: bool, repeats: int) -> float:
     """ms per forward pass of ``net`` on ``x`` (no grad, the run's autocast): eager, or replayed
     from a CUDA graph (how a captured step runs it)."""
     import time
 
-    cuda = x.device.type == "cuda"
+    from cifar_epoch import sync  # beside this script
+
+    from kdbench.core.capture import on_side_stream
 
     def forward():
-        with torch.no_grad(), torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32,
-                                             enabled=autocast_dtype is not None, cache_enabled=False):
+        with torch.no_grad(), autocast(x.device, precision, cache=False):
             return net(x)
 
     for _ in range(3):  # cuDNN's autotuning, the fused ops' first call, the allocator
         forward()
     run = forward
     if graphed:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            forward()
-        torch.cuda.current_stream().wait_stream(side)
+        on_side_stream(x.device, forward)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             forward()
         run = graph.replay
-    if cuda:
-        torch.cuda.synchronize()
+    sync(x.device)
     start = time.perf_counter()
     for _ in range(repeats):
         run()
-    if cuda:
-        torch.cuda.synchronize()
+    sync(x.device)
     return 1000 * (time.perf_counter() - start) / repeats
 
 
@@ -200,22 +198,22 @@ def main() -> None:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     torch.backends.cudnn.benchmark = True
-    bf16 = (args.precision or ("bf16" if cuda else "fp32")) == "bf16"
-    dtype = torch.bfloat16 if bf16 else None
+    precision = args.precision or ("bf16" if cuda else "fp32")
+    bf16 = precision == "bf16"
     torch.manual_seed(0)
     net = plugins.load().models[args.teacher].obj.make(100, (3, 32, 32)).to(device).eval().requires_grad_(False)
     if cuda:
         net = net.to(memory_format=torch.channels_last)
     nets = _variants(net, bf16)
     report = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
-              "teacher": args.teacher, "precision": "bf16" if bf16 else "fp32", "batch": {}}
+              "teacher": args.teacher, "precision": precision, "batch": {}}
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
         x = torch.randn(bs, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(device)
         x = x.contiguous(memory_format=torch.channels_last) if cuda else x
-        row = {"fused_against_plain": compare(nets["plain"], nets["fused"], x, dtype)}
+        row = {"fused_against_plain": compare(nets["plain"], nets["fused"], x, precision)}
         for name, variant in nets.items():
             for graphed in ([False, True] if cuda else [False]):
-                ms = time_forward(variant, x, dtype, graphed, args.repeats)
+                ms = time_forward(variant, x, precision, graphed, args.repeats)
                 row[f"{name}{'_graph' if graphed else ''}_ms"] = ms
         row["fused_refused"] = failed_layers(nets["fused"])
         report["batch"][bs] = row

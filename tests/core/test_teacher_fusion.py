@@ -72,7 +72,7 @@ def test_fused_teacher_under_bf16_autocast_is_within_bf16_noise(teacher):
     fused = copy.deepcopy(net)
     fusion.fuse_teacher(fused, torch.bfloat16)
     assert fused.layer1[0].c1.weight.dtype == torch.bfloat16
-    got = fusion.compare(net, fused, X, torch.bfloat16)
+    got = fusion.compare(net, fused, X, "bf16")
     assert got["max_rel_diff"] < 0.03 and got["top1_agree"] == 1.0, got
 
 
