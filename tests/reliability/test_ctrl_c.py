@@ -379,6 +379,7 @@ STORE_CALL = """
 import signal, sqlite3, sys, time
 from kdbench.workflows import interrupts
 
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, however the tests were started
 db = sys.argv[1]
 sqlite3.connect(db).execute("CREATE TABLE runs (status TEXT)")
 
