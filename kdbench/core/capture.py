@@ -19,7 +19,8 @@ Three modes (``RunConfig.capture``, ``--capture``):
   ``Step.epoch``, a Python int that a graph would freeze: the capture watches for that read
   (:func:`watching_epoch`), and only a step that read it is recaptured at each epoch (one capture
   per epoch, no warm-up: dkd's and reviewkd's warm-up ramps); every other step is captured once
-  per stage.
+  per stage. The frozen teachers' forward runs on a :class:`Branch` beside the student's forward
+  (``engine.TEACHER_BRANCH``): two parallel branches of the graph.
 * ``compile+graphs`` — CUDA only: both. The networks are compiled first (fused kernels: what
   large, compute-bound batches need) and the whole step, compiled networks included, is then
   captured as in ``graphs`` (what small, launch-bound batches need). The compilation happens in
@@ -225,6 +226,29 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
             group["lr"].fill_(lr)
         else:
             group["lr"] = lr
+
+
+class Branch:
+    """Work that runs beside the current stream: :meth:`fork` starts it on a stream of its own,
+    ordered after what the current stream has queued; :meth:`join` makes the current stream wait
+    for it. Inside a CUDA-graph capture the two are parallel branches of the graph, which the GPU
+    runs side by side — what a step of small kernels (batch 64) leaves room for. The stream is
+    kept for the stage (made once, reused by every step and by the capture)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+
+    @contextlib.contextmanager
+    def fork(self) -> Iterator[None]:
+        """The block's kernels go to the branch."""
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            yield
+
+    def join(self) -> None:
+        """What the branch queued is done before what the current stream queues next."""
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
 
 def on_side_stream(device: torch.device, fn: Callable):

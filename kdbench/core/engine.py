@@ -6,6 +6,7 @@ reads losses and accuracy once per epoch.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -29,6 +30,11 @@ from kdbench.core.precision import autocast as precision_autocast
 from kdbench.core.splits import DeviceSplit, load_split
 from kdbench.core.taps import Tapped, wanted_taps
 from kdbench.errors import KdbenchError, NonFiniteLoss
+
+#: run the frozen teachers' forward beside the student's forward, on a stream of their own, when
+#: the step is replayed as a CUDA graph (False: one after the other, as eagerly;
+#: ``tests/benchmarks/cifar_epoch.py --teacher-stream both`` measures the difference)
+TEACHER_BRANCH = True
 
 
 @dataclass
@@ -218,17 +224,26 @@ def stage_optimizer(trainee: Trainee, stage: Stage, recipe: Recipe,
     return make_optimizer(params, recipe, device_lr)
 
 
-def _forward(trainee: Trainee, x: torch.Tensor) -> tuple[Outputs, Outputs | None, list[Outputs] | None]:
-    """The student's outputs for a batch, and the frozen teachers' (computed without a graph)."""
-    teacher = None
-    if trainee.teacher is not None:
-        with torch.no_grad():
-            teacher = trainee.teacher(x)
-    teachers = None
-    if trainee.teachers:
-        with torch.no_grad():
-            teachers = [net(x) for net in trainee.teachers]
-    return trainee.student(x), teacher, teachers
+def _forward(trainee: Trainee, x: torch.Tensor, branch: capturing.Branch | None = None
+             ) -> tuple[Outputs, Outputs | None, list[Outputs] | None]:
+    """The student's outputs for a batch, and the frozen teachers' (computed without a graph) —
+    on ``branch``, beside the student's forward, when there is one."""
+    with branch.fork() if branch is not None else contextlib.nullcontext(), torch.no_grad():
+        teacher = trainee.teacher(x) if trainee.teacher is not None else None
+        teachers = [net(x) for net in trainee.teachers] if trainee.teachers else None
+    student = trainee.student(x)
+    if branch is not None:
+        branch.join()
+    return student, teacher, teachers
+
+
+def teacher_branch(trainee: Trainee, state: capturing.CaptureState, device: torch.device) -> capturing.Branch | None:
+    """A stream of its own for the frozen teachers' forward when the step is replayed as a CUDA
+    graph (:data:`TEACHER_BRANCH`): in the graph the teacher and the student forward are then
+    parallel branches. Same kernels, same numbers; only their order on the GPU changes."""
+    if TEACHER_BRANCH and state.graphs and (trainee.teacher is not None or trainee.teachers):
+        return capturing.Branch(device)
+    return None
 
 
 class _AtPrecision(nn.Module):
@@ -247,12 +262,14 @@ class _AtPrecision(nn.Module):
 
 def _batch_loss(trainee: Trainee, stage: Stage, epoch: int, epochs: int, x: torch.Tensor, y: torch.Tensor,
                 index: torch.Tensor | None, device: torch.device | None = None,
-                precision: str = "fp32", cache: bool = True) -> tuple[Outputs, dict[str, torch.Tensor], torch.Tensor]:
-    """One batch through the networks (under ``precision``'s autocast) and the stage's loss (in
-    float32, autocast off): the student's outputs, the named loss terms and their sum."""
+                precision: str = "fp32", cache: bool = True, branch: capturing.Branch | None = None,
+                ) -> tuple[Outputs, dict[str, torch.Tensor], torch.Tensor]:
+    """One batch through the networks (under ``precision``'s autocast; the teachers on ``branch``)
+    and the stage's loss (in float32, autocast off): the student's outputs, the named loss terms
+    and their sum."""
     device = device if device is not None else x.device
     with precision_autocast(device, precision, cache):
-        student, teacher, teachers = _forward(trainee, x)
+        student, teacher, teachers = _forward(trainee, x, branch)
     student_net, teacher_net = trainee.student, trainee.teacher
     if precision == "bf16":  # cast at the one boundary; a no-op for float32 tensors
         student, teacher = float32_outputs(student), float32_outputs(teacher)
@@ -352,18 +369,21 @@ class StageStep:
     back to eager (:class:`capturing.CaptureState`)."""
 
     def __init__(self, trainee: Trainee, stage: Stage, epochs: int, opt: torch.optim.Optimizer,
-                 device: torch.device, precision: str, state: capturing.CaptureState):
+                 device: torch.device, precision: str, state: capturing.CaptureState, teacher_beside: bool = True):
         self.trainee, self.stage, self.epochs, self.opt = trainee, stage, epochs, opt
         self.device, self.precision, self.state = device, precision, state
         self.totals: EpochTotals | None = None  # the epoch's, set by __call__
         self.graphed = capturing.GraphedSteps(self.counted, device) if state.graphs else None
+        # the teachers' forward beside the student's (False: a lockstep group runs its teacher itself)
+        self.branch = teacher_branch(trainee, state, device) if teacher_beside else None
 
     def eager(self, epoch: int, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None,
               to_none: bool = True):
         """Forward, loss, backward and optimizer step; the student's logits and the loss terms."""
         graphs = self.graphed is not None
         student, terms, loss = _batch_loss(self.trainee, self.stage, epoch, self.epochs, x, y, index,
-                                           self.device, self.precision, cache=not graphs)
+                                           self.device, self.precision, cache=not graphs,
+                                           branch=self.branch if graphs else None)
         self.opt.zero_grad(set_to_none=to_none and not graphs)
         loss.backward()
         self.opt.step()

@@ -229,7 +229,8 @@ class _Running:
         if trainee.modules is not None:
             trainee.modules.train()
         precision = resolve_precision(trainee.precision, device)
-        self.step = engine.StageStep(trainee, self.stage, self.job.recipe.epochs, self.opt, device, precision, state)
+        self.step = engine.StageStep(trainee, self.stage, self.job.recipe.epochs, self.opt, device, precision, state,
+                                     teacher_beside=False)
         self.validation = engine.Validation(self.job, device, member.on_epoch, pre_seconds)
         self.totals = engine.EpochTotals(device)  # reset each epoch (a captured step adds into it)
         self.lr = 0.0

@@ -7,7 +7,8 @@ Modes (several may be given; figures go to ``--json``):
   eager vs captured (``--captures``, default ``none,graphs`` on CUDA and ``none,compile`` on the
   CPU) at each batch size (``--batch-sizes``, default 64,256,1024), samples/s, and the projected
   time of 240 epochs of ``--epoch-samples`` samples (training steps only). Each figure is the best
-  epoch after the first (which compiles/captures) of ``--epochs`` epochs.
+  epoch after the first (which compiles/captures) of ``--epochs`` epochs. ``--teacher-stream both``
+  adds each graph mode with the teacher's forward before the student's instead of beside it.
 * ``--methods``: every built-in method's step time relative to KD's (same pair, batch, precision,
   capture); over 2× is flagged, a method that cannot serve the pair says why.
 * ``--losses``: the loss terms and the student's gradient of every built-in method on one batch
@@ -290,19 +291,38 @@ def _profile(args, setup, stage, plan, split, gen, ds, device, steps) -> list[di
     return top
 
 
+def _variants(args) -> list[tuple[str, str, bool]]:
+    """(label, capture mode, teacher beside the student) of each step-time row: ``--teacher-stream
+    both`` adds, for every mode replayed as a graph, the teacher run before the student on the
+    step's own stream (``engine.TEACHER_BRANCH = False``) under the label ``MODE/serial-teacher``."""
+    rows = []
+    for mode in args.captures:
+        graphed = mode in capture.GRAPHED
+        if args.teacher_stream != "serial" or not graphed:
+            rows.append((mode, mode, True))
+        if graphed and args.teacher_stream != "parallel":
+            rows.append((f"{mode}/serial-teacher", mode, False))
+    return rows
+
+
 def steps_mode(args, device, x, y) -> dict:
     out = {}
     for bs in args.batch_sizes:
         row = {}
-        for mode in args.captures:
-            row[mode] = r = step_time(args, device, x, y, bs, "kd", mode)
+        for mode, capture_mode, beside in _variants(args):
+            engine.TEACHER_BRANCH = beside
+            try:
+                row[mode] = r = step_time(args, device, x, y, bs, "kd", capture_mode)
+            finally:
+                engine.TEACHER_BRANCH = True
             print(f"batch {bs:>5} {mode:>8}: {r['ms_per_step']:8.2f} ms/step {r['samples_per_s']:>10.0f} samples/s "
                   f"240 epochs {r['minutes_240_epochs']:7.1f} min"
                   + (f" {r['tflops']:6.1f} TFLOP/s" if "tflops" in r else "")
                   + (f" ({100 * r['share_of_bf16_peak']:.0f} % of bf16 peak)" if "share_of_bf16_peak" in r else "")
                   + f" {r['tags'] or ''}", flush=True)
-        base = row[args.captures[0]]["ms_per_step"]
-        for mode in args.captures[1:]:
+        labels = [label for label, _, _ in _variants(args)]
+        base = row[labels[0]]["ms_per_step"]
+        for mode in labels[1:]:
             row[f"speedup_{mode}"] = base / row[mode]["ms_per_step"]
         out[f"batch_{bs}"] = row
     return out
@@ -523,6 +543,9 @@ def main():
     ap.add_argument("--batch-sizes", default="64,256,1024")
     ap.add_argument("--captures", default=None,
                     help="capture modes compared, the first is the baseline [none,graphs on CUDA; none,compile on CPU]")
+    ap.add_argument("--teacher-stream", default="parallel", choices=["parallel", "serial", "both"],
+                    help="--steps with graphs: the teacher's forward beside the student's on a stream of its "
+                         "own (the engine's default), before it on the step's stream, or both")
     ap.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="[bf16 on CUDA, fp32 on CPU]")
     ap.add_argument("--compile-backend", default=None, help="torch.compile backend for --capture compile (e.g. aot_eager)")
     ap.add_argument("--compile-mode", default=None,
@@ -580,7 +603,7 @@ def main():
               "precision": precision,
               "compile_options": dict(capture.COMPILE_OPTIONS), "fold_teacher_bn": args.fold_teacher_bn,
               "teacher_bf16_weights": args.teacher_bf16_weights, "fuse_teacher": args.fuse_teacher,
-              "teacher_compile_options": capture.FROZEN_COMPILE_OPTIONS}
+              "teacher_compile_options": capture.FROZEN_COMPILE_OPTIONS, "teacher_stream": args.teacher_stream}
     if not (args.methods or args.losses or args.fits or args.plain or args.eval):
         args.steps = True
     if args.fits:

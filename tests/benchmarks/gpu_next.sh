@@ -5,38 +5,42 @@
 # gets min(its limit, the time left) and is skipped under 20 s. Logs and figures (*.json) go to
 # $WORK and, after every part, into one archive $OUT/next.tgz (a device call returns 8 files at most).
 # The H100 run of 2026-11-27 measured the earlier parts (docs/PERFORMANCE.md). Left, the unmet
-# target first (>= 120,000 samples/s at batch 1024: 67,541 with compile on that H100):
-#   0. teacher_forward: the teacher's forward alone at 64 and 1024, eager and replayed from a
+# targets first (<= 2 ms per step at batch 64 on the default path: 2.52 ms with graphs on that H100;
+# >= 120,000 samples/s at batch 1024: 67,541 with compile):
+#   1. b64_baseline: batch 64, graphs and compile+graphs, each with the teacher's forward beside
+#      the student's (a parallel branch of the step's graph, the engine's default since then) and
+#      before it (the H100 run's order): lockstep's members on parallel branches gained 1.59x ->
+#      2.29x at this batch, and the teacher is half of a KD step's kernels;
+#   2. teacher_forward: the teacher's forward alone at 64 and 1024, eager and replayed from a
 #      graph, as the engine runs it and with each teacher experiment below (bf16 weights, folded
 #      BatchNorm, fused convolutions): the teacher's share of a step and what each experiment
 #      saves of it, in 20 s, before the step-time parts that say the same at the step's scale;
-#   1. b1024_recapture: batch 1024, compile vs compile+graphs at the real epoch's 44 steps (the
-#      earlier runs' 8 steps per epoch charged each step an eighth of the once-per-epoch recapture,
-#      which is likely why graphs looked slower than eager and compile at 1024; KD's graph is now
-#      kept across epochs, so "best epoch after the first" is pure replay), and one more epoch of
-#      each under the profiler: the kernels that take a compiled step's time (the only profile so
-#      far is of the uncompiled graphs step), which says what the next kernel work must fuse;
-#   2. b64_baseline: batch 64, graphs and compile+graphs, as the engine is;
-#   3. b64_fused_teacher, b1024_fused_teacher: the same (and batch 1024 compile, compile+graphs)
-#      with the teacher's convolutions fused with their BatchNorm, ReLU and residual add, one
-#      cuDNN conv-bias-add-ReLU call each (teacher_fusion.py: 42 kernels per teacher forward
-#      instead of about 153, each activation written once). Fewer kernels is what batch 64 needs,
-#      one pass less over every teacher activation what batch 1024 needs. Its log says how far the
-#      fused logits are from the unfused ones and which layers cuDNN refused (they stay unfused);
-#   4. b64_teacher_bf16: batch 64 with the teacher's convolution and linear weights stored in bf16
+#   3. b64_fused_teacher: as b64_baseline (teacher beside), with the teacher's convolutions fused
+#      with their BatchNorm, ReLU and residual add, one cuDNN conv-bias-add-ReLU call each
+#      (teacher_fusion.py: 42 kernels per teacher forward instead of about 153, each activation
+#      written once). Its log says how far the fused logits are from the unfused ones and which
+#      layers cuDNN refused (they stay unfused);
+#   4. b1024_recapture: batch 1024, compile vs compile+graphs (teacher beside and before) at the
+#      real epoch's 44 steps (the earlier runs' 8 steps per epoch charged each step an eighth of
+#      the once-per-epoch recapture; KD's graph is now kept across epochs, so "best epoch after
+#      the first" is pure replay), and one more epoch of each under the profiler: the kernels that
+#      take a compiled step's time (the only profile so far is of the uncompiled graphs step);
+#   5. b1024_fused_teacher: batch 1024 compile and compile+graphs with the fused teacher: one
+#      pass less over every teacher activation, what a memory-bound step needs;
+#   6. b64_teacher_bf16: batch 64 with the teacher's convolution and linear weights stored in bf16
 #      (the values autocast casts them to: no cast kernels per step), against b64_baseline;
-#   5. b1024_teacher_autotune: the teacher alone compiled in mode max-autotune-no-cudagraphs
+#   7. b1024_teacher_autotune: the teacher alone compiled in mode max-autotune-no-cudagraphs
 #      (inductor's convolution templates can apply BatchNorm, residual add and ReLU in the
 #      convolution's epilogue: the pass over every activation that folding did not remove; the
 #      whole step's max-autotune did not finish compiling in 150 s on the H100);
-#   6. kdsvd_solver: kdsvd's top singular vectors, the exact per-sample eigh (208x KD's step)
+#   8. kdsvd_solver: kdsvd's top singular vectors, the exact per-sample eigh (208x KD's step)
 #      against one batched SVD per stage (kdsvd.CUDA_SOLVER = "gesvda"): time, and how far they differ;
-#   7. fits_compile_graphs: every built-in method through a 1-epoch fit with --capture
+#   9. fits_compile_graphs: every built-in method through a 1-epoch fit with --capture
 #      compile+graphs, now that each run really compiles (the H100 run found Dynamo's recompile
 #      limit leaving all but the first three uncompiled): before it can be the CUDA default;
-#   8. lockstep_b64_cg: lockstep at batch 64 with compile+graphs members against separate
+#  10. lockstep_b64_cg: lockstep at batch 64 with compile+graphs members against separate
 #      compile+graphs runs: does the 2.29x (graphs) hold when each step is faster?
-#   9. b1024_max_autotune: the whole step's max-autotune, as time allows.
+#  11. b1024_max_autotune: the whole step's max-autotune, as time allows.
 # The parts add up to more than one call's TOTAL_S: a second call with PARTS= naming the skipped
 # ones measures the rest.
 #   OUT=/tmp/next bash tests/benchmarks/gpu_next.sh          (SMOKE=1: a CPU check of the arguments)
@@ -78,10 +82,10 @@ LS=(tests/benchmarks/lockstep_epoch.py --device $DEV --scale cifar --rounds 1 --
 # 8,192 samples as before: a captured step is recaptured once per epoch, and 8 steps per epoch at
 # 1024 charged each step an eighth of a capture (128 steps at 64: about 0.1 ms of a 2 ms step)
 CE=(tests/benchmarks/cifar_epoch.py --device $DEV --steps --epochs 3 --samples $N "${SMALL[@]}" "${CEX[@]}")
+part b64_baseline 120 $PY "${CE[@]}" --batch-sizes $B64 --captures $G,$CG --precision bf16 --teacher-stream both --json "$WORK/b64_baseline.json"
 part teacher_forward 60 $PY tests/benchmarks/teacher_fusion.py --device $DEV --batch-sizes $B64,$B1024 "${SMALLT[@]}" --json "$WORK/teacher_forward.json"
-part b1024_recapture 150 $PY "${CE[@]}" --batch-sizes $B1024 --captures compile,$CG --profile 30 --json "$WORK/b1024_recapture.json"
-part b64_baseline 75 $PY "${CE[@]}" --batch-sizes $B64 --captures $G,$CG --precision bf16 --json "$WORK/b64_baseline.json"
 part b64_fused_teacher 75 $PY "${CE[@]}" --batch-sizes $B64 --captures $G,$CG --precision bf16 --fuse-teacher --json "$WORK/b64_fused_teacher.json"
+part b1024_recapture 200 $PY "${CE[@]}" --batch-sizes $B1024 --captures compile,$CG --teacher-stream both --profile 30 --json "$WORK/b1024_recapture.json"
 part b1024_fused_teacher 150 $PY "${CE[@]}" --batch-sizes $B1024 --captures compile,$CG --precision bf16 --fuse-teacher --json "$WORK/b1024_fused_teacher.json"
 part b64_teacher_bf16 75 $PY "${CE[@]}" --batch-sizes $B64 --captures $G,$CG --precision bf16 --teacher-bf16-weights --json "$WORK/b64_teacher_bf16.json"
 part b1024_teacher_autotune 300 $PY "${CE[@]}" --batch-sizes $B1024 --captures compile --teacher-compile-mode $MODE --json "$WORK/b1024_teacher_autotune.json"

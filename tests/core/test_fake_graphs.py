@@ -64,8 +64,33 @@ class RecordingEval(capture.GraphedEval):
         return graph, sx, sy, out, net
 
 
+class FakeBranch:
+    """A teacher branch without a stream: the block runs in place; what ran inside it, and the
+    joins, go to ``events`` (the order a real stream would give the GPU)."""
+
+    events: list = []
+
+    def __init__(self, device):
+        self.inside = False
+
+    @contextlib.contextmanager
+    def fork(self):
+        FakeBranch.events.append("fork")
+        self.inside = True
+        try:
+            yield
+        finally:
+            self.inside = False
+            FakeBranch.events.append("forked")
+
+    def join(self):
+        FakeBranch.events.append("join")
+
+
 @pytest.fixture
 def fake_graphs(monkeypatch):
+    monkeypatch.setattr(capture, "Branch", FakeBranch)
+    monkeypatch.setattr(FakeBranch, "events", [])
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
     monkeypatch.setattr(torch.cuda, "graph", lambda graph, **kwargs: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
@@ -168,3 +193,29 @@ def test_a_lockstep_group_graph_trains_each_member_as_its_separate_eager_run(tea
             assert torch.equal(outcome.result.state_dict[key], value), (method, key)
     assert sorted(set(fake_graphs)) == list(range(EPOCHS))  # the group's graph, at each epoch
     # (and fitnets' hint stage, run alone before the group, captured once)
+
+
+def test_the_teacher_runs_on_its_branch_beside_the_student_only_when_the_step_is_a_graph(teacher, fake_graphs,
+                                                                                        captured_optimizer):
+    """With graphs, each step's teacher forward is queued on the teacher branch before the student's
+    forward on the step's stream, which joins the branch before the loss reads the teacher's
+    outputs: ``fork, teacher, forked, student, join``, every step. Eager steps have no branch."""
+    plan = make_plan(RunConfig(method="kd", recipe={"epochs": 1}, capture="graphs"), plugins.load())
+    setup = engine.setup_student(plan, teacher, CPU)
+    events = FakeBranch.events
+    hooks = [setup.trainee.teacher.model.register_forward_hook(lambda *a: events.append("teacher")),
+             setup.trainee.student.model.register_forward_hook(lambda *a: events.append("student"))]
+    try:
+        engine.run_student(plan, setup, CPU, lambda log: None, with_test=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    train_steps = len(setup.splits["train"]) // plan.recipe.batch_size  # warm-ups, the capture, the replays
+    step = ["fork", "teacher", "forked", "student", "join"]
+    assert events[:len(step) * train_steps] == step * train_steps
+    assert set(events[len(step) * train_steps:]) == {"student"}  # the validation: no teacher, no branch
+
+    events.clear()
+    eager = make_plan(RunConfig(method="kd", recipe={"epochs": 1}, capture="none"), plugins.load())
+    engine.run_student(eager, engine.setup_student(eager, teacher, CPU), CPU, lambda log: None, with_test=False)
+    assert events == []
