@@ -374,7 +374,8 @@ class StageStep:
         self.device, self.precision, self.state = device, precision, state
         self.totals: EpochTotals | None = None  # the epoch's, set by __call__
         self.graphed = capturing.GraphedSteps(self.counted, device) if state.graphs else None
-        # the teachers' forward beside the student's (False: a lockstep group runs its teacher itself)
+        # the teachers' forward beside the student's (False: a lockstep group's graph runs its teacher
+        # and hands its members the branch it ran on)
         self.branch = teacher_branch(trainee, state, device) if teacher_beside else None
 
     def eager(self, epoch: int, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None,

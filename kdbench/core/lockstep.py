@@ -280,7 +280,8 @@ class _GroupGraph:
     member's epoch totals — replayed as one CUDA graph (when every member's step is captured:
     ``--capture graphs`` on CUDA, the default there).
 
-    After the teacher forward the members' steps fork onto streams of their own and join again
+    The teacher forward runs on a branch of its own and the members' steps fork onto streams of
+    their own, each member's student forward beside the teacher's, its loss after it, and join again
     (:data:`PARALLEL_STREAMS`): in the graph they are parallel branches, so the small kernels of
     several students (a resnet8x4 at batch 64 fills a fraction of an H100) run side by side
     instead of one after the other. Each member keeps its stream for the whole stage, so its
@@ -298,13 +299,20 @@ class _GroupGraph:
                 if i not in streams:
                     streams[i] = torch.cuda.Stream(device)
                 self.streams[i] = streams[i]
+        # with parallel members, the teacher forward gets a branch of its own too: each member's
+        # student forward runs beside it, and the member joins it before its loss (engine._forward)
+        self.branch = capturing.Branch(device) if self.streams and engine.TEACHER_BRANCH else None
+        for run in self.runs.values():
+            run.step.branch = self.branch
         self.graphed = capturing.GraphedSteps(self._step, device)
 
     def _teacher(self, x) -> None:
-        """The teacher forward, once, on the current stream, as its first member would run it."""
+        """The teacher forward, once, on the teacher branch (or the current stream), as its first
+        member would run it."""
         first = next(iter(self.runs.values())).step
-        with torch.no_grad(), precision_autocast(self.device, first.precision, False):
-            self.group.outputs(x)
+        with self.branch.fork() if self.branch is not None else contextlib.nullcontext():
+            with torch.no_grad(), precision_autocast(self.device, first.precision, False):
+                self.group.outputs(x)
 
     def _step(self, epoch: int, x, y, index, _to_none: bool = False):
         self.group.start_batch(x)

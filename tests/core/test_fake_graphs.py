@@ -13,8 +13,10 @@ import torch
 
 from kdbench.core import capture, engine, plugins
 from kdbench.core.plan import RunConfig, make_plan
+from stream_races import RaceCheck, fake_streams
 
 CPU = torch.device("cpu")
+BRANCH, ON_SIDE_STREAM = capture.Branch, capture.on_side_stream  # the real ones, before any fixture
 
 
 def _copy_into(kept, new) -> None:
@@ -161,13 +163,17 @@ def test_faked_graphs_give_eager_numbers_and_recapture_only_what_reads_the_epoch
 LOCKSTEP = ["kd", "dkd", "fitnets", "at"]
 
 
+@pytest.mark.parametrize("parallel", [False, True])
 def test_a_lockstep_group_graph_trains_each_member_as_its_separate_eager_run(teacher, fake_graphs, captured_optimizer,
-                                                                            monkeypatch):
-    """One graph for the group's step (one teacher forward, the members one after the other),
+                                                                            monkeypatch, request, parallel):
+    """One graph for the group's step (one teacher forward, then the members one after the other;
+    or the teacher on its branch and each member on a stream of its own, every operator checked
+    against the streams' order: no race),
     captured again at each epoch because dkd reads it; every member bitwise its separate run."""
     from kdbench.core import lockstep
 
-    monkeypatch.setattr(lockstep, "PARALLEL_STREAMS", False)
+    monkeypatch.setattr(lockstep, "PARALLEL_STREAMS", parallel)
+    check = RaceCheck(request.getfixturevalue("streams")) if parallel else contextlib.nullcontext()
 
     def plan(method, capture_mode):
         return make_plan(RunConfig(method=method, recipe={"epochs": EPOCHS}, seed=1, capture=capture_mode,
@@ -184,7 +190,12 @@ def test_a_lockstep_group_graph_trains_each_member_as_its_separate_eager_run(tea
         setups.append(engine.setup_student(p, teacher, CPU))
         members.append(lockstep.member(p, setups[-1], CPU, lambda log: None, with_test=False))
     group = lockstep.share_teacher(setups, teacher, plans[0].teacher_obj.taps_of(teacher), "teacher")
-    outcomes = lockstep.fit_group(members, group, CPU)
+    with check:
+        outcomes = lockstep.fit_group(members, group, CPU)
+    if parallel:
+        assert check.races == []
+        assert sum(s.ops > 0 for s in check.streams.all) >= 1 + len(LOCKSTEP)  # the default one and each member's
+        assert RecordedBranch.made[-1].stream.ops > 0  # the group's teacher forward, beside the members
     for method, outcome in zip(LOCKSTEP, outcomes):
         assert outcome.error is None, (method, outcome.error)
         assert outcome.result.metrics.get("capture_fallback") is None, method
@@ -219,3 +230,50 @@ def test_the_teacher_runs_on_its_branch_beside_the_student_only_when_the_step_is
     eager = make_plan(RunConfig(method="kd", recipe={"epochs": 1}, capture="none"), plugins.load())
     engine.run_student(eager, engine.setup_student(eager, teacher, CPU), CPU, lambda log: None, with_test=False)
     assert events == []
+
+
+class RecordedBranch(BRANCH):
+    made: list = []
+
+    def __init__(self, device):
+        super().__init__(device)
+        RecordedBranch.made.append(self)
+
+
+@pytest.fixture
+def streams(fake_graphs, monkeypatch):
+    """Faked graphs, with the engine's real stream code on streams that keep CUDA's order
+    (stream_races.py): the teacher branch and the warm-up's side stream as they are on a GPU."""
+    monkeypatch.setattr(capture, "Branch", RecordedBranch)
+    monkeypatch.setattr(RecordedBranch, "made", [])
+    monkeypatch.setattr(capture, "on_side_stream", ON_SIDE_STREAM)
+    return fake_streams(monkeypatch)
+
+
+@pytest.mark.parametrize("joined", [True, False])
+def test_the_teacher_branch_reads_and_writes_nothing_another_stream_has_not_finished(teacher, streams, monkeypatch,
+                                                                                    joined):
+    """KD with its teacher on the branch, every operator checked against the streams' order: no
+    race, and the teacher's operators — all of them, nothing else — ran on the branch. Without the
+    join, the loss reads the teacher's logits before the branch has written them (KD's first
+    operator on them divides by T), and the check says so."""
+    if not joined:
+        monkeypatch.setattr(RecordedBranch, "join", lambda self: None)
+    plan = make_plan(RunConfig(method="kd", recipe={"epochs": 1}, capture="graphs"), plugins.load())
+    setup = engine.setup_student(plan, teacher, CPU)
+    with RaceCheck(streams) as check:
+        engine.run_student(plan, setup, CPU, lambda log: None, with_test=False)
+    (branch,) = RecordedBranch.made
+    x = next(iter(setup.splits["train"].shuffled(64, torch.Generator(), plan.dataset_obj.augment)))[0]
+    here = torch.cuda.current_stream(CPU)
+    before = here.ops
+    with RaceCheck(streams), torch.no_grad():
+        setup.trainee.teacher(x)
+    steps = len(setup.splits["train"]) // plan.recipe.batch_size
+    assert branch.stream.ops == steps * (here.ops - before)  # every teacher operator, and nothing else
+    if joined:
+        assert check.races == []
+    else:
+        # the loss reading the teacher's logits, the next batch copied over the input the teacher reads
+        assert check.races and all(f"what stream {branch.stream.id} " in r for r in check.races), check.races[:3]
+        assert f"aten.div.Tensor: reads on stream {here.id} what stream {branch.stream.id} wrote" in check.races
