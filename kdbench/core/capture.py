@@ -19,8 +19,8 @@ Three modes (``RunConfig.capture``, ``--capture``):
   ``Step.epoch``, a Python int that a graph would freeze: the capture watches for that read
   (:func:`watching_epoch`), and only a step that read it is recaptured at each epoch (one capture
   per epoch, no warm-up: dkd's and reviewkd's warm-up ramps); every other step is captured once
-  per stage. The frozen teachers' forward runs on a :class:`Branch` beside the student's forward
-  (``engine.TEACHER_BRANCH``): two parallel branches of the graph.
+  per stage. The frozen teachers' forward runs on a :class:`Branch`, for the next batch, beside
+  the student's step on this one (``engine.TEACHER_STREAM``): parallel branches of the graph.
 * ``compile+graphs`` — CUDA only: both. The networks are compiled first (fused kernels: what
   large, compute-bound batches need) and the whole step, compiled networks included, is then
   captured as in ``graphs`` (what small, launch-bound batches need). The compilation happens in

@@ -16,7 +16,7 @@ import resource
 import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +31,13 @@ from kdbench.core.splits import DeviceSplit, load_split
 from kdbench.core.taps import Tapped, wanted_taps
 from kdbench.errors import KdbenchError, NonFiniteLoss
 
-#: run the frozen teachers' forward beside the student's forward, on a stream of their own, when
-#: the step is replayed as a CUDA graph (False: one after the other, as eagerly;
-#: ``tests/benchmarks/cifar_epoch.py --teacher-stream both`` measures the difference)
-TEACHER_BRANCH = True
+#: where the frozen teachers' forward runs when the step is replayed as a CUDA graph: "ahead" —
+#: on a stream of its own, for the next batch, beside the whole step on this one (:class:`TeacherAhead`);
+#: "beside" — on a stream of its own, for this batch, beside the student's forward; "serial" —
+#: before the student's forward, as eagerly. The same kernels on the same inputs: the same numbers.
+#: ``tests/benchmarks/cifar_epoch.py --teacher-stream all`` measures the three.
+TEACHER_STREAMS = ("ahead", "beside", "serial")
+TEACHER_STREAM = "ahead"
 
 
 @dataclass
@@ -224,10 +227,15 @@ def stage_optimizer(trainee: Trainee, stage: Stage, recipe: Recipe,
     return make_optimizer(params, recipe, device_lr)
 
 
-def _forward(trainee: Trainee, x: torch.Tensor, branch: capturing.Branch | None = None
-             ) -> tuple[Outputs, Outputs | None, list[Outputs] | None]:
+def _forward(trainee: Trainee, x: torch.Tensor, branch: capturing.Branch | None = None,
+             ahead: TeacherAhead | None = None) -> tuple[Outputs, Outputs | None, list[Outputs] | None]:
     """The student's outputs for a batch, and the frozen teachers' (computed without a graph) —
-    on ``branch``, beside the student's forward, when there is one."""
+    on ``branch``, beside the student's forward, when there is one; computed during the previous
+    step when ``ahead`` holds them (it then starts the next batch's on its branch)."""
+    if ahead is not None:
+        ahead.launch()
+        teacher, teachers = ahead.outputs()
+        return trainee.student(x), teacher, teachers
     with branch.fork() if branch is not None else contextlib.nullcontext(), torch.no_grad():
         teacher = trainee.teacher(x) if trainee.teacher is not None else None
         teachers = [net(x) for net in trainee.teachers] if trainee.teachers else None
@@ -239,11 +247,84 @@ def _forward(trainee: Trainee, x: torch.Tensor, branch: capturing.Branch | None 
 
 def teacher_branch(trainee: Trainee, state: capturing.CaptureState, device: torch.device) -> capturing.Branch | None:
     """A stream of its own for the frozen teachers' forward when the step is replayed as a CUDA
-    graph (:data:`TEACHER_BRANCH`): in the graph the teacher and the student forward are then
-    parallel branches. Same kernels, same numbers; only their order on the GPU changes."""
-    if TEACHER_BRANCH and state.graphs and (trainee.teacher is not None or trainee.teachers):
+    graph (:data:`TEACHER_STREAM` not "serial"): in the graph the teachers' forward and the
+    student's step are then parallel branches. Same kernels, same numbers; only their order on
+    the GPU changes."""
+    if TEACHER_STREAM != "serial" and state.graphs and (trainee.teacher is not None or trainee.teachers):
         return capturing.Branch(device)
     return None
+
+
+def _copy_outputs(into: Outputs, out: Outputs) -> None:
+    into.logits.copy_(out.logits)
+    for name, t in into.feats.items():
+        t.copy_(out.feats[name])
+
+
+def _clone_outputs(out: Outputs) -> Outputs:
+    return Outputs(out.logits.clone(), {name: t.clone() for name, t in out.feats.items()})
+
+
+class TeacherAhead:
+    """The frozen teachers' outputs one batch ahead (:data:`TEACHER_STREAM` "ahead"): a step
+    starts the teachers' forward of the *next* batch on the branch and trains on this batch's,
+    computed during the previous step, so in the step's graph the teachers run beside the whole
+    student step (forward, loss, backward, optimizer), not only beside its forward. At its end the
+    step joins the branch and copies those outputs into the buffers the next step reads.
+
+    The teachers are frozen and in eval mode, and each batch's outputs come from the same kernels
+    on the same batch as when computed in its own step: the numbers are the same. The first batch
+    of an epoch is computed before its step, eagerly; the last step of an epoch computes its own
+    batch again, for nothing (one teacher forward per epoch: the graph's inputs keep their shape).
+    Memory: the teachers' outputs twice more (logits and taps of one batch)."""
+
+    def __init__(self, trainee: Trainee, branch: capturing.Branch, device: torch.device, precision: str):
+        self.nets = ([trainee.teacher] if trainee.teacher is not None else []) + list(trainee.teachers)
+        self.has_teacher = trainee.teacher is not None
+        self.branch, self.device, self.precision = branch, device, precision
+        self.current: list[Outputs] | None = None  # buffers: the outputs of the step's batch
+        self.upcoming: torch.Tensor | None = None  # buffer: the next batch (what the branch reads)
+        self.computed: list[Outputs] | None = None  # the branch's outputs, until the step's end
+        self.ready_for: torch.Tensor | None = None  # the batch whose outputs ``current`` will hold
+
+    def before(self, x: torch.Tensor, x_next: torch.Tensor | None) -> None:
+        """Before a step on ``x`` (or its replay), on the host's stream: ``x``'s outputs computed
+        now unless the previous step computed them, and the next batch into the branch's input."""
+        if self.ready_for is not x:
+            with torch.no_grad(), precision_autocast(self.device, self.precision, False):
+                outs = [net(x) for net in self.nets]
+            if self.current is None:
+                self.current = [_clone_outputs(out) for out in outs]
+            else:
+                for into, out in zip(self.current, outs):
+                    _copy_outputs(into, out)
+        upcoming = x if x_next is None else x_next
+        if self.upcoming is None:
+            self.upcoming = upcoming.clone()
+        else:
+            self.upcoming.copy_(upcoming)
+        self.ready_for = x_next
+
+    def forget(self) -> None:
+        """The next step computes its batch's outputs first (a step that failed half-way)."""
+        self.ready_for = None
+
+    def launch(self) -> None:
+        """In the step: the next batch's outputs, on the branch."""
+        with self.branch.fork(), torch.no_grad():
+            self.computed = [net(self.upcoming) for net in self.nets]
+
+    def outputs(self) -> tuple[Outputs | None, list[Outputs] | None]:
+        """This batch's outputs: the teacher's and the extra teachers'."""
+        first = 1 if self.has_teacher else 0
+        return (self.current[0] if self.has_teacher else None), (self.current[first:] or None)
+
+    def land(self) -> None:
+        """At the step's end: the branch joined, its outputs where the next step reads them."""
+        self.branch.join()
+        for into, out in zip(self.current, self.computed):
+            _copy_outputs(into, out)
+        self.computed = None
 
 
 class _AtPrecision(nn.Module):
@@ -263,13 +344,13 @@ class _AtPrecision(nn.Module):
 def _batch_loss(trainee: Trainee, stage: Stage, epoch: int, epochs: int, x: torch.Tensor, y: torch.Tensor,
                 index: torch.Tensor | None, device: torch.device | None = None,
                 precision: str = "fp32", cache: bool = True, branch: capturing.Branch | None = None,
-                ) -> tuple[Outputs, dict[str, torch.Tensor], torch.Tensor]:
+                ahead: TeacherAhead | None = None) -> tuple[Outputs, dict[str, torch.Tensor], torch.Tensor]:
     """One batch through the networks (under ``precision``'s autocast; the teachers on ``branch``)
     and the stage's loss (in float32, autocast off): the student's outputs, the named loss terms
     and their sum."""
     device = device if device is not None else x.device
     with precision_autocast(device, precision, cache):
-        student, teacher, teachers = _forward(trainee, x, branch)
+        student, teacher, teachers = _forward(trainee, x, branch, ahead)
     student_net, teacher_net = trainee.student, trainee.teacher
     if precision == "bf16":  # cast at the one boundary; a no-op for float32 tensors
         student, teacher = float32_outputs(student), float32_outputs(teacher)
@@ -375,19 +456,24 @@ class StageStep:
         self.totals: EpochTotals | None = None  # the epoch's, set by __call__
         self.graphed = capturing.GraphedSteps(self.counted, device) if state.graphs else None
         # the teachers' forward beside the student's (False: a lockstep group's graph runs its teacher
-        # and hands its members the branch it ran on)
+        # and hands its members the branch it ran on), one batch ahead by default
         self.branch = teacher_branch(trainee, state, device) if teacher_beside else None
+        ahead = self.branch is not None and TEACHER_STREAM == "ahead"
+        self.ahead = TeacherAhead(trainee, self.branch, device, precision) if ahead else None
 
     def eager(self, epoch: int, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None,
               to_none: bool = True):
         """Forward, loss, backward and optimizer step; the student's logits and the loss terms."""
         graphs = self.graphed is not None
+        ahead = self.ahead if graphs else None
         student, terms, loss = _batch_loss(self.trainee, self.stage, epoch, self.epochs, x, y, index,
                                            self.device, self.precision, cache=not graphs,
-                                           branch=self.branch if graphs else None)
+                                           branch=self.branch if graphs else None, ahead=ahead)
         self.opt.zero_grad(set_to_none=to_none and not graphs)
         loss.backward()
         self.opt.step()
+        if ahead is not None:
+            ahead.land()
         return student.logits, terms
 
     def counted(self, epoch: int, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None,
@@ -398,9 +484,13 @@ class StageStep:
         return logits, terms
 
     def __call__(self, epoch: int, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None,
-                 totals: EpochTotals) -> None:
+                 totals: EpochTotals, x_next: torch.Tensor | None = None) -> None:
+        """One step on ``x``; ``x_next``, the next batch of the epoch (None after the last), is
+        where the teachers run ahead (:class:`TeacherAhead`)."""
         self.totals = totals
         try:
+            if self.ahead is not None and self.graphed is not None:
+                self.ahead.before(x, x_next)
             if self.graphed is not None and totals.ready:
                 self.graphed(epoch, x, y, index)
             else:  # eager, or the totals' buffers not made yet (a capture must not allocate them)
@@ -414,8 +504,23 @@ class StageStep:
             # nothing; compile+graphs → graphs: the rest of the stage is captured afresh, uncompiled)
             self.state.fall_back(capturing.failure_reason(exc))
             self.graphed = capturing.GraphedSteps(self.counted, self.device) if self.state.graphs else None
+            if self.ahead is not None and self.graphed is not None:  # the failed step may have landed
+                self.ahead.forget()
+                self.ahead.before(x, x_next)
             self.counted(epoch, x, y, index)
         totals.count(len(y))
+
+
+def _with_next(batches: Iterator[tuple]) -> Iterator[tuple[tuple, torch.Tensor | None]]:
+    """Each batch with the next one's input (None after the last): drawn one batch earlier, from
+    the same generator in the same order, so the batches are the same."""
+    batches = iter(batches)
+    current = next(batches, None)
+    for following in batches:
+        yield current, following[0]
+        current = following
+    if current is not None:
+        yield current, None
 
 
 def train_stage(
@@ -448,8 +553,8 @@ def train_stage(
         capturing.set_lr(opt, lr)
         start = time.perf_counter()
         totals.reset()
-        for x, y, index in train.shuffled(recipe.batch_size, generator, augment):
-            step(epoch, x, y, index, totals)
+        for (x, y, index), x_next in _with_next(train.shuffled(recipe.batch_size, generator, augment)):
+            step(epoch, x, y, index, totals, x_next)
         means = totals.means()
         epoch_metrics = totals.metrics(means, lr, start)
         check_finite(totals.names, means, stage, epoch)

@@ -301,7 +301,7 @@ class _GroupGraph:
                 self.streams[i] = streams[i]
         # with parallel members, the teacher forward gets a branch of its own too: each member's
         # student forward runs beside it, and the member joins it before its loss (engine._forward)
-        self.branch = capturing.Branch(device) if self.streams and engine.TEACHER_BRANCH else None
+        self.branch = capturing.Branch(device) if self.streams and engine.TEACHER_STREAM != "serial" else None
         for run in self.runs.values():
             run.step.branch = self.branch
         self.graphed = capturing.GraphedSteps(self._step, device)

@@ -7,8 +7,9 @@ Modes (several may be given; figures go to ``--json``):
   eager vs captured (``--captures``, default ``none,graphs`` on CUDA and ``none,compile`` on the
   CPU) at each batch size (``--batch-sizes``, default 64,256,1024), samples/s, and the projected
   time of 240 epochs of ``--epoch-samples`` samples (training steps only). Each figure is the best
-  epoch after the first (which compiles/captures) of ``--epochs`` epochs. ``--teacher-stream both``
-  adds each graph mode with the teacher's forward before the student's instead of beside it.
+  epoch after the first (which compiles/captures) of ``--epochs`` epochs. ``--teacher-stream all``
+  times each graph mode with the teacher run ahead (the default), beside the student's forward,
+  and before it.
 * ``--methods``: every built-in method's step time relative to KD's (same pair, batch, precision,
   capture); over 2× is flagged, a method that cannot serve the pair says why.
 * ``--losses``: the loss terms and the student's gradient of every built-in method on one batch
@@ -291,17 +292,19 @@ def _profile(args, setup, stage, plan, split, gen, ds, device, steps) -> list[di
     return top
 
 
-def _variants(args) -> list[tuple[str, str, bool]]:
-    """(label, capture mode, teacher beside the student) of each step-time row: ``--teacher-stream
-    both`` adds, for every mode replayed as a graph, the teacher run before the student on the
-    step's own stream (``engine.TEACHER_BRANCH = False``) under the label ``MODE/serial-teacher``."""
+def _variants(args) -> list[tuple[str, str, str]]:
+    """(label, capture mode, where the teacher runs: ``engine.TEACHER_STREAM``) of each step-time
+    row. ``--teacher-stream`` names where the teacher runs in the modes replayed as a graph (the
+    others run it before the student whatever it says): one place, or ``all`` for the three, each
+    graph mode then in three rows, ``MODE`` (ahead, the engine's default), ``MODE/beside`` and
+    ``MODE/serial``."""
+    wheres = engine.TEACHER_STREAMS if args.teacher_stream == "all" else (args.teacher_stream,)
     rows = []
     for mode in args.captures:
-        graphed = mode in capture.GRAPHED
-        if args.teacher_stream != "serial" or not graphed:
-            rows.append((mode, mode, True))
-        if graphed and args.teacher_stream != "parallel":
-            rows.append((f"{mode}/serial-teacher", mode, False))
+        if mode not in capture.GRAPHED:
+            rows.append((mode, mode, "serial"))
+            continue
+        rows += [(mode if where == "ahead" else f"{mode}/{where}", mode, where) for where in wheres]
     return rows
 
 
@@ -309,12 +312,12 @@ def steps_mode(args, device, x, y) -> dict:
     out = {}
     for bs in args.batch_sizes:
         row = {}
-        for mode, capture_mode, beside in _variants(args):
-            engine.TEACHER_BRANCH = beside
+        for mode, capture_mode, where in _variants(args):
+            engine.TEACHER_STREAM = where
             try:
                 row[mode] = r = step_time(args, device, x, y, bs, "kd", capture_mode)
             finally:
-                engine.TEACHER_BRANCH = True
+                engine.TEACHER_STREAM = "ahead"
             print(f"batch {bs:>5} {mode:>8}: {r['ms_per_step']:8.2f} ms/step {r['samples_per_s']:>10.0f} samples/s "
                   f"240 epochs {r['minutes_240_epochs']:7.1f} min"
                   + (f" {r['tflops']:6.1f} TFLOP/s" if "tflops" in r else "")
@@ -543,9 +546,10 @@ def main():
     ap.add_argument("--batch-sizes", default="64,256,1024")
     ap.add_argument("--captures", default=None,
                     help="capture modes compared, the first is the baseline [none,graphs on CUDA; none,compile on CPU]")
-    ap.add_argument("--teacher-stream", default="parallel", choices=["parallel", "serial", "both"],
-                    help="--steps with graphs: the teacher's forward beside the student's on a stream of its "
-                         "own (the engine's default), before it on the step's stream, or both")
+    ap.add_argument("--teacher-stream", default="ahead", choices=[*engine.TEACHER_STREAMS, "all"],
+                    help="--steps with graphs: the teacher's forward for the next batch beside the whole step "
+                         "(ahead, the engine's default), for this batch beside the student's forward (beside), "
+                         "before it (serial), or all three")
     ap.add_argument("--precision", default=None, choices=["bf16", "fp32"], help="[bf16 on CUDA, fp32 on CPU]")
     ap.add_argument("--compile-backend", default=None, help="torch.compile backend for --capture compile (e.g. aot_eager)")
     ap.add_argument("--compile-mode", default=None,

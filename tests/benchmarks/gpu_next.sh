@@ -7,20 +7,21 @@
 # The H100 run of 2026-11-27 measured the earlier parts (docs/PERFORMANCE.md). Left, the unmet
 # targets first (<= 2 ms per step at batch 64 on the default path: 2.52 ms with graphs on that H100;
 # >= 120,000 samples/s at batch 1024: 67,541 with compile):
-#   1. b64_baseline: batch 64, graphs and compile+graphs, each with the teacher's forward beside
-#      the student's (a parallel branch of the step's graph, the engine's default since then) and
-#      before it (the H100 run's order): lockstep's members on parallel branches gained 1.59x ->
-#      2.29x at this batch, and the teacher is half of a KD step's kernels;
+#   1. b64_baseline, b64_compile_graphs: batch 64, graphs with the teacher's forward for the next
+#      batch beside the whole step (a parallel branch of the step's graph, "ahead", the engine's
+#      default since then), for this batch beside the student's forward ("beside"), and before it
+#      (the H100 run's order); then compile+graphs (ahead): lockstep's members on parallel
+#      branches gained 1.59x -> 2.29x at this batch, and the teacher is half of a KD step's kernels;
 #   2. teacher_forward: the teacher's forward alone at 64 and 1024, eager and replayed from a
 #      graph, as the engine runs it and with each teacher experiment below (bf16 weights, folded
 #      BatchNorm, fused convolutions): the teacher's share of a step and what each experiment
 #      saves of it, in 20 s, before the step-time parts that say the same at the step's scale;
-#   3. b64_fused_teacher: as b64_baseline (teacher beside), with the teacher's convolutions fused
+#   3. b64_fused_teacher: graphs and compile+graphs (teacher ahead), with the teacher's convolutions fused
 #      with their BatchNorm, ReLU and residual add, one cuDNN conv-bias-add-ReLU call each
 #      (teacher_fusion.py: 42 kernels per teacher forward instead of about 153, each activation
 #      written once). Its log says how far the fused logits are from the unfused ones and which
 #      layers cuDNN refused (they stay unfused);
-#   4. b1024_recapture: batch 1024, compile vs compile+graphs (teacher beside and before) at the
+#   4. b1024_recapture: batch 1024, compile vs compile+graphs (teacher ahead) at the
 #      real epoch's 44 steps (the earlier runs' 8 steps per epoch charged each step an eighth of
 #      the once-per-epoch recapture; KD's graph is now kept across epochs, so "best epoch after
 #      the first" is pure replay), and one more epoch of each under the profiler: the kernels that
@@ -82,10 +83,11 @@ LS=(tests/benchmarks/lockstep_epoch.py --device $DEV --scale cifar --rounds 1 --
 # 8,192 samples as before: a captured step is recaptured once per epoch, and 8 steps per epoch at
 # 1024 charged each step an eighth of a capture (128 steps at 64: about 0.1 ms of a 2 ms step)
 CE=(tests/benchmarks/cifar_epoch.py --device $DEV --steps --epochs 3 --samples $N "${SMALL[@]}" "${CEX[@]}")
-part b64_baseline 120 $PY "${CE[@]}" --batch-sizes $B64 --captures $G,$CG --precision bf16 --teacher-stream both --json "$WORK/b64_baseline.json"
+part b64_baseline 75 $PY "${CE[@]}" --batch-sizes $B64 --captures $G --precision bf16 --teacher-stream all --json "$WORK/b64_baseline.json"
+part b64_compile_graphs 100 $PY "${CE[@]}" --batch-sizes $B64 --captures $CG --precision bf16 --json "$WORK/b64_compile_graphs.json"
 part teacher_forward 60 $PY tests/benchmarks/teacher_fusion.py --device $DEV --batch-sizes $B64,$B1024 "${SMALLT[@]}" --json "$WORK/teacher_forward.json"
 part b64_fused_teacher 75 $PY "${CE[@]}" --batch-sizes $B64 --captures $G,$CG --precision bf16 --fuse-teacher --json "$WORK/b64_fused_teacher.json"
-part b1024_recapture 200 $PY "${CE[@]}" --batch-sizes $B1024 --captures compile,$CG --teacher-stream both --profile 30 --json "$WORK/b1024_recapture.json"
+part b1024_recapture 200 $PY "${CE[@]}" --batch-sizes $B1024 --captures compile,$CG --profile 30 --json "$WORK/b1024_recapture.json"
 part b1024_fused_teacher 150 $PY "${CE[@]}" --batch-sizes $B1024 --captures compile,$CG --precision bf16 --fuse-teacher --json "$WORK/b1024_fused_teacher.json"
 part b64_teacher_bf16 75 $PY "${CE[@]}" --batch-sizes $B64 --captures $G,$CG --precision bf16 --teacher-bf16-weights --json "$WORK/b64_teacher_bf16.json"
 part b1024_teacher_autotune 300 $PY "${CE[@]}" --batch-sizes $B1024 --captures compile --teacher-compile-mode $MODE --json "$WORK/b1024_teacher_autotune.json"

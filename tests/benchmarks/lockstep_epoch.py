@@ -15,7 +15,8 @@ whether every member's validation curve equals its separate run's (bitwise on th
 On CUDA with captured steps the members of a group run on parallel streams inside its graph;
 ``--streams serial`` runs them one after the other instead, ``--streams both`` times both and
 reports how far their curves differ (the same kernels on the same inputs: they should not).
-``--teacher-stream serial`` runs the teacher forward before the students' instead of beside them.
+``--teacher-stream beside|serial`` runs a separate run's teacher forward for its own batch beside
+the student's forward, or every teacher forward before the students'.
 Writes JSON to ``--json`` and to ``$OUT/lockstep_epoch.json`` when ``$OUT`` is set.
 
     python tests/benchmarks/lockstep_epoch.py --threads 1                       # CPU, embedded
@@ -125,9 +126,11 @@ def main():
                         help="the separate runs' capture (default: --capture), e.g. graphs: the CUDA default")
     parser.add_argument("--streams", choices=("parallel", "serial", "both"), default="parallel",
                         help="a group graph's members on parallel streams (default), one after the other, or both")
-    parser.add_argument("--teacher-stream", choices=("parallel", "serial"), default="parallel",
-                        help="with graphs, the teacher forward on a branch of its own beside the students' "
-                             "forwards (default), or before them (engine.TEACHER_BRANCH), separate runs and groups alike")
+    parser.add_argument("--teacher-stream", choices=engine.TEACHER_STREAMS, default="ahead",
+                        help="with graphs, where the teacher forward runs (engine.TEACHER_STREAM): a separate run's "
+                             "for the next batch beside its step (ahead, the default) or for this batch beside the "
+                             "student's forward (beside), a group's beside its members' forwards (ahead, beside); "
+                             "or before the students (serial)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--compile-backend", default=None, help="torch.compile backend of the compile modes (e.g. aot_eager)")
     parser.add_argument("--json", default=None, help="write the figures here too")
@@ -147,7 +150,7 @@ def main():
     alone_plans = plans(args, reg, dataset, args.separate_capture or args.capture)
     teacher = engine.build_teacher(plan_list[0], args.device).eval().requires_grad_(False)
 
-    engine.TEACHER_BRANCH = args.teacher_stream == "parallel"
+    engine.TEACHER_STREAM = args.teacher_stream
     start = time.perf_counter()
     modes = ("parallel", "serial") if args.streams == "both" else (args.streams,)
     alone, grouped, curves_of = {}, {mode: float("inf") for mode in modes}, {}

@@ -129,10 +129,17 @@ EPOCHS = 2
 HPARAMS = {"dkd": {"warmup": 240}}
 
 
+#: an extra teacher (untrained: what matters is that graphs and eager get the same outputs of it)
+TEACHERS = {"multi_teacher": ("cnn1d_2x8",)}
+
+
 def fit(method, teacher, capture_mode):
     plan = make_plan(RunConfig(method=method, recipe={"epochs": EPOCHS}, capture=capture_mode,
-                               hparams=HPARAMS.get(method, {})), plugins.load())
-    setup = engine.setup_student(plan, teacher if plan.method_obj.needs_teacher else None, CPU)
+                               hparams=HPARAMS.get(method, {}), teachers=TEACHERS.get(method, ())), plugins.load())
+    extra = [engine.build_model(entry.obj, plan.dataset_obj, CPU, 0).eval().requires_grad_(False)
+             for entry in plan.extra_teachers]
+    setup = engine.setup_student(plan, teacher if plan.method_obj.needs_teacher else None, CPU, extra)
+    assert len(setup.trainee.teachers) == len(TEACHERS.get(method, ()))
     logs = []
     result = engine.run_student(plan, setup, CPU, logs.append, with_test=False)
     losses = {(log.stage, log.epoch, k): v for log in logs for k, v in log.metrics.items() if "loss" in k}
@@ -144,6 +151,7 @@ def fit(method, teacher, capture_mode):
     ("dkd", True),  # its warm-up ramp reads Step.epoch: a graph kept from epoch 1 would freeze it
     ("crd", False),  # the batch's sample indices are a static input (its memory bank)
     ("fitnets", False),  # a pre-stage: a stage of its own, captured once
+    ("multi_teacher", False),  # extra teachers, run ahead with the teacher
 ])
 def test_faked_graphs_give_eager_numbers_and_recapture_only_what_reads_the_epoch(teacher, fake_graphs,
                                                                                 captured_optimizer, method, recaptured):
@@ -206,11 +214,16 @@ def test_a_lockstep_group_graph_trains_each_member_as_its_separate_eager_run(tea
     # (and fitnets' hint stage, run alone before the group, captured once)
 
 
+@pytest.mark.parametrize("where", ["ahead", "beside"])
 def test_the_teacher_runs_on_its_branch_beside_the_student_only_when_the_step_is_a_graph(teacher, fake_graphs,
-                                                                                        captured_optimizer):
+                                                                                        captured_optimizer,
+                                                                                        monkeypatch, where):
     """With graphs, each step's teacher forward is queued on the teacher branch before the student's
-    forward on the step's stream, which joins the branch before the loss reads the teacher's
-    outputs: ``fork, teacher, forked, student, join``, every step. Eager steps have no branch."""
+    forward on the step's stream, which joins the branch — "beside": before the loss reads the
+    teacher's outputs; "ahead": at the step's end, the outputs being the next batch's, and the
+    epoch's first batch computed before its step — ``fork, teacher, forked, student, join``, every
+    step. Eager steps have no branch."""
+    monkeypatch.setattr(engine, "TEACHER_STREAM", where)
     plan = make_plan(RunConfig(method="kd", recipe={"epochs": 1}, capture="graphs"), plugins.load())
     setup = engine.setup_student(plan, teacher, CPU)
     events = FakeBranch.events
@@ -223,8 +236,9 @@ def test_the_teacher_runs_on_its_branch_beside_the_student_only_when_the_step_is
             hook.remove()
     train_steps = len(setup.splits["train"]) // plan.recipe.batch_size  # warm-ups, the capture, the replays
     step = ["fork", "teacher", "forked", "student", "join"]
-    assert events[:len(step) * train_steps] == step * train_steps
-    assert set(events[len(step) * train_steps:]) == {"student"}  # the validation: no teacher, no branch
+    first = ["teacher"] if where == "ahead" else []
+    assert events[:len(first) + len(step) * train_steps] == first + step * train_steps
+    assert set(events[len(first) + len(step) * train_steps:]) == {"student"}  # the validation: no teacher, no branch
 
     events.clear()
     eager = make_plan(RunConfig(method="kd", recipe={"epochs": 1}, capture="none"), plugins.load())
@@ -250,13 +264,15 @@ def streams(fake_graphs, monkeypatch):
     return fake_streams(monkeypatch)
 
 
-@pytest.mark.parametrize("joined", [True, False])
+@pytest.mark.parametrize("where, joined", [("ahead", True), ("ahead", False), ("beside", True), ("beside", False)])
 def test_the_teacher_branch_reads_and_writes_nothing_another_stream_has_not_finished(teacher, streams, monkeypatch,
-                                                                                    joined):
+                                                                                    where, joined):
     """KD with its teacher on the branch, every operator checked against the streams' order: no
-    race, and the teacher's operators — all of them, nothing else — ran on the branch. Without the
-    join, the loss reads the teacher's logits before the branch has written them (KD's first
-    operator on them divides by T), and the check says so."""
+    race, and the teacher's operators — all of them on the branch's batches, nothing else — ran on
+    the branch. Without the join, the step reads the teacher's outputs before the branch has
+    written them — "beside": the loss (KD's first operator on the logits divides by T); "ahead":
+    the copy of the next batch's outputs at the step's end — and the check says so."""
+    monkeypatch.setattr(engine, "TEACHER_STREAM", where)
     if not joined:
         monkeypatch.setattr(RecordedBranch, "join", lambda self: None)
     plan = make_plan(RunConfig(method="kd", recipe={"epochs": 1}, capture="graphs"), plugins.load())
@@ -274,6 +290,7 @@ def test_the_teacher_branch_reads_and_writes_nothing_another_stream_has_not_fini
     if joined:
         assert check.races == []
     else:
-        # the loss reading the teacher's logits, the next batch copied over the input the teacher reads
+        # the teacher's outputs read before the branch wrote them; the next input copied over the one it reads
         assert check.races and all(f"what stream {branch.stream.id} " in r for r in check.races), check.races[:3]
-        assert f"aten.div.Tensor: reads on stream {here.id} what stream {branch.stream.id} wrote" in check.races
+        first = "aten.div.Tensor" if where == "beside" else "aten.copy_.default"
+        assert f"{first}: reads on stream {here.id} what stream {branch.stream.id} wrote" in check.races
