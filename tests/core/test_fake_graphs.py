@@ -73,16 +73,14 @@ class FakeBranch:
     events: list = []
 
     def __init__(self, device):
-        self.inside = False
+        pass
 
     @contextlib.contextmanager
     def fork(self):
         FakeBranch.events.append("fork")
-        self.inside = True
         try:
             yield
         finally:
-            self.inside = False
             FakeBranch.events.append("forked")
 
     def join(self):
