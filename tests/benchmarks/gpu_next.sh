@@ -83,7 +83,7 @@ LS=(tests/benchmarks/lockstep_epoch.py --device $DEV --scale cifar --rounds 1 --
 # 8,192 samples as before: a captured step is recaptured once per epoch, and 8 steps per epoch at
 # 1024 charged each step an eighth of a capture (128 steps at 64: about 0.1 ms of a 2 ms step)
 CE=(tests/benchmarks/cifar_epoch.py --device $DEV --steps --epochs 3 --samples $N "${SMALL[@]}" "${CEX[@]}")
-part b64_baseline 75 $PY "${CE[@]}" --batch-sizes $B64 --captures $G --precision bf16 --teacher-stream all --json "$WORK/b64_baseline.json"
+part b64_baseline 90 $PY "${CE[@]}" --batch-sizes $B64 --captures $G --precision bf16 --teacher-stream all --json "$WORK/b64_baseline.json"
 part b64_compile_graphs 100 $PY "${CE[@]}" --batch-sizes $B64 --captures $CG --precision bf16 --json "$WORK/b64_compile_graphs.json"
 part teacher_forward 60 $PY tests/benchmarks/teacher_fusion.py --device $DEV --batch-sizes $B64,$B1024 "${SMALLT[@]}" --json "$WORK/teacher_forward.json"
 part b64_fused_teacher 75 $PY "${CE[@]}" --batch-sizes $B64 --captures $G,$CG --precision bf16 --fuse-teacher --json "$WORK/b64_fused_teacher.json"
