@@ -254,11 +254,10 @@ class Branch:
 def on_side_stream(device: torch.device, fn: Callable):
     """``fn()`` on a fresh side stream, ordered after and before the current stream's work: the
     eager warm-up before a capture (what PyTorch's CUDA-graph notes ask for)."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
+    side = Branch(device)
+    with side.fork():
         out = fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
+    side.join()
     return out
 
 

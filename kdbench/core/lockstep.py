@@ -291,13 +291,13 @@ class _GroupGraph:
     of its separate run."""
 
     def __init__(self, runs: dict[int, "_Running"], group: _GroupTeacher, device: torch.device,
-                 streams: dict[int, "torch.cuda.Stream"] | None):
+                 streams: dict[int, capturing.Branch] | None):
         self.runs, self.group, self.device = dict(runs), group, device
         self.streams = {}
         if streams is not None:
             for i in self.runs:
                 if i not in streams:
-                    streams[i] = torch.cuda.Stream(device)
+                    streams[i] = capturing.Branch(device)
                 self.streams[i] = streams[i]
         # with parallel members, the teacher forward gets a branch of its own too: each member's
         # student forward runs beside it, and the member joins it before its loss (engine._forward)
@@ -321,13 +321,11 @@ class _GroupGraph:
                 run.step.counted(epoch, x, y, index, False)
             return None
         self._teacher(x)
-        here = torch.cuda.current_stream(self.device)
         for i, run in self.runs.items():
-            self.streams[i].wait_stream(here)
-            with torch.cuda.stream(self.streams[i]):
+            with self.streams[i].fork():
                 run.step.counted(epoch, x, y, index, False)
         for i in self.runs:
-            here.wait_stream(self.streams[i])
+            self.streams[i].join()
         return None
 
     def __call__(self, epoch: int, x, y, index) -> None:
@@ -356,7 +354,7 @@ def _main_stage(running: dict[int, _Running], outcomes: list[MemberOutcome], gro
     first = next(iter(running.values())).job
     recipe, train, augment = first.recipe, first.splits["train"], first.augment
     generator = engine.stream(first.seed, device)  # the main stream every member would draw alone
-    streams: dict[int, torch.cuda.Stream] | None = {} if PARALLEL_STREAMS else None
+    streams: dict[int, capturing.Branch] | None = {} if PARALLEL_STREAMS else None
     graph: _GroupGraph | None = None
     for epoch in range(recipe.epochs):
         for run in running.values():

@@ -184,6 +184,14 @@ def test_a_lockstep_group_graph_trains_each_member_as_its_separate_eager_run(tea
 
     monkeypatch.setattr(lockstep, "PARALLEL_STREAMS", parallel)
     check = RaceCheck(request.getfixturevalue("streams")) if parallel else contextlib.nullcontext()
+    graphs = []
+
+    class Recorded(lockstep._GroupGraph):
+        def __init__(self, *args):
+            super().__init__(*args)
+            graphs.append(self)
+
+    monkeypatch.setattr(lockstep, "_GroupGraph", Recorded)
 
     def plan(method, capture_mode):
         return make_plan(RunConfig(method=method, recipe={"epochs": EPOCHS}, seed=1, capture=capture_mode,
@@ -205,7 +213,7 @@ def test_a_lockstep_group_graph_trains_each_member_as_its_separate_eager_run(tea
     if parallel:
         assert check.races == []
         assert sum(s.ops > 0 for s in check.streams.all) >= 1 + len(LOCKSTEP)  # the default one and each member's
-        assert RecordedBranch.made[-1].stream.ops > 0  # the group's teacher forward, beside the members
+        assert [graph.branch.stream.ops > 0 for graph in graphs] == [True]  # the teacher forward, beside the members
     for method, outcome in zip(LOCKSTEP, outcomes):
         assert outcome.error is None, (method, outcome.error)
         assert outcome.result.metrics.get("capture_fallback") is None, method
@@ -248,20 +256,11 @@ def test_the_teacher_runs_on_its_branch_beside_the_student_only_when_the_step_is
     assert events == []
 
 
-class RecordedBranch(BRANCH):
-    made: list = []
-
-    def __init__(self, device):
-        super().__init__(device)
-        RecordedBranch.made.append(self)
-
-
 @pytest.fixture
 def streams(fake_graphs, monkeypatch):
     """Faked graphs, with the engine's real stream code on streams that keep CUDA's order
     (stream_races.py): the teacher branch and the warm-up's side stream as they are on a GPU."""
-    monkeypatch.setattr(capture, "Branch", RecordedBranch)
-    monkeypatch.setattr(RecordedBranch, "made", [])
+    monkeypatch.setattr(capture, "Branch", BRANCH)
     monkeypatch.setattr(capture, "on_side_stream", ON_SIDE_STREAM)
     return fake_streams(monkeypatch)
 
@@ -275,13 +274,20 @@ def test_the_teacher_branch_reads_and_writes_nothing_another_stream_has_not_fini
     written them — "beside": the loss (KD's first operator on the logits divides by T); "ahead":
     the copy of the next batch's outputs at the step's end — and the check says so."""
     monkeypatch.setattr(engine, "TEACHER_STREAM", where)
-    if not joined:
-        monkeypatch.setattr(RecordedBranch, "join", lambda self: None)
+    made, teacher_branch = [], engine.teacher_branch
+
+    def recorded(*args):
+        made.append(teacher_branch(*args))
+        if not joined:
+            made[-1].join = lambda: None
+        return made[-1]
+
+    monkeypatch.setattr(engine, "teacher_branch", recorded)
     plan = make_plan(RunConfig(method="kd", recipe={"epochs": 1}, capture="graphs"), plugins.load())
     setup = engine.setup_student(plan, teacher, CPU)
     with RaceCheck(streams) as check:
         engine.run_student(plan, setup, CPU, lambda log: None, with_test=False)
-    (branch,) = RecordedBranch.made
+    (branch,) = made
     x = next(iter(setup.splits["train"].shuffled(64, torch.Generator(), plan.dataset_obj.augment)))[0]
     here = torch.cuda.current_stream(CPU)
     before = here.ops
