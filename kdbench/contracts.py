@@ -14,9 +14,10 @@ hooks, so a model needs no special ``forward``. Conventional tap names, which me
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from kdbench.errors import KdbenchError
 
@@ -252,13 +253,13 @@ class Recipe:
     #: is made (to the student; to a teacher only from a dataset's own ``teacher_recipe``).
     model_lr: tuple[tuple[str, float], ...] = ()
 
-    def for_model(self, name: str) -> "Recipe":
+    def for_model(self, name: str) -> Recipe:
         """The recipe that trains network ``name``: its ``model_lr`` entry (if any) replaces
         ``lr``, and the table is dropped (what is recorded is the lr actually used)."""
         table = dict(self.model_lr)
         return replace(self, lr=float(table.get(name, self.lr)), model_lr=())
 
-    def with_(self, **changes) -> "Recipe":
+    def with_(self, **changes) -> Recipe:
         """A copy with ``changes``; ``epochs`` rescales multistep milestones proportionally."""
         if "epochs" in changes and "milestones" not in changes and self.milestones:
             scale = changes["epochs"] / self.epochs
@@ -313,7 +314,7 @@ class Dataset:
     #: ``resolve(**data_options) -> Dataset``: for a dataset whose classes or input shape depend
     #: on its files (a user's image folder), the concrete Dataset for these options; called when
     #: a run is planned, before anything is loaded. Raise :class:`KdbenchError` when unusable.
-    resolve: Callable[..., "Dataset"] | None = None
+    resolve: Callable[..., Dataset] | None = None
 
 
 # --------------------------------------------------------------------------- methods

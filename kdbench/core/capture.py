@@ -37,8 +37,8 @@ import contextlib
 import dataclasses
 import logging
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 from torch import nn

@@ -10,23 +10,34 @@ import contextlib
 import functools
 import hashlib
 import json
-import operator
 import math
+import operator
 import resource
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdbench.contracts import Augment, Dataset, LossFn, Method, Model, Outputs, Probe, Recipe, Stage, Step
+from kdbench.contracts import (
+    Augment,
+    Dataset,
+    LossFn,
+    Method,
+    Model,
+    Outputs,
+    Probe,
+    Recipe,
+    Stage,
+    Step,
+)
 from kdbench.core import capture as capturing
 from kdbench.core import metrics
-from kdbench.core.precision import float32_outputs, loss_region, resolve_precision
 from kdbench.core.precision import autocast as precision_autocast
+from kdbench.core.precision import float32_outputs, loss_region, resolve_precision
 from kdbench.core.splits import DeviceSplit, load_split
 from kdbench.core.taps import Tapped, wanted_taps
 from kdbench.errors import KdbenchError, NonFiniteLoss

@@ -290,7 +290,7 @@ class _GroupGraph:
     device (CRD's negatives) draws other ones than alone, so its numbers are not bitwise those
     of its separate run."""
 
-    def __init__(self, runs: dict[int, "_Running"], group: _GroupTeacher, device: torch.device,
+    def __init__(self, runs: dict[int, _Running], group: _GroupTeacher, device: torch.device,
                  streams: dict[int, capturing.Branch] | None):
         self.runs, self.group, self.device = dict(runs), group, device
         self.streams = {}
@@ -319,14 +319,14 @@ class _GroupGraph:
         if not self.streams:
             for run in self.runs.values():
                 run.step.counted(epoch, x, y, index, False)
-            return None
+            return
         self._teacher(x)
         for i, run in self.runs.items():
             with self.streams[i].fork():
                 run.step.counted(epoch, x, y, index, False)
         for i in self.runs:
             self.streams[i].join()
-        return None
+        return
 
     def __call__(self, epoch: int, x, y, index) -> None:
         for run in self.runs.values():
@@ -340,7 +340,7 @@ class _GroupGraph:
             run.step.graphed = None
 
 
-def _group_graph(running: dict[int, "_Running"], group: _GroupTeacher, device: torch.device,
+def _group_graph(running: dict[int, _Running], group: _GroupTeacher, device: torch.device,
                  streams: dict | None) -> _GroupGraph | None:
     """The group's graph when every member's step is captured; ``streams`` (member → stream,
     kept for the stage) for parallel branches, None for one member after the other."""

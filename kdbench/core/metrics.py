@@ -1,7 +1,7 @@
 """Metrics: accuracy, convergence speed, teacher-gap closed, parameters and FLOPs."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

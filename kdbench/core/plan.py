@@ -80,7 +80,7 @@ class Plan:
     def teacher_obj(self) -> Model | None:
         return self.teacher.obj if self.teacher else None
 
-    def for_teacher(self, entry: Entry) -> "Plan":
+    def for_teacher(self, entry: Entry) -> Plan:
         """This plan with ``entry`` as its (only) teacher: how an extra teacher is obtained and
         cached exactly like the main one (no checkpoint: that file is the main teacher's)."""
         config = replace(self.config, teacher=entry.obj.name, teacher_checkpoint=None, teachers=())

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterable, Sequence
 from types import SimpleNamespace
-from typing import Iterable, Sequence
 
 import torch
 from torch import nn

@@ -3,7 +3,7 @@ and fire, forward and backward passes reach every parameter, and building is det
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -2,8 +2,9 @@
 dataset, networks or a run."""
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn

@@ -17,16 +17,16 @@ Progress is reported as events (:class:`TuningStarted`, :class:`ClusterReady`, :
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 from kdbench.core.plan import RunConfig, make_plan
 from kdbench.errors import KdbenchError
 from kdbench.workflows import tune
+from kdbench.workflows.executors import Progress, in_ray_task
 from kdbench.workflows.studies import best_params
 from kdbench.workflows.suites import MethodSpec, Pair, Suite
-from kdbench.workflows.executors import Progress, in_ray_task
 from kdbench.workflows.teachers import checkpoint_id, checkpoint_sha256
 from kdbench.workflows.tracking import Tracker
 

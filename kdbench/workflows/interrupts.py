@@ -24,7 +24,7 @@ import functools
 import signal
 import sys
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 _installed: list[Callable] = []
 
@@ -65,7 +65,6 @@ def _handle_at_next_line(frame) -> None:
         handler = signal.getsignal(signal.SIGINT)
         if callable(handler):
             handler(signal.SIGINT, frame)
-        return None
 
     for traced, _ in frames:
         traced.f_trace = tracer

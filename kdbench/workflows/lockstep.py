@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from kdbench.core.plan import make_plan
 from kdbench.errors import KdbenchError

@@ -47,7 +47,7 @@ def hard_loss(s_s, s_t):
     return -pl_log_prob(s_s.gather(1, order)).mean()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def permutations(k: int, device: torch.device) -> torch.Tensor:
     """All orderings of k items as a [k!, k] index tensor, made once per (k, device): a host→device
     copy inside the step would stop it from being captured as a CUDA graph."""
