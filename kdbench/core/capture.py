@@ -97,6 +97,10 @@ class CaptureState:
     reason: str = ""
     compiled: list[nn.Module] = field(default_factory=list)
     limit_hits: int = 0  # Dynamo's recompile-limit hits in the process when the networks were compiled
+    #: where a captured step runs the frozen teachers' forward (the engine's ``TEACHER_STREAM``,
+    #: set by the first captured step with a teacher; None: none was captured)
+    teacher_stream: str | None = None
+    teacher_reason: str = ""  # why the teachers left their branch for the step's own stream
 
     @property
     def compiles(self) -> bool:
@@ -124,13 +128,25 @@ class CaptureState:
         log.warning("kdbench: training steps run eagerly (--capture %s not used): %s", self.asked, reason)
         self.used, self.reason = "none", reason
 
+    def serial_teacher(self, reason: str) -> None:
+        """A capture with the teachers on a branch of their own failed: the next capture runs them
+        in the step's own stream, as eagerly (the same numbers), saying so once."""
+        log.warning("kdbench: captured steps run the teachers' forward in the step's own stream, not on "
+                    "a branch beside it (that capture failed): %s", reason)
+        self.teacher_stream, self.teacher_reason = "serial", reason
+
     def tags(self) -> dict[str, str]:
-        """Run tags: ``capture`` (the mode used), and the fallback's reason when there was one."""
+        """Run tags: ``capture`` (the mode used), and the fallback's reason when there was one;
+        ``teacher_stream`` where a captured step ran teachers (and why they left their branch)."""
         if self.asked == "none":
             return {}
         out = {"capture": self.used if self.used != "none" else "eager"}
         if self.reason:
             out["capture_fallback"] = self.reason
+        if self.graphs and self.teacher_stream is not None:
+            out["teacher_stream"] = self.teacher_stream
+        if self.teacher_reason:
+            out["teacher_stream_fallback"] = self.teacher_reason
         return out
 
 
@@ -323,6 +339,7 @@ class GraphedSteps:
         self.warm = 0
         self.static: tuple | None = None  # x, y, index
         self.out: tuple | None = None  # logits, terms
+        self.capture_failed = False  # the last exception came out of a capture (not a warm-up step)
 
     def __call__(self, epoch: int, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None):
         if self.shape is None:
@@ -350,8 +367,12 @@ class GraphedSteps:
         torch.cuda.synchronize(self.device)
         self.static = (x.clone(), y.clone(), index.clone() if index is not None else None)
         graph = torch.cuda.CUDAGraph()
-        with watching_epoch() as seen, torch.cuda.graph(graph):
-            out = self.step(epoch, *self.static, False)
+        try:
+            with watching_epoch() as seen, torch.cuda.graph(graph):
+                out = self.step(epoch, *self.static, False)
+        except BaseException:
+            self.capture_failed = True
+            raise
         self.reads_epoch = seen[0]
         self.captures += 1
         # kept without their autograd graph: holding it kept the parameters' AccumulateGrad nodes

@@ -258,12 +258,14 @@ def _forward(trainee: Trainee, x: torch.Tensor, branch: capturing.Branch | None 
 
 def teacher_branch(trainee: Trainee, state: capturing.CaptureState, device: torch.device) -> capturing.Branch | None:
     """A stream of its own for the frozen teachers' forward when the step is replayed as a CUDA
-    graph (:data:`TEACHER_STREAM` not "serial"): in the graph the teachers' forward and the
-    student's step are then parallel branches. Same kernels, same numbers; only their order on
-    the GPU changes."""
-    if TEACHER_STREAM != "serial" and state.graphs and (trainee.teacher is not None or trainee.teachers):
-        return capturing.Branch(device)
-    return None
+    graph (:data:`TEACHER_STREAM` not "serial", and no capture with the branch has failed in this
+    run): in the graph the teachers' forward and the student's step are then parallel branches.
+    Same kernels, same numbers; only their order on the GPU changes."""
+    if not state.graphs or (trainee.teacher is None and not trainee.teachers):
+        return None
+    if state.teacher_stream is None:
+        state.teacher_stream = TEACHER_STREAM
+    return capturing.Branch(device) if state.teacher_stream != "serial" else None
 
 
 def _copy_outputs(into: Outputs, out: Outputs) -> None:
@@ -469,7 +471,7 @@ class StageStep:
         # the teachers' forward beside the student's (False: a lockstep group's graph runs its teacher
         # and hands its members the branch it ran on), one batch ahead by default
         self.branch = teacher_branch(trainee, state, device) if teacher_beside else None
-        ahead = self.branch is not None and TEACHER_STREAM == "ahead"
+        ahead = self.branch is not None and state.teacher_stream == "ahead"
         self.ahead = TeacherAhead(trainee, self.branch, device, precision) if ahead else None
 
     def eager(self, epoch: int, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None,
@@ -512,8 +514,14 @@ class StageStep:
             if self.state.used == "none":
                 raise
             # compiling or capturing failed: the same batch again, eagerly (a failed capture ran
-            # nothing; compile+graphs → graphs: the rest of the stage is captured afresh, uncompiled)
-            self.state.fall_back(capturing.failure_reason(exc))
+            # nothing). A capture with the teachers on their branch is tried again with them in the
+            # step's stream before anything else is given up; then compile+graphs → graphs (the rest
+            # of the stage captured afresh, uncompiled) → eager.
+            if self.branch is not None and self.graphed is not None and self.graphed.capture_failed:
+                self.state.serial_teacher(capturing.failure_reason(exc))
+                self.branch = self.ahead = None
+            else:
+                self.state.fall_back(capturing.failure_reason(exc))
             self.graphed = capturing.GraphedSteps(self.counted, self.device) if self.state.graphs else None
             if self.ahead is not None and self.graphed is not None:  # the failed step may have landed
                 self.ahead.forget()
