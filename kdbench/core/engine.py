@@ -291,9 +291,10 @@ class TeacherAhead:
     batch again, for nothing (one teacher forward per epoch: the graph's inputs keep their shape).
     Memory: the teachers' outputs twice more (logits and taps of one batch)."""
 
-    def __init__(self, trainee: Trainee, branch: capturing.Branch, device: torch.device, precision: str):
-        self.nets = ([trainee.teacher] if trainee.teacher is not None else []) + list(trainee.teachers)
-        self.has_teacher = trainee.teacher is not None
+    def __init__(self, nets: list[Callable[[torch.Tensor], Outputs]], branch: capturing.Branch,
+                 device: torch.device, precision: str, has_teacher: bool = True):
+        self.nets = list(nets)  # the teacher (when ``has_teacher``) first, then the extra teachers
+        self.has_teacher = has_teacher
         self.branch, self.device, self.precision = branch, device, precision
         self.current: list[Outputs] | None = None  # buffers: the outputs of the step's batch
         self.upcoming: torch.Tensor | None = None  # buffer: the next batch (what the branch reads)
@@ -472,7 +473,8 @@ class StageStep:
         # and hands its members the branch it ran on), one batch ahead by default
         self.branch = teacher_branch(trainee, state, device) if teacher_beside else None
         ahead = self.branch is not None and state.teacher_stream == "ahead"
-        self.ahead = TeacherAhead(trainee, self.branch, device, precision) if ahead else None
+        nets = ([trainee.teacher] if trainee.teacher is not None else []) + list(trainee.teachers)
+        self.ahead = TeacherAhead(nets, self.branch, device, precision, trainee.teacher is not None) if ahead else None
 
     def eager(self, epoch: int, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None,
               to_none: bool = True):
@@ -530,7 +532,7 @@ class StageStep:
         totals.count(len(y))
 
 
-def _with_next(batches: Iterator[tuple]) -> Iterator[tuple[tuple, torch.Tensor | None]]:
+def with_next(batches: Iterator[tuple]) -> Iterator[tuple[tuple, torch.Tensor | None]]:
     """Each batch with the next one's input (None after the last): drawn one batch earlier, from
     the same generator in the same order, so the batches are the same."""
     batches = iter(batches)
@@ -572,7 +574,7 @@ def train_stage(
         capturing.set_lr(opt, lr)
         start = time.perf_counter()
         totals.reset()
-        for (x, y, index), x_next in _with_next(train.shuffled(recipe.batch_size, generator, augment)):
+        for (x, y, index), x_next in with_next(train.shuffled(recipe.batch_size, generator, augment)):
             step(epoch, x, y, index, totals, x_next)
         means = totals.means()
         epoch_metrics = totals.metrics(means, lr, start)

@@ -73,10 +73,13 @@ class _GroupTeacher:
     def outputs(self, x: torch.Tensor) -> Outputs:
         if x is self.batch:
             if self.out is None:
-                self.forwards += 1
-                self.out = self.tapped(x)
+                self.out = self.compute(x)
             return self.out
         # another input (a pre-stage, a loss that re-runs the teacher, a graph's static copy)
+        return self.compute(x)
+
+    def compute(self, x: torch.Tensor) -> Outputs:
+        """A teacher forward on ``x`` (counted)."""
         self.forwards += 1
         return self.tapped(x)
 
@@ -281,8 +284,10 @@ class _GroupGraph:
     ``--capture graphs`` on CUDA, the default there).
 
     The teacher forward runs on a branch of its own and the members' steps fork onto streams of
-    their own, each member's student forward beside the teacher's, its loss after it, and join again
-    (:data:`PARALLEL_STREAMS`): in the graph they are parallel branches, so the small kernels of
+    their own and join again (:data:`PARALLEL_STREAMS`) — by default the teacher computing the next
+    batch's outputs beside the whole group step while the members train on this batch's
+    (``engine.TEACHER_STREAM`` "ahead"), or this batch's beside each member's student forward, the
+    member's loss after it ("beside"): in the graph they are parallel branches, so the small kernels of
     several students (a resnet8x4 at batch 64 fills a fraction of an H100) run side by side
     instead of one after the other. Each member keeps its stream for the whole stage, so its
     gradients and optimizer state stay on one stream. Inside the graph the members share the
@@ -299,19 +304,29 @@ class _GroupGraph:
                 if i not in streams:
                     streams[i] = capturing.Branch(device)
                 self.streams[i] = streams[i]
-        # with parallel members, the teacher forward gets a branch of its own too: each member's
-        # student forward runs beside it, and the member joins it before its loss (engine._forward)
+        # with parallel members, the teacher forward gets a branch of its own too (engine.TEACHER_STREAM):
+        # "ahead" — the next batch's, beside the whole group step, the members reading this batch's
+        # (computed during the previous step, engine.TeacherAhead); "beside" — this batch's, each
+        # member's student forward beside it and the member joining it before its loss (engine._forward)
         self.branch = capturing.Branch(device) if self.streams and engine.TEACHER_STREAM != "serial" else None
+        self.precision = next(iter(self.runs.values())).step.precision  # the members share it
+        ahead = self.branch is not None and engine.TEACHER_STREAM == "ahead"
+        self.ahead = engine.TeacherAhead([group.compute], self.branch, device, self.precision) if ahead else None
         for run in self.runs.values():
-            run.step.branch = self.branch
+            run.step.branch = self.branch if self.ahead is None else None
+            run.step.state.teacher_stream = engine.TEACHER_STREAM if self.branch is not None else "serial"  # its tag
         self.graphed = capturing.GraphedSteps(self._step, device)
 
     def _teacher(self, x) -> None:
         """The teacher forward, once, on the teacher branch (or the current stream), as its first
-        member would run it."""
-        first = next(iter(self.runs.values())).step
-        with self.branch.fork() if self.branch is not None else contextlib.nullcontext():
-            with torch.no_grad(), precision_autocast(self.device, first.precision, False):
+        member would run it — or, ahead, the next batch's started on the branch and this batch's
+        handed to the members."""
+        with torch.no_grad(), precision_autocast(self.device, self.precision, False):
+            if self.ahead is not None:
+                self.group.out = self.ahead.outputs()[0]
+                self.ahead.launch()
+                return
+            with self.branch.fork() if self.branch is not None else contextlib.nullcontext():
                 self.group.outputs(x)
 
     def _step(self, epoch: int, x, y, index, _to_none: bool = False):
@@ -326,11 +341,16 @@ class _GroupGraph:
                 run.step.counted(epoch, x, y, index, False)
         for i in self.runs:
             self.streams[i].join()
-        return
+        if self.ahead is not None:  # every member done with this batch's outputs: the next batch's in their place
+            self.ahead.land()
 
-    def __call__(self, epoch: int, x, y, index) -> None:
+    def __call__(self, epoch: int, x, y, index, x_next: torch.Tensor | None = None) -> None:
+        """The group's step on ``x``; ``x_next``, the epoch's next batch (None after the last), is
+        what the teacher computes ahead."""
         for run in self.runs.values():
             run.step.totals = run.totals
+        if self.ahead is not None:
+            self.ahead.before(x, x_next)
         self.graphed(epoch, x, y, index)
 
     def fall_back(self, exc: BaseException) -> None:
@@ -362,7 +382,7 @@ def _main_stage(running: dict[int, _Running], outcomes: list[MemberOutcome], gro
             capturing.set_lr(run.opt, run.lr)
             run.totals.reset()
         start = time.perf_counter()
-        for x, y, index in train.shuffled(recipe.batch_size, generator, augment):
+        for (x, y, index), x_next in engine.with_next(train.shuffled(recipe.batch_size, generator, augment)):
             group.start_batch(x)
             if graph is None or graph.runs.keys() != running.keys():
                 # kept while the members stay (GraphedSteps recaptures it at a new epoch if a
@@ -370,7 +390,7 @@ def _main_stage(running: dict[int, _Running], outcomes: list[MemberOutcome], gro
                 graph = _group_graph(running, group, device, streams)
             if graph is not None and all(run.totals.ready for run in running.values()):
                 try:
-                    graph(epoch, x, y, index)
+                    graph(epoch, x, y, index, x_next)
                 except KeyboardInterrupt:
                     raise
                 except Exception as exc:  # noqa: BLE001 - capturing failed: this batch again, eagerly

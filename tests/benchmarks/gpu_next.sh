@@ -28,20 +28,23 @@
 #      take a compiled step's time (the only profile so far is of the uncompiled graphs step);
 #   5. b1024_fused_teacher: batch 1024 compile and compile+graphs with the fused teacher: one
 #      pass less over every teacher activation, what a memory-bound step needs;
-#   6. b64_teacher_bf16: batch 64 with the teacher's convolution and linear weights stored in bf16
+#   6. lockstep_b64: lockstep at batch 64 against separate runs, both with graphs and the teacher
+#      ahead (a group's teacher now runs ahead too): does issue 17's >= 2x (2.29x on the H100, before
+#      either ran ahead) hold now that a separate run's teacher overlaps its whole step?
+#   7. b64_teacher_bf16: batch 64 with the teacher's convolution and linear weights stored in bf16
 #      (the values autocast casts them to: no cast kernels per step), against b64_baseline;
-#   7. b1024_teacher_autotune: the teacher alone compiled in mode max-autotune-no-cudagraphs
+#   8. b1024_teacher_autotune: the teacher alone compiled in mode max-autotune-no-cudagraphs
 #      (inductor's convolution templates can apply BatchNorm, residual add and ReLU in the
 #      convolution's epilogue: the pass over every activation that folding did not remove; the
 #      whole step's max-autotune did not finish compiling in 150 s on the H100);
-#   8. kdsvd_solver: kdsvd's top singular vectors, the exact per-sample eigh (208x KD's step)
+#   9. kdsvd_solver: kdsvd's top singular vectors, the exact per-sample eigh (208x KD's step)
 #      against one batched SVD per stage (kdsvd.CUDA_SOLVER = "gesvda"): time, and how far they differ;
-#   9. fits_compile_graphs: every built-in method through a 1-epoch fit with --capture
+#  10. fits_compile_graphs: every built-in method through a 1-epoch fit with --capture
 #      compile+graphs, now that each run really compiles (the H100 run found Dynamo's recompile
 #      limit leaving all but the first three uncompiled): before it can be the CUDA default;
-#  10. lockstep_b64_cg: lockstep at batch 64 with compile+graphs members against separate
+#  11. lockstep_b64_cg: lockstep at batch 64 with compile+graphs members against separate
 #      compile+graphs runs: does the 2.29x (graphs) hold when each step is faster?
-#  11. b1024_max_autotune: the whole step's max-autotune, as time allows.
+#  12. b1024_max_autotune: the whole step's max-autotune, as time allows.
 # The parts add up to more than one call's TOTAL_S: a second call with PARTS= naming the skipped
 # ones measures the rest.
 #   OUT=/tmp/next bash tests/benchmarks/gpu_next.sh          (SMOKE=1: a CPU check of the arguments)
@@ -89,6 +92,7 @@ part teacher_forward 60 $PY tests/benchmarks/teacher_fusion.py --device $DEV --b
 part b64_fused_teacher 75 $PY "${CE[@]}" --batch-sizes $B64 --captures $G,$CG --precision bf16 --fuse-teacher --json "$WORK/b64_fused_teacher.json"
 part b1024_recapture 200 $PY "${CE[@]}" --batch-sizes $B1024 --captures compile,$CG --profile 30 --json "$WORK/b1024_recapture.json"
 part b1024_fused_teacher 150 $PY "${CE[@]}" --batch-sizes $B1024 --captures compile,$CG --precision bf16 --fuse-teacher --json "$WORK/b1024_fused_teacher.json"
+part lockstep_b64 90 $PY "${LS[@]}" --capture $G --separate-capture $G --streams parallel --teacher-stream ahead --batch-size $B64 --samples $NL --json "$WORK/lockstep_b64.json"
 part b64_teacher_bf16 75 $PY "${CE[@]}" --batch-sizes $B64 --captures $G,$CG --precision bf16 --teacher-bf16-weights --json "$WORK/b64_teacher_bf16.json"
 part b1024_teacher_autotune 300 $PY "${CE[@]}" --batch-sizes $B1024 --captures compile --teacher-compile-mode $MODE --json "$WORK/b1024_teacher_autotune.json"
 part kdsvd_solver 60 $PY tests/benchmarks/kdsvd_solver.py --device $DEV --batch-size $B64 --json "$WORK/kdsvd_solver.json"

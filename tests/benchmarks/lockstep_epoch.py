@@ -15,8 +15,10 @@ whether every member's validation curve equals its separate run's (bitwise on th
 On CUDA with captured steps the members of a group run on parallel streams inside its graph;
 ``--streams serial`` runs them one after the other instead, ``--streams both`` times both and
 reports how far their curves differ (the same kernels on the same inputs: they should not).
-``--teacher-stream beside|serial`` runs a separate run's teacher forward for its own batch beside
-the student's forward, or every teacher forward before the students'.
+With graphs the teacher forward runs on a branch of its own (``--teacher-stream``, the engine's
+``TEACHER_STREAM``): ``ahead`` (the default) computes the next batch's beside the whole step, a
+separate run's and a group's alike; ``beside`` computes this batch's beside the student forwards;
+``serial`` runs every teacher forward before the students'.
 Writes JSON to ``--json`` and to ``$OUT/lockstep_epoch.json`` when ``$OUT`` is set.
 
     python tests/benchmarks/lockstep_epoch.py --threads 1                       # CPU, embedded
@@ -127,10 +129,9 @@ def main():
     parser.add_argument("--streams", choices=("parallel", "serial", "both"), default="parallel",
                         help="a group graph's members on parallel streams (default), one after the other, or both")
     parser.add_argument("--teacher-stream", choices=engine.TEACHER_STREAMS, default="ahead",
-                        help="with graphs, where the teacher forward runs (engine.TEACHER_STREAM): a separate run's "
-                             "for the next batch beside its step (ahead, the default) or for this batch beside the "
-                             "student's forward (beside), a group's beside its members' forwards (ahead, beside); "
-                             "or before the students (serial)")
+                        help="with graphs, where the teacher forward runs (engine.TEACHER_STREAM), a separate run's "
+                             "and a group's alike: for the next batch beside the whole step (ahead, the default), for "
+                             "this batch beside the student forwards (beside), or before them (serial)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--compile-backend", default=None, help="torch.compile backend of the compile modes (e.g. aot_eager)")
     parser.add_argument("--json", default=None, help="write the figures here too")

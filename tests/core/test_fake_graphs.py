@@ -174,16 +174,18 @@ def test_faked_graphs_give_eager_numbers_and_recapture_only_what_reads_the_epoch
 LOCKSTEP = ["kd", "dkd", "fitnets", "at"]
 
 
-@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("parallel, where", [(False, "ahead"), (True, "ahead"), (True, "beside")])
 def test_a_lockstep_group_graph_trains_each_member_as_its_separate_eager_run(teacher, fake_graphs, captured_optimizer,
-                                                                            monkeypatch, request, parallel):
+                                                                            monkeypatch, request, parallel, where):
     """One graph for the group's step (one teacher forward, then the members one after the other;
-    or the teacher on its branch and each member on a stream of its own, every operator checked
+    or each member on a stream of its own and the teacher on its branch — the next batch's beside
+    the whole group step, or this batch's beside the members' forwards — every operator checked
     against the streams' order: no race),
     captured again at each epoch because dkd reads it; every member bitwise its separate run."""
     from kdbench.core import lockstep
 
     monkeypatch.setattr(lockstep, "PARALLEL_STREAMS", parallel)
+    monkeypatch.setattr(engine, "TEACHER_STREAM", where)
     check = RaceCheck(request.getfixturevalue("streams")) if parallel else contextlib.nullcontext()
     graphs = []
 
@@ -215,12 +217,11 @@ def test_a_lockstep_group_graph_trains_each_member_as_its_separate_eager_run(tea
         assert check.races == []
         assert sum(s.ops > 0 for s in check.streams.all) >= 1 + len(LOCKSTEP)  # the default one and each member's
         assert [graph.branch.stream.ops > 0 for graph in graphs] == [True]  # the teacher forward, beside the members
+        assert [graph.ahead is not None for graph in graphs] == [where == "ahead"]
     for method, outcome in zip(LOCKSTEP, outcomes):
         assert outcome.error is None, (method, outcome.error)
-        # the group runs the teacher (no teacher_stream of a member's own), but for fitnets' hint
-        # stage, trained alone before the group with the teacher ahead
-        alone = {"teacher_stream": "ahead"} if method == "fitnets" else {}
-        assert outcome.result.tags == {"capture": "graphs", "lockstep": str(len(LOCKSTEP)), **alone}, method
+        assert outcome.result.tags == {"capture": "graphs", "lockstep": str(len(LOCKSTEP)),
+                                       "teacher_stream": where if parallel else "serial"}, method
         assert outcome.result.curve == separate[method].curve, method
         for key, value in separate[method].state_dict.items():
             assert torch.equal(outcome.result.state_dict[key], value), (method, key)
