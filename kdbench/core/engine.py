@@ -472,9 +472,10 @@ class StageStep:
         # the teachers' forward beside the student's (False: a lockstep group's graph runs its teacher
         # and hands its members the branch it ran on), one batch ahead by default
         self.branch = teacher_branch(trainee, state, device) if teacher_beside else None
-        ahead = self.branch is not None and state.teacher_stream == "ahead"
-        nets = ([trainee.teacher] if trainee.teacher is not None else []) + list(trainee.teachers)
-        self.ahead = TeacherAhead(nets, self.branch, device, precision, trainee.teacher is not None) if ahead else None
+        self.ahead = None
+        if self.branch is not None and state.teacher_stream == "ahead":
+            nets = ([trainee.teacher] if trainee.teacher is not None else []) + list(trainee.teachers)
+            self.ahead = TeacherAhead(nets, self.branch, device, precision, has_teacher=trainee.teacher is not None)
 
     def eager(self, epoch: int, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None,
               to_none: bool = True):
