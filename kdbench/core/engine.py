@@ -22,18 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdbench.contracts import (
-    Augment,
-    Dataset,
-    LossFn,
-    Method,
-    Model,
-    Outputs,
-    Probe,
-    Recipe,
-    Stage,
-    Step,
-)
+from kdbench.contracts import Augment, Dataset, LossFn, Method, Model, Outputs, Probe, Recipe, Stage, Step
 from kdbench.core import capture as capturing
 from kdbench.core import metrics
 from kdbench.core.precision import autocast as precision_autocast

@@ -19,13 +19,7 @@ from kdbench.core.engine import EpochLog
 from kdbench.core.plan import Plan, RunConfig, make_plan
 from kdbench.core.precision import resolve_precision
 from kdbench.workflows.provenance import base_tags, recipe_hash
-from kdbench.workflows.teachers import (
-    Teacher,
-    obtain_teacher,
-    obtain_teachers,
-    teacher_ids,
-    teacher_tags,
-)
+from kdbench.workflows.teachers import Teacher, obtain_teacher, obtain_teachers, teacher_ids, teacher_tags
 from kdbench.workflows.tracking import Tracker, ended_status, failure_reason
 
 

@@ -30,20 +30,10 @@ from typing import Any
 from kdbench.core import engine, plugins
 from kdbench.core.plan import RunConfig, make_plan
 from kdbench.errors import KdbenchError, closest
-from kdbench.workflows import claims
-from kdbench.workflows import run as runner
+from kdbench.workflows import claims, run as runner
 from kdbench.workflows.studies import (
-    RECIPE_PREFIX,
-    STALE_REASON,
-    JournalHeartbeat,
-    count_trials,
-    fail_stale_trials,
-    mask_url,
-    open_storage,
-    pick_best,
-    split_params,
-    storage_url,
-    stored_user_attr,
+    RECIPE_PREFIX, STALE_REASON, JournalHeartbeat, count_trials, fail_stale_trials, mask_url,
+    open_storage, pick_best, split_params, storage_url, stored_user_attr,
 )
 from kdbench.workflows.teachers import obtain_teacher
 from kdbench.workflows.tracking import Tracker, default_tracking_uri
