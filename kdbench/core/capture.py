@@ -101,6 +101,8 @@ class CaptureState:
     #: set by the first captured step with a teacher; None: none was captured)
     teacher_stream: str | None = None
     teacher_reason: str = ""  # why the teachers left their branch for the step's own stream
+    #: "bf16" when the frozen teachers' weights are held in bf16 (the engine's ``TEACHER_WEIGHTS``)
+    teacher_weights: str | None = None
 
     @property
     def compiles(self) -> bool:
@@ -137,7 +139,8 @@ class CaptureState:
 
     def tags(self) -> dict[str, str]:
         """Run tags: ``capture`` (the mode used), and the fallback's reason when there was one;
-        ``teacher_stream`` where a captured step ran teachers (and why they left their branch)."""
+        ``teacher_stream`` where a captured step ran teachers (and why they left their branch), and
+        ``teacher_weights`` where their weights were held in bf16."""
         if self.asked == "none":
             return {}
         out = {"capture": self.used if self.used != "none" else "eager"}
@@ -147,6 +150,8 @@ class CaptureState:
             out["teacher_stream"] = self.teacher_stream
         if self.teacher_reason:
             out["teacher_stream_fallback"] = self.teacher_reason
+        if self.graphs and self.teacher_weights is not None:
+            out["teacher_weights"] = self.teacher_weights
         return out
 
 

@@ -26,7 +26,7 @@ from kdbench.contracts import Augment, Dataset, LossFn, Method, Model, Outputs, 
 from kdbench.core import capture as capturing
 from kdbench.core import metrics
 from kdbench.core.precision import autocast as precision_autocast
-from kdbench.core.precision import float32_outputs, loss_region, resolve_precision
+from kdbench.core.precision import bf16_weights, float32_outputs, loss_region, resolve_precision
 from kdbench.core.splits import DeviceSplit, load_split
 from kdbench.core.taps import Tapped, wanted_taps
 from kdbench.errors import KdbenchError, NonFiniteLoss
@@ -38,6 +38,14 @@ from kdbench.errors import KdbenchError, NonFiniteLoss
 #: ``tests/benchmarks/cifar_epoch.py --teacher-stream all`` measures the three.
 TEACHER_STREAMS = ("ahead", "beside", "serial")
 TEACHER_STREAM = "ahead"
+
+#: how a bf16 run's captured steps (``graphs``, ``compile+graphs``) hold the frozen teachers'
+#: convolution and linear weights: "bf16" — a bf16 copy of each, made once per run (the shared
+#: teacher itself stays float32), what autocast would otherwise cast at every forward: the same
+#: numbers bitwise, about 35 kernels fewer per resnet32x4 forward (:func:`precision.bf16_weights`);
+#: "fp32" — cast by autocast at every forward. ``cifar_epoch.py --teacher-weights`` measures both.
+TEACHER_WEIGHT_CHOICES = ("bf16", "fp32")
+TEACHER_WEIGHTS = "bf16"
 
 
 @dataclass
@@ -443,7 +451,21 @@ def run_capture_state(trainee: Trainee, device: torch.device) -> capturing.Captu
         capturing.compile_networks(trainee.capture_state, [trainee.student.model],
                                    frozen=[trainee.teacher.model if trainee.teacher else None,
                                            *(t.model for t in trainee.teachers)])
+        hold_teacher_weights(trainee, trainee.capture_state, resolve_precision(trainee.precision, device))
     return trainee.capture_state
+
+
+def hold_teacher_weights(trainee: Trainee, state: capturing.CaptureState, precision: str) -> None:
+    """The frozen teachers' convolution and linear weights held in bf16 (:data:`TEACHER_WEIGHTS`)
+    for a bf16 run whose steps are replayed as CUDA graphs, where a cast per layer is a kernel
+    replayed at every step; eager steps (launch-bound on the host) keep autocast's casts."""
+    frozen = [t for t in (trainee.teacher, *trainee.teachers) if t is not None]
+    if not (frozen and state.graphs and precision == "bf16" and TEACHER_WEIGHTS == "bf16"):
+        return
+    for tapped in frozen:
+        if tapped.weights is None:  # a lockstep group's teacher is held once, for all its members
+            tapped.use_weights(bf16_weights(tapped.model))
+    state.teacher_weights = "bf16"
 
 
 class StageStep:

@@ -96,6 +96,14 @@ class _TeacherView(nn.Module):
         """The teacher network (not a registered submodule: the member owns no teacher weights)."""
         return self.group.tapped.model
 
+    @property
+    def weights(self) -> dict[str, torch.Tensor] | None:
+        """The tensors the group's teacher runs with in place of its own (``Tapped.use_weights``)."""
+        return self.group.tapped.weights
+
+    def use_weights(self, weights: dict[str, torch.Tensor] | None) -> None:
+        self.group.tapped.use_weights(weights)
+
     def forward(self, x: torch.Tensor) -> Outputs:
         out = self.group.outputs(x)
         return Outputs(out.logits, {name: out.feats[name] for name in self.wanted})

@@ -54,6 +54,7 @@ class Tapped(nn.Module):
         self.wanted = list(wanted)
         self._store: dict[str, torch.Tensor] = {}
         self._handles = []
+        self.weights: dict[str, torch.Tensor] | None = None  # see use_weights
         modules = dict(model.named_modules())
         for name in self.wanted:
             if name not in taps:
@@ -85,9 +86,16 @@ class Tapped(nn.Module):
 
         return hook
 
+    def use_weights(self, weights: dict[str, torch.Tensor] | None) -> None:
+        """Run the model with these tensors in place of its own parameters of the same names
+        (:func:`torch.func.functional_call`; the model itself is left as it is) — e.g. a frozen
+        teacher's weights held in bf16 (:func:`kdbench.core.precision.bf16_weights`) — or, with
+        None, with its own again."""
+        self.weights = weights
+
     def forward(self, x: torch.Tensor) -> Outputs:
         self._store = {}
-        logits = self.model(x)
+        logits = self.model(x) if self.weights is None else torch.func.functional_call(self.model, self.weights, (x,))
         feats = {name: self._store[name] for name in self.wanted}
         self._store = {}
         return Outputs(logits, feats)
@@ -96,3 +104,4 @@ class Tapped(nn.Module):
         for h in self._handles:
             h.remove()
         self._handles = []
+        self.weights = None

@@ -146,21 +146,6 @@ def _teacher(plan, device, fold_bn: bool = False):
     return _TEACHERS[key]
 
 
-def bf16_matmul_weights(net: torch.nn.Module) -> torch.nn.Module:
-    """An experiment for a frozen teacher under bf16 autocast (``--teacher-bf16-weights``): its
-    convolution and linear weights stored in bf16 — the values autocast would cast them to, so the
-    same outputs — so that no step spends a cast kernel per layer on them (about 35 in
-    resnet32x4: a few per cent of a 2 ms step at batch 64). BatchNorm stays float32. Applied after
-    the engine's set-up, whose probe runs the teacher without autocast."""
-    layers = [m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    for m in layers:
-        m.weight.data = m.weight.data.to(torch.bfloat16)
-        if m.bias is not None:
-            m.bias.data = m.bias.data.to(torch.bfloat16)
-    print(f"    teacher: {len(layers)} convolution and linear layers hold bf16 weights", flush=True)
-    return net
-
-
 def fold_batchnorm(net: torch.nn.Module) -> torch.nn.Module:
     """An experiment for a frozen teacher (``--fold-teacher-bn``): every BatchNorm2d that directly
     follows a Conv2d among its parent's children (conv1, bn1, … in a ResNet block, a shortcut's
@@ -214,13 +199,11 @@ def step_time(args, device, x, y, batch_size: int, method: str = "kd", capture_m
                                device=str(device), precision=args.precision, capture=capture_mode,
                                recipe={"batch_size": batch_size, "epochs": args.epochs}), reg)
     teacher = _teacher(plan, device, args.fold_teacher_bn) if plan.method_obj.needs_teacher else None
-    changed = teacher is not None and (args.teacher_bf16_weights or args.fuse_teacher)
+    changed = teacher is not None and args.fuse_teacher
     if changed:
         teacher = copy.deepcopy(teacher)
     setup = engine.setup_student(plan, teacher, device)
-    if teacher is not None and args.teacher_bf16_weights:
-        bf16_matmul_weights(teacher)
-    fusion = fuse(args, plan, setup, teacher, device) if changed and args.fuse_teacher else None
+    fusion = fuse(args, plan, setup, teacher, device) if changed else None
     split = setup.splits["train"]
     steps = len(split) // batch_size
     if steps < 1:
@@ -557,8 +540,9 @@ def main():
     ap.add_argument("--teacher-compile-mode", default=None,
                     help="torch.compile mode of the teacher alone, e.g. max-autotune-no-cudagraphs (inference "
                          "only: fewer kernels to tune than the whole step) [--compile-mode]")
-    ap.add_argument("--teacher-bf16-weights", action="store_true",
-                    help="experiment: the teacher's convolution and linear weights stored in bf16 (no casts per step)")
+    ap.add_argument("--teacher-weights", default=engine.TEACHER_WEIGHTS, choices=engine.TEACHER_WEIGHT_CHOICES,
+                    help="a bf16 run's graph modes: the teacher's convolution and linear weights held in bf16 "
+                         "(the engine's default: no cast kernels per step) or cast by autocast at every forward (fp32)")
     ap.add_argument("--fuse-teacher", action="store_true",
                     help="experiment (KD): the teacher's convolutions fused with their BatchNorm, ReLU and residual add "
                          "(one cuDNN call each on CUDA; teacher_fusion.py)")
@@ -591,11 +575,9 @@ def main():
     if args.compile_mode:
         capture.COMPILE_OPTIONS["mode"] = args.compile_mode
     precision = args.precision or ("bf16" if cuda else "fp32")
-    if args.teacher_bf16_weights and precision != "bf16":
-        ap.error("--teacher-bf16-weights needs --precision bf16 (the weights hold what bf16 autocast casts them to)")
-    if args.fuse_teacher and (args.fold_teacher_bn or args.teacher_bf16_weights):
-        ap.error("--fuse-teacher folds the BatchNorm and stores the weights in the run's precision itself: "
-                 "drop --fold-teacher-bn and --teacher-bf16-weights")
+    if args.fuse_teacher and args.fold_teacher_bn:
+        ap.error("--fuse-teacher folds the BatchNorm itself: drop --fold-teacher-bn")
+    engine.TEACHER_WEIGHTS = args.teacher_weights
     if args.teacher_compile_mode:
         capture.FROZEN_COMPILE_OPTIONS = {**capture.COMPILE_OPTIONS, "mode": args.teacher_compile_mode}
         print(f"    teacher compiled with mode {args.teacher_compile_mode} (the student: "
@@ -606,7 +588,7 @@ def main():
     report = {"device": name, "torch": torch.__version__, "teacher": args.teacher, "student": args.student,
               "precision": precision,
               "compile_options": dict(capture.COMPILE_OPTIONS), "fold_teacher_bn": args.fold_teacher_bn,
-              "teacher_bf16_weights": args.teacher_bf16_weights, "fuse_teacher": args.fuse_teacher,
+              "teacher_weights": args.teacher_weights, "fuse_teacher": args.fuse_teacher,
               "teacher_compile_options": capture.FROZEN_COMPILE_OPTIONS, "teacher_stream": args.teacher_stream}
     if not (args.methods or args.losses or args.fits or args.plain or args.eval):
         args.steps = True

@@ -13,8 +13,8 @@
 #      (the H100 run's order); then compile+graphs (ahead): lockstep's members on parallel
 #      branches gained 1.59x -> 2.29x at this batch, and the teacher is half of a KD step's kernels;
 #   2. teacher_forward: the teacher's forward alone at 64 and 1024, eager and replayed from a
-#      graph, as the engine runs it and with each teacher experiment below (bf16 weights, folded
-#      BatchNorm, fused convolutions): the teacher's share of a step and what each experiment
+#      graph, with autocast's weight casts and with its weights held in bf16 (as a bf16 run's graphs
+#      now hold them), and with each teacher experiment below (folded BatchNorm, fused convolutions): the teacher's share of a step and what each experiment
 #      saves of it, in 20 s, before the step-time parts that say the same at the step's scale;
 #   3. b64_fused_teacher: graphs and compile+graphs (teacher ahead), with the teacher's convolutions fused
 #      with their BatchNorm, ReLU and residual add, one cuDNN conv-bias-add-ReLU call each
@@ -31,8 +31,10 @@
 #   6. lockstep_b64: lockstep at batch 64 against separate runs, both with graphs and the teacher
 #      ahead (a group's teacher now runs ahead too): does issue 17's >= 2x (2.29x on the H100, before
 #      either ran ahead) hold now that a separate run's teacher overlaps its whole step?
-#   7. b64_teacher_bf16: batch 64 with the teacher's convolution and linear weights stored in bf16
-#      (the values autocast casts them to: no cast kernels per step), against b64_baseline;
+#   7. b64_teacher_fp32_weights: batch 64 with the teacher's convolution and linear weights cast by
+#      autocast at every forward (--teacher-weights fp32, as before the engine held them in bf16 in
+#      a bf16 run's graphs: the same numbers, about 35 cast kernels per step more), against
+#      b64_baseline: what holding them saves;
 #   8. b1024_teacher_autotune: the teacher alone compiled in mode max-autotune-no-cudagraphs
 #      (inductor's convolution templates can apply BatchNorm, residual add and ReLU in the
 #      convolution's epilogue: the pass over every activation that folding did not remove; the
@@ -48,7 +50,7 @@
 # The parts add up to more than one call's TOTAL_S: a second call with PARTS= naming the skipped
 # ones measures the rest.
 #   OUT=/tmp/next bash tests/benchmarks/gpu_next.sh          (SMOKE=1: a CPU check of the arguments)
-#   PARTS=kdsvd_solver,b64_teacher_bf16 OUT=... bash ...    (only those parts, by name)
+#   PARTS=kdsvd_solver,b64_teacher_fp32_weights OUT=... bash ...    (only those parts, by name)
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 OUT="${OUT:-/tmp/kdbench-next}"; mkdir -p "$OUT"
@@ -93,7 +95,7 @@ part b64_fused_teacher 75 $PY "${CE[@]}" --batch-sizes $B64 --captures $G,$CG --
 part b1024_recapture 200 $PY "${CE[@]}" --batch-sizes $B1024 --captures compile,$CG --profile 30 --json "$WORK/b1024_recapture.json"
 part b1024_fused_teacher 150 $PY "${CE[@]}" --batch-sizes $B1024 --captures compile,$CG --precision bf16 --fuse-teacher --json "$WORK/b1024_fused_teacher.json"
 part lockstep_b64 90 $PY "${LS[@]}" --capture $G --separate-capture $G --streams parallel --teacher-stream ahead --batch-size $B64 --samples $NL --json "$WORK/lockstep_b64.json"
-part b64_teacher_bf16 75 $PY "${CE[@]}" --batch-sizes $B64 --captures $G,$CG --precision bf16 --teacher-bf16-weights --json "$WORK/b64_teacher_bf16.json"
+part b64_teacher_fp32_weights 75 $PY "${CE[@]}" --batch-sizes $B64 --captures $G,$CG --precision bf16 --teacher-weights fp32 --json "$WORK/b64_teacher_fp32_weights.json"
 part b1024_teacher_autotune 300 $PY "${CE[@]}" --batch-sizes $B1024 --captures compile --teacher-compile-mode $MODE --json "$WORK/b1024_teacher_autotune.json"
 part kdsvd_solver 60 $PY tests/benchmarks/kdsvd_solver.py --device $DEV --batch-size $B64 --json "$WORK/kdsvd_solver.json"
 part fits_compile_graphs 240 $PY tests/benchmarks/cifar_epoch.py --device $DEV --fits --fit-capture $CG "${FITX[@]}" --json "$WORK/fits_compile_graphs.json"

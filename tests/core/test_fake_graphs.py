@@ -356,3 +356,86 @@ def test_a_capture_that_fails_with_the_teacher_on_its_branch_is_tried_again_with
         assert graphed.tags["capture"] == "eager"
         assert "operation not permitted when stream is capturing" in graphed.tags["capture_fallback"]
         assert len(lines) == 2 and lines[1].startswith("kdbench: training steps run eagerly"), lines
+
+
+def _bf16_fit(method, teacher, capture_mode, weights, monkeypatch, seen):
+    """A bf16 run under faked graphs (or eager), the teacher's weights held as ``weights``; the dtype of
+    the weight every teacher convolution ran with goes to ``seen``."""
+    monkeypatch.setattr(engine, "TEACHER_WEIGHTS", weights)
+    plan = make_plan(RunConfig(method=method, recipe={"epochs": EPOCHS}, capture=capture_mode, precision="bf16",
+                               teachers=TEACHERS.get(method, ())), plugins.load())
+    extra = [engine.build_model(entry.obj, plan.dataset_obj, CPU, 0).eval().requires_grad_(False)
+             for entry in plan.extra_teachers]
+    nets = ([teacher] if plan.method_obj.needs_teacher else []) + extra
+    record = torch._dynamo.disable(lambda m, args: seen.append(m.weight.dtype))  # no recompile per call when compiled
+    hooks = [m.register_forward_pre_hook(record) for net in nets for m in net.modules() if isinstance(m, torch.nn.Conv1d)]
+    try:
+        setup = engine.setup_student(plan, teacher if plan.method_obj.needs_teacher else None, CPU, extra)
+        seen.clear()  # the probe's forward, before training, runs the network's own weights
+        logs = []
+        result = engine.run_student(plan, setup, CPU, logs.append, with_test=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return result, {(log.stage, log.epoch, k): v for log in logs for k, v in log.metrics.items() if "loss" in k}
+
+
+@pytest.mark.parametrize("method, mode", [("kd", "graphs"), ("at_grad", "graphs"), ("multi_teacher", "graphs"),
+                                          ("kd", "compile+graphs")])
+def test_a_bf16_captured_step_runs_the_teachers_from_bf16_weights_with_the_same_numbers(
+        teacher, fake_graphs, captured_optimizer, monkeypatch, method, mode):
+    """A bf16 run whose steps are graphs holds its frozen teachers' convolution and linear weights in
+    bf16 (what autocast casts them to): every teacher forward of training runs them — the step's, the
+    one ahead, at_grad's input gradients through the teacher, the extra teacher's, the compiled
+    teacher's (Dynamo and AOT autograd, no C++ generated) — and the run is bitwise the run that lets
+    autocast cast them at every forward. The shared teacher stays float32; eager bf16 steps keep
+    autocast's casts."""
+    if mode == "compile+graphs":
+        monkeypatch.setattr(capture, "COMPILE_OPTIONS", {"backend": "aot_eager"})
+        torch._dynamo.reset()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    held_seen, cast_seen, eager_seen = [], [], []
+    held, held_losses = _bf16_fit(method, teacher, mode, "bf16", monkeypatch, held_seen)
+    cast, cast_losses = _bf16_fit(method, teacher, mode, "fp32", monkeypatch, cast_seen)
+    eager, _ = _bf16_fit(method, teacher, "none", "bf16", monkeypatch, eager_seen)
+    assert set(held_seen) == {torch.bfloat16} and set(cast_seen) == set(eager_seen) == {torch.float32}
+    assert len(held_seen) == len(cast_seen) > 0
+    assert held.tags == {**cast.tags, "teacher_weights": "bf16"} and held.tags["capture"] == mode
+    assert "teacher_weights" not in eager.tags
+    assert held_losses == cast_losses and held.curve == cast.curve
+    for key, value in cast.state_dict.items():
+        assert torch.equal(held.state_dict[key], value), key
+    assert all(torch.equal(teacher.state_dict()[k], v) and v.dtype == before[k].dtype for k, v in before.items())
+
+
+def test_a_bf16_lockstep_group_holds_its_teachers_bf16_weights_once_with_the_same_numbers(
+        teacher, fake_graphs, captured_optimizer, monkeypatch):
+    """A lockstep group's one teacher, its weights held in bf16 once for all its members: every member
+    bitwise as in the group that lets autocast cast them; the hold ends with the group."""
+    from kdbench.core import lockstep
+
+    def group(weights):
+        monkeypatch.setattr(engine, "TEACHER_WEIGHTS", weights)
+        plans = [make_plan(RunConfig(method=method, recipe={"epochs": EPOCHS}, seed=1, capture="graphs",
+                                     precision="bf16"), plugins.load()) for method in ("kd", "at")]
+        setups = [engine.setup_student(p, teacher, CPU) for p in plans]
+        members = [lockstep.member(p, s, CPU, lambda log: None, with_test=False) for p, s in zip(plans, setups)]
+        shared = lockstep.share_teacher(setups, teacher, plans[0].teacher_obj.taps_of(teacher), "teacher")
+        made = []
+        bf16_weights = engine.bf16_weights
+        monkeypatch.setattr(engine, "bf16_weights", lambda net: made.append(net) or bf16_weights(net))
+        outcomes = lockstep.fit_group(members, shared, CPU)
+        held = shared.tapped.weights
+        shared.tapped.remove()
+        assert shared.tapped.weights is None
+        return outcomes, made, held
+
+    held, made, weights = group("bf16")
+    cast, none_made, none_held = group("fp32")
+    assert made == [teacher] and {t.dtype for t in weights.values()} == {torch.bfloat16}
+    assert none_made == [] and none_held is None
+    for a, b in zip(held, cast):
+        assert a.error is None and b.error is None
+        assert a.result.tags == {**b.result.tags, "teacher_weights": "bf16"}
+        assert a.result.curve == b.result.curve
+        assert all(torch.equal(a.result.state_dict[k], v) for k, v in b.result.state_dict.items())

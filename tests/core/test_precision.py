@@ -191,3 +191,53 @@ def test_a_suite_with_an_unknown_precision_is_one_line(tmp_path):
     path.write_text(SUITE.format(precision='precision = "fp16"'))
     with pytest.raises(KdbenchError, match=r"^leaderboard tiny.toml: unknown precision 'fp16'; choose one of: bf16, fp32$"):
         load_suite(str(path), plugins.load())
+
+
+class _Standardised(torch.nn.Conv2d):
+    """Weight standardisation: the weight goes through float32 arithmetic before the convolution."""
+
+    def _conv_forward(self, x, weight, bias):
+        mean = weight.mean(dim=(1, 2, 3), keepdim=True)
+        return super()._conv_forward(x, (weight - mean) / (weight.std(dim=(1, 2, 3), keepdim=True) + 1e-5), bias)
+
+
+def test_bf16_weights_give_autocasts_outputs_bitwise_with_no_cast_per_layer():
+    """The CIFAR teacher of the GPU benchmarks (resnet32x4) under CPU bf16 autocast: logits and taps
+    bitwise the same from its bf16-held weights, and every weight cast gone (what is left is the
+    input's); layers that use their weight otherwise keep it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kdbench.core.taps import Tapped
+
+    class Casts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Casts.count += func is torch.ops.aten._to_copy.default
+            return func(*args, **(kwargs or {}))
+
+    model = plugins.load().models["resnet32x4"].obj
+    torch.manual_seed(0)
+    net = model.make(100, (3, 32, 32)).eval().requires_grad_(False)
+    convs = [m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    weights = precision.bf16_weights(net)
+    assert len(weights) == len(convs) + 1  # every weight, and the classifier's bias (the convolutions have none)
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in net.parameters())  # the network itself is left as it is
+    tapped = Tapped(net, model.taps_of(net), ["stage1", "stage3", "pool"], "teacher")
+    x = torch.randn(4, 3, 32, 32)
+    outs = []
+    for held in (None, weights):
+        tapped.use_weights(held)
+        Casts.count = 0
+        with torch.no_grad(), precision.autocast(CPU, "bf16", cache=False), Casts():
+            outs.append(tapped(x))
+        outs[-1].casts = Casts.count
+    plain, held = outs
+    assert (plain.casts, held.casts) == (len(weights) + 1, 1)
+    assert torch.equal(plain.logits, held.logits) and plain.logits.dtype == torch.bfloat16
+    assert all(torch.equal(plain.feats[k], held.feats[k]) for k in plain.feats)
+
+    odd = torch.nn.Sequential(_Standardised(3, 4, 3), torch.nn.utils.parametrizations.weight_norm(torch.nn.Conv2d(4, 4, 1)),
+                              torch.nn.Conv2d(4, 4, 1))
+    assert set(precision.bf16_weights(odd)) == {"2.weight", "2.bias"}
