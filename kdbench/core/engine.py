@@ -223,6 +223,11 @@ class Trainee:
     method_name: str = ""
     capture_state: capturing.CaptureState | None = None  # set by the first stage trained
 
+    @property
+    def frozen(self) -> list[Tapped]:
+        """The frozen teachers: the teacher (when there is one) first, then the extra teachers."""
+        return ([self.teacher] if self.teacher is not None else []) + list(self.teachers)
+
 
 def stage_optimizer(trainee: Trainee, stage: Stage, recipe: Recipe,
                      device_lr: torch.device | None = None) -> torch.optim.Optimizer:
@@ -449,8 +454,7 @@ def run_capture_state(trainee: Trainee, device: torch.device) -> capturing.Captu
     if trainee.capture_state is None:
         trainee.capture_state = capturing.start(trainee.capture, device, trainee.capturable, trainee.method_name)
         capturing.compile_networks(trainee.capture_state, [trainee.student.model],
-                                   frozen=[trainee.teacher.model if trainee.teacher else None,
-                                           *(t.model for t in trainee.teachers)])
+                                   frozen=[t.model for t in trainee.frozen])
         hold_teacher_weights(trainee, trainee.capture_state, resolve_precision(trainee.precision, device))
     return trainee.capture_state
 
@@ -459,10 +463,9 @@ def hold_teacher_weights(trainee: Trainee, state: capturing.CaptureState, precis
     """The frozen teachers' convolution and linear weights held in bf16 (:data:`TEACHER_WEIGHTS`)
     for a bf16 run whose steps are replayed as CUDA graphs, where a cast per layer is a kernel
     replayed at every step; eager steps (launch-bound on the host) keep autocast's casts."""
-    frozen = [t for t in (trainee.teacher, *trainee.teachers) if t is not None]
-    if not (frozen and state.graphs and precision == "bf16" and TEACHER_WEIGHTS == "bf16"):
+    if not (trainee.frozen and state.graphs and precision == "bf16" and TEACHER_WEIGHTS == "bf16"):
         return
-    for tapped in frozen:
+    for tapped in trainee.frozen:
         if tapped.weights is None:  # a lockstep group's teacher is held once, for all its members
             tapped.use_weights(bf16_weights(tapped.model))
     state.teacher_weights = "bf16"
@@ -485,8 +488,8 @@ class StageStep:
         self.branch = teacher_branch(trainee, state, device) if teacher_beside else None
         self.ahead = None
         if self.branch is not None and state.teacher_stream == "ahead":
-            nets = ([trainee.teacher] if trainee.teacher is not None else []) + list(trainee.teachers)
-            self.ahead = TeacherAhead(nets, self.branch, device, precision, has_teacher=trainee.teacher is not None)
+            self.ahead = TeacherAhead(trainee.frozen, self.branch, device, precision,
+                                      has_teacher=trainee.teacher is not None)
 
     def eager(self, epoch: int, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None,
               to_none: bool = True):

@@ -13,9 +13,10 @@
 #      (the H100 run's order); then compile+graphs (ahead): lockstep's members on parallel
 #      branches gained 1.59x -> 2.29x at this batch, and the teacher is half of a KD step's kernels;
 #   2. teacher_forward: the teacher's forward alone at 64 and 1024, eager and replayed from a
-#      graph, with autocast's weight casts and with its weights held in bf16 (as a bf16 run's graphs
-#      now hold them), and with each teacher experiment below (folded BatchNorm, fused convolutions): the teacher's share of a step and what each experiment
-#      saves of it, in 20 s, before the step-time parts that say the same at the step's scale;
+#      graph, with autocast's weight casts, with its weights held in bf16 (as a bf16 run's graphs
+#      now hold them), and with each teacher experiment below (folded BatchNorm, fused
+#      convolutions): the teacher's share of a step and what each experiment saves of it, in 20 s,
+#      before the step-time parts that say the same at the step's scale;
 #   3. b64_fused_teacher: graphs and compile+graphs (teacher ahead), with the teacher's convolutions fused
 #      with their BatchNorm, ReLU and residual add, one cuDNN conv-bias-add-ReLU call each
 #      (teacher_fusion.py: 42 kernels per teacher forward instead of about 153, each activation

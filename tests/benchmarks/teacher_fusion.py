@@ -193,8 +193,8 @@ def time_forward(net: nn.Module, x: torch.Tensor, precision: str, graphed: bool,
 
 def main() -> None:
     """ms per teacher forward at each batch size: with autocast's weight casts, with its weights
-    held in bf16 (as a bf16 run's captured steps run it), with the BatchNorm folded, fused; eager and (CUDA) replayed from a graph. The fused teacher's
-    distance to the plain one is printed too."""
+    held in bf16 (as a bf16 run's captured steps run it), with the BatchNorm folded, fused; eager
+    and (CUDA) replayed from a graph. The fused teacher's distance to the plain one is printed too."""
     import argparse
     import json
 

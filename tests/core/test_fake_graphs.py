@@ -368,7 +368,8 @@ def _bf16_fit(method, teacher, capture_mode, weights, monkeypatch, seen):
              for entry in plan.extra_teachers]
     nets = ([teacher] if plan.method_obj.needs_teacher else []) + extra
     record = torch._dynamo.disable(lambda m, args: seen.append(m.weight.dtype))  # no recompile per call when compiled
-    hooks = [m.register_forward_pre_hook(record) for net in nets for m in net.modules() if isinstance(m, torch.nn.Conv1d)]
+    hooks = [m.register_forward_pre_hook(record)
+             for net in nets for m in net.modules() if isinstance(m, torch.nn.Conv1d)]
     try:
         setup = engine.setup_student(plan, teacher if plan.method_obj.needs_teacher else None, CPU, extra)
         seen.clear()  # the probe's forward, before training, runs the network's own weights

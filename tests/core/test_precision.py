@@ -238,6 +238,7 @@ def test_bf16_weights_give_autocasts_outputs_bitwise_with_no_cast_per_layer():
     assert torch.equal(plain.logits, held.logits) and plain.logits.dtype == torch.bfloat16
     assert all(torch.equal(plain.feats[k], held.feats[k]) for k in plain.feats)
 
-    odd = torch.nn.Sequential(_Standardised(3, 4, 3), torch.nn.utils.parametrizations.weight_norm(torch.nn.Conv2d(4, 4, 1)),
+    odd = torch.nn.Sequential(_Standardised(3, 4, 3),
+                              torch.nn.utils.parametrizations.weight_norm(torch.nn.Conv2d(4, 4, 1)),
                               torch.nn.Conv2d(4, 4, 1))
     assert set(precision.bf16_weights(odd)) == {"2.weight", "2.bias"}
