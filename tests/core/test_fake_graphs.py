@@ -131,15 +131,27 @@ HPARAMS = {"dkd": {"warmup": 240}}
 TEACHERS = {"multi_teacher": ("cnn1d_2x8",)}
 
 
-def fit(method, teacher, capture_mode):
-    plan = make_plan(RunConfig(method=method, recipe={"epochs": EPOCHS}, capture=capture_mode,
+def fit(method, teacher, capture_mode, precision=None, seen=None):
+    """A run's result and logged losses; ``seen`` (a list): the dtype of the weight every teacher
+    convolution ran with during training goes there."""
+    plan = make_plan(RunConfig(method=method, recipe={"epochs": EPOCHS}, capture=capture_mode, precision=precision,
                                hparams=HPARAMS.get(method, {}), teachers=TEACHERS.get(method, ())), plugins.load())
     extra = [engine.build_model(entry.obj, plan.dataset_obj, CPU, 0).eval().requires_grad_(False)
              for entry in plan.extra_teachers]
-    setup = engine.setup_student(plan, teacher if plan.method_obj.needs_teacher else None, CPU, extra)
-    assert len(setup.trainee.teachers) == len(TEACHERS.get(method, ()))
-    logs = []
-    result = engine.run_student(plan, setup, CPU, logs.append, with_test=False)
+    nets = ([teacher] if plan.method_obj.needs_teacher else []) + extra if seen is not None else []
+    record = torch._dynamo.disable(lambda m, args: seen.append(m.weight.dtype))  # no recompile per call when compiled
+    hooks = [m.register_forward_pre_hook(record)
+             for net in nets for m in net.modules() if isinstance(m, torch.nn.Conv1d)]
+    try:
+        setup = engine.setup_student(plan, teacher if plan.method_obj.needs_teacher else None, CPU, extra)
+        assert len(setup.trainee.teachers) == len(TEACHERS.get(method, ()))
+        if seen is not None:
+            seen.clear()  # the probe's forward, before training, runs the network's own weights
+        logs = []
+        result = engine.run_student(plan, setup, CPU, logs.append, with_test=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
     losses = {(log.stage, log.epoch, k): v for log in logs for k, v in log.metrics.items() if "loss" in k}
     return result, losses
 
@@ -359,26 +371,9 @@ def test_a_capture_that_fails_with_the_teacher_on_its_branch_is_tried_again_with
 
 
 def _bf16_fit(method, teacher, capture_mode, weights, monkeypatch, seen):
-    """A bf16 run under faked graphs (or eager), the teacher's weights held as ``weights``; the dtype of
-    the weight every teacher convolution ran with goes to ``seen``."""
+    """A bf16 run under faked graphs (or eager), the teacher's weights held as ``weights``."""
     monkeypatch.setattr(engine, "TEACHER_WEIGHTS", weights)
-    plan = make_plan(RunConfig(method=method, recipe={"epochs": EPOCHS}, capture=capture_mode, precision="bf16",
-                               teachers=TEACHERS.get(method, ())), plugins.load())
-    extra = [engine.build_model(entry.obj, plan.dataset_obj, CPU, 0).eval().requires_grad_(False)
-             for entry in plan.extra_teachers]
-    nets = ([teacher] if plan.method_obj.needs_teacher else []) + extra
-    record = torch._dynamo.disable(lambda m, args: seen.append(m.weight.dtype))  # no recompile per call when compiled
-    hooks = [m.register_forward_pre_hook(record)
-             for net in nets for m in net.modules() if isinstance(m, torch.nn.Conv1d)]
-    try:
-        setup = engine.setup_student(plan, teacher if plan.method_obj.needs_teacher else None, CPU, extra)
-        seen.clear()  # the probe's forward, before training, runs the network's own weights
-        logs = []
-        result = engine.run_student(plan, setup, CPU, logs.append, with_test=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return result, {(log.stage, log.epoch, k): v for log in logs for k, v in log.metrics.items() if "loss" in k}
+    return fit(method, teacher, capture_mode, precision="bf16", seen=seen)
 
 
 @pytest.mark.parametrize("method, mode", [("kd", "graphs"), ("at_grad", "graphs"), ("multi_teacher", "graphs"),
