@@ -34,6 +34,10 @@ def leaderboard_cmd(name, dataset, fmt, output, no_summary, tracking_uri):
     metric = suite.metric if suite else "test_top1"
     tables = aggregate(runs_frame(runs), metric, suite.published if suite else None)
     if not tables:
+        if dataset and not name:
+            known = ", ".join(sorted(tracker.experiments())) or "none yet"
+            raise KdbenchError(f"no finished student runs of dataset {dataset!r} in {tracker.uri} "
+                               f"(datasets recorded there: {known})")
         hint = f"`kdbench bench {name}`" if name else "`kdbench run`"
         raise KdbenchError(f"no finished student runs in {tracker.uri}; run {hint} first")
     log_summary = suite is not None and not no_summary

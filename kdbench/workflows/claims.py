@@ -20,6 +20,7 @@ in, PostgreSQL through SQLAlchemy (which MLflow brings).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import socket
@@ -138,11 +139,39 @@ def end_owned_runs(reason: str) -> None:
 # --------------------------------------------------------------------------- dead runs
 
 
+SEARCH_PAGE = 5000  # results per MLflow search call (its servers cap a page at 50,000)
+
+
+def all_pages(fetch, key, limit: int | None = None) -> list:
+    """What a paged MLflow search (``fetch(max_results=, page_token=)``) finds: all of it, or the
+    first ``limit``. One call returns one page, so the pages are followed to the end. An item
+    added while they are read can push an older one onto the next page, where it would come a
+    second time: each is kept once (by ``key``)."""
+    found, seen, token = [], set(), None
+    while limit is None or len(found) < limit:
+        want = SEARCH_PAGE if limit is None else min(SEARCH_PAGE, limit - len(found))
+        page = fetch(max_results=want, page_token=token)
+        for item in page:
+            if key(item) not in seen:
+                seen.add(key(item))
+                found.append(item)
+        token = page.token
+        if not token:
+            break
+    return found if limit is None else found[:limit]
+
+
+def search_runs(client, experiment_ids: list[str], filter_string: str = "", limit: int | None = None) -> list:
+    """The runs matching ``filter_string``, newest first: all of them, or the newest ``limit``."""
+    return all_pages(functools.partial(client.search_runs, experiment_ids, filter_string),
+                     key=lambda run: run.info.run_id, limit=limit)
+
+
 def reap(client, experiment_ids: list[str]) -> list[str]:
     """Mark the RUNNING runs of dead processes KILLED (trials: ``trial_state=FAILED``); their ids."""
     if not experiment_ids:
         return []
-    runs = client.search_runs(experiment_ids, "attributes.status = 'RUNNING'", max_results=5000)
+    runs = search_runs(client, experiment_ids, "attributes.status = 'RUNNING'")
     now, dead = time.time(), []
     for run in runs:
         if owner_alive(run.data.tags, now) is False:

@@ -6,6 +6,7 @@ run can be finished as FAILED with its reason whatever happened in between.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import logging
 import os
@@ -285,18 +286,27 @@ class Tracker:
             self.set_tags(run_id, {"failure_reason": reason[:4000]})
         self.client.set_terminated(run_id, status=status)
 
-    def search(self, dataset: str | None, filter_string: str = "", max_results: int = 5000):
-        """Runs of one dataset's experiment (or all kdbench experiments) as MLflow Run objects."""
+    def experiments(self) -> dict[str, str]:
+        """Dataset name -> experiment id of every kdbench experiment in the store (other tools'
+        experiments in a shared store are left out)."""
+        found = claims.all_pages(functools.partial(self.client.search_experiments,
+                                                   filter_string=f"name LIKE '{EXPERIMENT_PREFIX}%'"),
+                                 key=lambda e: e.experiment_id)
+        return {e.name.removeprefix(EXPERIMENT_PREFIX): e.experiment_id for e in found
+                if e.name.startswith(EXPERIMENT_PREFIX)}
+
+    def search(self, dataset: str | None, filter_string: str = "", max_results: int | None = None):
+        """Runs of one dataset's experiment (or all kdbench experiments) as MLflow Run objects: all
+        of them, newest first, or the newest ``max_results``."""
         if dataset is None:
-            exps = [e.experiment_id for e in self.client.search_experiments()
-                    if e.name.startswith(EXPERIMENT_PREFIX)]
+            exps = list(self.experiments().values())
         else:
             exp = self.client.get_experiment_by_name(EXPERIMENT_PREFIX + dataset)
             exps = [exp.experiment_id] if exp else []
         if not exps:
             return []
         self.reap(exps)
-        return self.client.search_runs(exps, filter_string=filter_string, max_results=max_results)
+        return claims.search_runs(self.client, exps, filter_string, limit=max_results)
 
     def run_exists(self, run_id: str) -> bool:
         try:

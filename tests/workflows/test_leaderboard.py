@@ -134,6 +134,11 @@ def test_formats_parse(store, tmp_path):
     assert list(csv.method) == ["kd", "at", "fitnets", "vanilla"]
     assert csv.top1_mean.iloc[0] == pytest.approx(0.80) and csv.gap_closed.iloc[0] == pytest.approx(0.09 / 0.19)
 
+    wrong = CliRunner().invoke(main, ["leaderboard", "--dataset", "mnist1d-typo"])
+    assert wrong.exit_code == 1 and wrong.output.strip().splitlines() == [
+        f"error: no finished student runs of dataset 'mnist1d-typo' in {store} "
+        "(datasets recorded there: mnist1d)"]
+
     out = tmp_path / "board.html"
     _invoke("leaderboard", "--format", "html", "-o", str(out))
     html = out.read_text()
@@ -159,3 +164,53 @@ def test_lockstep_train_time_is_marked_as_a_share(env):
     assert "11.0 ‡" in text and "‡ trained in lockstep" in text and "‡ trained in lockstep" in md
     alone = aggregate(runs_frame(Tracker(uri).search("mnist1d", "tags.method = 'vanilla'")))
     assert "‡" not in to_text(alone)  # no lockstep run, no marker and no legend line
+
+
+def test_every_run_counts_however_many_pages_the_store_returns(store, monkeypatch):
+    """MLflow returns one page of runs a call; a leaderboard (and a suite's resumption, and the
+    reaper) of more runs than a page must still see them all, not silently the newest page."""
+    from kdbench.workflows import claims
+    from kdbench.workflows.tracking import Tracker
+
+    client = MlflowClient(store)
+    other = client.create_experiment("kdbench/other")  # a second kdbench experiment, seen without --dataset
+    for name in ("team-a", "team-b", "team-c"):  # other tools' experiments in a shared store
+        client.create_experiment(name)
+    run = client.create_run(other, run_name="vanilla-s0")
+    client.log_batch(run.info.run_id, tags=[RunTag("role", "student"), RunTag("dataset", "other")],
+                     metrics=[Metric("test_top1", 0.5, 0, 0)])
+    client.set_terminated(run.info.run_id)
+
+    monkeypatch.setattr(claims, "SEARCH_PAGE", 5)  # 12 runs in mnist1d: three pages
+    tracker = Tracker(store)
+    runs = tracker.search("mnist1d", "attributes.status = 'FINISHED'")
+    assert len(runs) == len({r.info.run_id for r in runs}) == 12
+    assert len(tracker.search(None, "attributes.status = 'FINISHED'")) == 13  # both kdbench experiments
+    newest = tracker.search("mnist1d", max_results=7)
+    assert [r.info.run_id for r in newest] == [r.info.run_id for r in runs[:7]]
+    monkeypatch.setattr(claims, "SEARCH_PAGE", 2)  # experiments in pages of 2 too
+    assert len(tracker.search(None)) == 13
+
+    (table,) = aggregate(runs_frame(runs)).values()
+    assert dict(zip(table.method, table.runs)) == {"kd": 3, "at": 3, "fitnets": 3, "vanilla": 3}
+
+
+def test_a_run_pushed_onto_the_next_page_comes_once(monkeypatch):
+    from kdbench.workflows import claims
+    from kdbench.workflows.claims import all_pages
+
+    monkeypatch.setattr(claims, "SEARCH_PAGE", 2)
+
+    class Page(list):
+        def __init__(self, items, token):
+            super().__init__(items)
+            self.token = token
+
+    pages = {None: Page(["d", "c"], "1"), "1": Page(["c", "b"], "2"), "2": Page(["a"], None)}  # "e" started: c moved
+
+    def fetch(max_results, page_token):
+        assert max_results <= 2
+        return pages[page_token]
+
+    assert all_pages(fetch, key=str) == ["d", "c", "b", "a"]
+    assert all_pages(fetch, key=str, limit=3) == ["d", "c", "b"]
