@@ -81,20 +81,27 @@ def test_killed_worker_resumes_without_counting_the_killed_trial(env):
         assert dead.info.status == "KILLED" and dead.data.tags["trial_state"] == "FAILED"
 
 
-def _postgres_url():
+@pytest.fixture(scope="module")
+def postgres_url():
+    """The URL of CI's PostgreSQL, or of one started here when none is on record, stopped again
+    after this module's tests: run by hand, they leave no server behind."""
     if PG_URL_FILE.exists():
-        return PG_URL_FILE.read_text().strip()
+        yield PG_URL_FILE.read_text().strip()
+        return
     script = ROOT / ".ci" / "services.d" / "postgres.sh"
     if not any(Path("/usr/lib/postgresql").glob("*/bin/initdb")):
         pytest.skip("no PostgreSQL installed (run .ci/services.d/postgres.sh as root)")
     out = subprocess.run(["bash", str(script)], capture_output=True, text=True)
-    if out.returncode != 0 or not PG_URL_FILE.exists():
-        pytest.skip(f"PostgreSQL could not be started: {out.stderr.strip()[-300:]}")
-    return PG_URL_FILE.read_text().strip()
+    try:
+        if out.returncode != 0 or not PG_URL_FILE.exists():
+            pytest.skip(f"PostgreSQL could not be started: {out.stderr.strip()[-300:]}")
+        yield PG_URL_FILE.read_text().strip()
+    finally:
+        subprocess.run(["bash", str(script), "stop"], capture_output=True, text=True)
 
 
-def test_two_workers_share_a_postgres_study(env):
-    url = _postgres_url()
+def test_two_workers_share_a_postgres_study(env, postgres_url):
+    url = postgres_url
     pytest.importorskip("psycopg2", reason="psycopg2-binary (the test extra) is needed for PostgreSQL")
     try:
         optuna.study.get_all_study_names(studies.open_storage(url))
