@@ -136,7 +136,7 @@ def end_owned_runs(reason: str) -> None:
         HEARTBEAT.remove(run_id)
 
 
-# --------------------------------------------------------------------------- dead runs
+# --------------------------------------------------------------------------- searches
 
 
 SEARCH_PAGE = 5000  # results per MLflow search call (its servers cap a page at 50,000)
@@ -158,13 +158,16 @@ def all_pages(fetch, key, limit: int | None = None) -> list:
         token = page.token
         if not token:
             break
-    return found if limit is None else found[:limit]
+    return found
 
 
 def search_runs(client, experiment_ids: list[str], filter_string: str = "", limit: int | None = None) -> list:
     """The runs matching ``filter_string``, newest first: all of them, or the newest ``limit``."""
     return all_pages(functools.partial(client.search_runs, experiment_ids, filter_string),
                      key=lambda run: run.info.run_id, limit=limit)
+
+
+# --------------------------------------------------------------------------- dead runs
 
 
 def reap(client, experiment_ids: list[str]) -> list[str]:
