@@ -214,3 +214,33 @@ def test_a_run_pushed_onto_the_next_page_comes_once(monkeypatch):
 
     assert all_pages(fetch, key=str) == ["d", "c", "b", "a"]
     assert all_pages(fetch, key=str, limit=3) == ["d", "c", "b"]
+
+
+def test_histories_are_each_runs_own_curve_read_concurrently(store, monkeypatch):
+    """The curves come from HISTORY_READERS threads at once (a leaderboard on a tracking server waits
+    on one request per run): each run still gets its own points, in order, once."""
+    import threading
+
+    from kdbench.workflows import leaderboard
+    from kdbench.workflows.tracking import Tracker
+
+    tracker = Tracker(store)
+    runs = tracker.search("mnist1d", "attributes.status = 'FINISHED'")
+    ids = [run.info.run_id for run in runs]
+    client = MlflowClient(store)
+    empty = client.create_run(runs[0].info.experiment_id).info.run_id  # no val_top1 logged
+    threads, reads = set(), []
+    original = tracker.client.get_metric_history
+
+    def spy(run_id, key):
+        threads.add(threading.get_ident())
+        reads.append(run_id)
+        return original(run_id, key)
+
+    monkeypatch.setattr(tracker.client, "get_metric_history", spy)
+    got = leaderboard.histories(tracker, ids + [empty] + ids[:3])
+    assert list(got) == ids + [empty] and sorted(reads) == sorted(ids + [empty])
+    by_id = {run.info.run_id: run.data.metrics["test_top1"] for run in runs}
+    for run_id in ids:
+        assert got[run_id] == [(e, pytest.approx(by_id[run_id] * e / 3)) for e in (1, 2, 3)]
+    assert got[empty] == [] and len(threads) > 1 and threading.get_ident() not in threads
