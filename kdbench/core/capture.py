@@ -11,8 +11,9 @@ Three modes (``RunConfig.capture``, ``--capture``):
   backward, optimizer step) is captured once per stage with ``torch.cuda.graph`` on static
   input buffers and replayed for every full batch. What makes that valid (the pitfalls the H100
   probe found): the optimizer is fused with its learning rate in a device tensor (the schedule
-  writes into it, so nothing is recaptured for it), gradients are zeroed with
-  ``set_to_none=False`` (their buffers stay put), autocast runs with ``cache_enabled=False``, a
+  writes into it, so nothing is recaptured for it), gradients are set to None before the
+  backward (the capture allocates them in the graph's pool, and each replay writes them there: no
+  zeroing, no accumulation kernels), autocast runs with ``cache_enabled=False``, a
   few eager warm-up steps on a side stream precede the first capture (lazy optimizer state,
   cuDNN autotuning), the outputs (loss terms, logits) are consumed before the next replay, and
   a batch of another shape (the last, partial one) runs eagerly. A method's loss may read
@@ -327,7 +328,7 @@ def watching_epoch() -> Iterator[list[bool]]:
 class GraphedSteps:
     """A stage's training step replayed as a CUDA graph.
 
-    ``step(epoch, x, y, index, zero_to_none)`` runs one eager step (forward, loss, backward,
+    ``step(epoch, x, y, index)`` runs one eager step (forward, loss, backward,
     optimizer, and whatever the caller accumulates on the device) and returns its outputs. The first full batches of the
     stage run eagerly (:data:`WARMUP_STEPS`, on a side stream); then the step is captured on
     static copies of the batch and replayed. A batch of another shape runs eagerly. The graph is
@@ -350,10 +351,10 @@ class GraphedSteps:
         if self.shape is None:
             self.shape = tuple(x.shape)
         if tuple(x.shape) != self.shape:
-            return self.step(epoch, x, y, index, False)
+            return self.step(epoch, x, y, index)
         if self.warm < WARMUP_STEPS:
             self.warm += 1
-            return on_side_stream(self.device, lambda: self.step(epoch, x, y, index, False))
+            return on_side_stream(self.device, lambda: self.step(epoch, x, y, index))
         if self.graph is None or (epoch != self.epoch and self.reads_epoch):
             self._capture(epoch, x, y, index)
         sx, sy, si = self.static
@@ -374,7 +375,7 @@ class GraphedSteps:
         graph = torch.cuda.CUDAGraph()
         try:
             with watching_epoch() as seen, torch.cuda.graph(graph):
-                out = self.step(epoch, *self.static, False)
+                out = self.step(epoch, *self.static)
         except BaseException:
             self.capture_failed = True
             raise

@@ -491,25 +491,30 @@ class StageStep:
             self.ahead = TeacherAhead(trainee.frozen, self.branch, device, precision,
                                       has_teacher=trainee.teacher is not None)
 
-    def eager(self, epoch: int, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None,
-              to_none: bool = True):
-        """Forward, loss, backward and optimizer step; the student's logits and the loss terms."""
+    def eager(self, epoch: int, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None):
+        """Forward, loss, backward and optimizer step; the student's logits and the loss terms.
+
+        The gradients are set to None, not zeroed, on every path: the backward then writes each
+        parameter's gradient as a new tensor instead of adding it into a zeroed one — in a captured
+        step, into the graph's private memory pool at its capture, the same buffers at every replay,
+        with no zeroing kernels and no accumulation kernel per parameter (PyTorch's whole-network
+        capture pattern); and a parameter the step's loss does not reach is skipped by the
+        optimizer, as eagerly, instead of taking a momentum and weight-decay step on a zero gradient."""
         graphs = self.graphed is not None
         ahead = self.ahead if graphs else None
         student, terms, loss = _batch_loss(self.trainee, self.stage, epoch, self.epochs, x, y, index,
                                            self.device, self.precision, cache=not graphs,
                                            branch=self.branch if graphs else None, ahead=ahead)
-        self.opt.zero_grad(set_to_none=to_none and not graphs)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         if ahead is not None:
             ahead.land()
         return student.logits, terms
 
-    def counted(self, epoch: int, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None,
-                to_none: bool = True):
+    def counted(self, epoch: int, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None):
         """:meth:`eager`, then the batch added to the totals on the device (what is captured)."""
-        logits, terms = self.eager(epoch, x, y, index, to_none)
+        logits, terms = self.eager(epoch, x, y, index)
         self.totals.accumulate(terms, logits, y)
         return logits, terms
 

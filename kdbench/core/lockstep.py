@@ -337,16 +337,16 @@ class _GroupGraph:
             with self.branch.fork() if self.branch is not None else contextlib.nullcontext():
                 self.group.outputs(x)
 
-    def _step(self, epoch: int, x, y, index, _to_none: bool = False):
+    def _step(self, epoch: int, x, y, index):
         self.group.start_batch(x)
         if not self.streams:
             for run in self.runs.values():
-                run.step.counted(epoch, x, y, index, False)
+                run.step.counted(epoch, x, y, index)
             return
         self._teacher(x)
         for i, run in self.runs.items():
             with self.streams[i].fork():
-                run.step.counted(epoch, x, y, index, False)
+                run.step.counted(epoch, x, y, index)
         for i in self.runs:
             self.streams[i].join()
         if self.ahead is not None:  # every member done with this batch's outputs: the next batch's in their place

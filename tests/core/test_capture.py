@@ -351,7 +351,7 @@ def test_a_graphed_step_is_captured_again_at_a_new_epoch_only_if_it_read_the_epo
     class FakeGraph:
         def replay(self):
             steps = live["steps"]
-            steps.step(steps.epoch, *steps.static, False)
+            steps.step(steps.epoch, *steps.static)
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
     monkeypatch.setattr(torch.cuda, "graph", lambda graph: contextlib.nullcontext())
@@ -361,7 +361,7 @@ def test_a_graphed_step_is_captured_again_at_a_new_epoch_only_if_it_read_the_epo
     def trained(read):
         used = []
 
-        def step(epoch, x, y, index, to_none):
+        def step(epoch, x, y, index):
             made = capture.step_class()(x=x, y=y, student=None, teacher=None, hp=SimpleNamespace(),
                                         modules=None, epoch=epoch, epochs=3, stage="main")
             used.append((epoch, read(made)))

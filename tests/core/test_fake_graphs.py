@@ -52,7 +52,7 @@ class RecordingSteps(capture.GraphedSteps):
 
     def _capture(self, epoch, x, y, index):
         super()._capture(epoch, x, y, index)
-        self.graph.rerun = lambda: self.step(epoch, *self.static, False)
+        self.graph.rerun = lambda: self.step(epoch, *self.static)
         self.graph.out = self.out
 
 
@@ -435,3 +435,42 @@ def test_a_bf16_lockstep_group_holds_its_teachers_bf16_weights_once_with_the_sam
         assert a.result.tags == {**b.result.tags, "teacher_weights": "bf16"}
         assert a.result.curve == b.result.curve
         assert all(torch.equal(a.result.state_dict[k], v) for k, v in b.result.state_dict.items())
+
+
+def test_a_replayed_step_writes_the_gradients_instead_of_zeroing_and_adding_into_them(teacher, fake_graphs,
+                                                                                     captured_optimizer, monkeypatch):
+    """The step sets the gradients to None before its backward, so a replay runs no zeroing kernel
+    and no accumulation kernel per parameter: each gradient is written where the capture put it
+    (in a real graph, its private pool). Checked on what each faked replay runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    plan = make_plan(RunConfig(method="kd", recipe={"epochs": 1}, capture="graphs"), plugins.load())
+    setup = engine.setup_student(plan, teacher, CPU)
+    params = list(setup.trainee.student.model.parameters())
+    zeroed, added, replays = [], [], []
+
+    class Writes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in ("zero_", "_foreach_zero_", "fill_", "_foreach_fill_"):
+                zeroed.append(name)
+            elif name in ("add_", "_foreach_add_"):
+                targets = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]
+                added.extend(t.data_ptr() for t in targets)
+            return func(*args, **(kwargs or {}))
+
+    replay = FakeGraph.replay
+
+    def watched(graph):
+        if graph.ran:  # the capture's own step, already run
+            return replay(graph)
+        before = len(added)
+        with Writes():
+            replay(graph)
+        grads = {p.grad.data_ptr() for p in params if p.grad is not None}
+        replays.append((len(grads), grads & set(added[before:])))
+
+    monkeypatch.setattr(FakeGraph, "replay", watched)
+    engine.run_student(plan, setup, CPU, lambda log: None, with_test=False)
+    assert len(replays) > 5 and all(count == len(params) for count, _ in replays), replays
+    assert zeroed == [] and all(not into for _, into in replays), (zeroed, replays[:2])
