@@ -244,3 +244,32 @@ def test_histories_are_each_runs_own_curve_read_concurrently(store, monkeypatch)
     for run_id in ids:
         assert got[run_id] == [(e, pytest.approx(by_id[run_id] * e / 3)) for e in (1, 2, 3)]
     assert got[empty] == [] and len(threads) > 1 and threading.get_ident() not in threads
+
+
+def test_ctrl_c_while_histories_are_read_stops_the_queued_reads():
+    """A Ctrl-C while the curves are read ends the reading within the reads under way: the queued
+    ones (thousands on a big store) are cancelled, not waited for."""
+    import os
+    import signal
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from kdbench.workflows import leaderboard
+
+    started, at_ctrl_c = [], []
+
+    def get_metric_history(run_id, key):
+        started.append(run_id)
+        if len(started) == 1:  # Ctrl-C once every read is queued and the main thread waits for them
+            time.sleep(0.3)
+            at_ctrl_c.append(len(started))
+            os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.02)
+        return []
+
+    assert threading.current_thread() is threading.main_thread()
+    tracker = SimpleNamespace(client=SimpleNamespace(get_metric_history=get_metric_history))
+    with pytest.raises(KeyboardInterrupt):
+        leaderboard.histories(tracker, [f"run{i}" for i in range(2000)])
+    assert len(started) - at_ctrl_c[0] < 200, (at_ctrl_c, len(started))  # not the 2,000 − (reads before it)
