@@ -241,6 +241,21 @@ def test_suite_survives_a_killed_ray_worker(cluster, tmp_path):
     assert rerun.returncode == 0 and "6 already finished, 0 to run" in out, out
     assert len(client.search_runs([exp], "tags.leaderboard = 'dist' AND tags.role = 'student'")) == len(runs)
 
+    # its leaderboard from the tracking server: the curves read over REST, several runs at once,
+    # each run's own (as one request per run gives them)
+    from kdbench.workflows import leaderboard
+    from kdbench.workflows.tracking import Tracker
+
+    ids = [r.info.run_id for r in runs if r.info.status == "FINISHED"]
+    curves = leaderboard.histories(Tracker(cluster["tracking"]), ids)
+    assert curves == {i: [(m.step, m.value) for m in client.get_metric_history(i, "val_top1")] for i in ids}
+    assert all(len(curve) == 6 for curve in curves.values())  # 6 epochs each
+    board = kdbench(cluster, "leaderboard", "dist.toml", "--format", "html", "-o", "board.html",
+                    "--tracking-uri", cluster["tracking"], cwd=tmp_path)
+    out, _ = board.communicate(timeout=120)
+    assert board.returncode == 0, out
+    assert (tmp_path / "board.html").read_text().count("<img alt=") == 3  # bars, validation curves, Pareto
+
 
 def test_a_local_store_is_refused_on_two_nodes(cluster, tmp_path):
     (tmp_path / "dist.toml").write_text(SUITE)
