@@ -540,8 +540,8 @@ def render(fmt: str, tables, metric="test_top1", suite=None, images=None, title=
 
 
 #: histories read at once: MLflow reads one run's history per request, so a suite's leaderboard
-#: on a tracking server (3,000 runs for cifar100-repdistiller's 1,014 cells over 3 seeds) waits on
-#: thousands of round trips, which overlap in threads (a local sqlite store gains nothing, loses nothing)
+#: on a tracking server (cifar100-repdistiller: about 1,000 runs, one per cell and seed) waits on a
+#: thousand round trips, which overlap in threads (a local sqlite store gains nothing, loses nothing)
 HISTORY_READERS = 8
 
 
