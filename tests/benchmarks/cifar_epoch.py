@@ -543,6 +543,9 @@ def main():
     ap.add_argument("--teacher-weights", default=engine.TEACHER_WEIGHTS, choices=engine.TEACHER_WEIGHT_CHOICES,
                     help="a bf16 run's graph modes: the teacher's convolution and linear weights held in bf16 "
                          "(the engine's default: no cast kernels per step) or cast by autocast at every forward (fp32)")
+    ap.add_argument("--zeroed-grads", action="store_true",
+                    help="for comparison: gradients zeroed and added into at every step, as captured steps did "
+                         "until 2026-11-28 (a zeroing kernel and one addition per parameter; the engine sets them to None)")
     ap.add_argument("--fuse-teacher", action="store_true",
                     help="experiment (KD): the teacher's convolutions fused with their BatchNorm, ReLU and residual add "
                          "(one cuDNN call each on CUDA; teacher_fusion.py)")
@@ -578,6 +581,9 @@ def main():
     if args.fuse_teacher and args.fold_teacher_bn:
         ap.error("--fuse-teacher folds the BatchNorm itself: drop --fold-teacher-bn")
     engine.TEACHER_WEIGHTS = args.teacher_weights
+    if args.zeroed_grads:  # every optimizer of this process, the engine's step included
+        zero_grad = torch.optim.Optimizer.zero_grad
+        torch.optim.Optimizer.zero_grad = lambda self, set_to_none=True: zero_grad(self, set_to_none=False)
     if args.teacher_compile_mode:
         capture.FROZEN_COMPILE_OPTIONS = {**capture.COMPILE_OPTIONS, "mode": args.teacher_compile_mode}
         print(f"    teacher compiled with mode {args.teacher_compile_mode} (the student: "
@@ -588,7 +594,7 @@ def main():
     report = {"device": name, "torch": torch.__version__, "teacher": args.teacher, "student": args.student,
               "precision": precision,
               "compile_options": dict(capture.COMPILE_OPTIONS), "fold_teacher_bn": args.fold_teacher_bn,
-              "teacher_weights": args.teacher_weights, "fuse_teacher": args.fuse_teacher,
+              "teacher_weights": args.teacher_weights, "zeroed_grads": args.zeroed_grads, "fuse_teacher": args.fuse_teacher,
               "teacher_compile_options": capture.FROZEN_COMPILE_OPTIONS, "teacher_stream": args.teacher_stream}
     if not (args.methods or args.losses or args.fits or args.plain or args.eval):
         args.steps = True

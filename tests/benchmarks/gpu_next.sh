@@ -35,7 +35,10 @@
 #   7. b64_teacher_fp32_weights: batch 64 with the teacher's convolution and linear weights cast by
 #      autocast at every forward (--teacher-weights fp32, as before the engine held them in bf16 in
 #      a bf16 run's graphs: the same numbers, about 35 cast kernels per step more), against
-#      b64_baseline: what holding them saves;
+#      b64_baseline: what holding them saves; then b64_zeroed_grads: batch 64 with the gradients
+#      zeroed and added into at every step (--zeroed-grads, as captured steps did until 2026-11-28:
+#      the same numbers, about 33 kernels per step more, on the student's side), against
+#      b64_baseline: what setting them to None saves;
 #   8. b1024_teacher_autotune: the teacher alone compiled in mode max-autotune-no-cudagraphs
 #      (inductor's convolution templates can apply BatchNorm, residual add and ReLU in the
 #      convolution's epilogue: the pass over every activation that folding did not remove; the
@@ -97,6 +100,7 @@ part b1024_recapture 200 $PY "${CE[@]}" --batch-sizes $B1024 --captures compile,
 part b1024_fused_teacher 150 $PY "${CE[@]}" --batch-sizes $B1024 --captures compile,$CG --precision bf16 --fuse-teacher --json "$WORK/b1024_fused_teacher.json"
 part lockstep_b64 90 $PY "${LS[@]}" --capture $G --separate-capture $G --streams parallel --teacher-stream ahead --batch-size $B64 --samples $NL --json "$WORK/lockstep_b64.json"
 part b64_teacher_fp32_weights 75 $PY "${CE[@]}" --batch-sizes $B64 --captures $G,$CG --precision bf16 --teacher-weights fp32 --json "$WORK/b64_teacher_fp32_weights.json"
+part b64_zeroed_grads 75 $PY "${CE[@]}" --batch-sizes $B64 --captures $G,$CG --precision bf16 --zeroed-grads --json "$WORK/b64_zeroed_grads.json"
 part b1024_teacher_autotune 300 $PY "${CE[@]}" --batch-sizes $B1024 --captures compile --teacher-compile-mode $MODE --json "$WORK/b1024_teacher_autotune.json"
 part kdsvd_solver 60 $PY tests/benchmarks/kdsvd_solver.py --device $DEV --batch-size $B64 --json "$WORK/kdsvd_solver.json"
 part fits_compile_graphs 240 $PY tests/benchmarks/cifar_epoch.py --device $DEV --fits --fit-capture $CG "${FITX[@]}" --json "$WORK/fits_compile_graphs.json"
