@@ -104,6 +104,8 @@ class CaptureState:
     teacher_reason: str = ""  # why the teachers left their branch for the step's own stream
     #: "bf16" when the frozen teachers' weights are held in bf16 (the engine's ``TEACHER_WEIGHTS``)
     teacher_weights: str | None = None
+    #: "bf16" when a captured step held the student's weights in bf16 (the engine's ``STUDENT_WEIGHTS``)
+    student_weights: str | None = None
 
     @property
     def compiles(self) -> bool:
@@ -141,7 +143,7 @@ class CaptureState:
     def tags(self) -> dict[str, str]:
         """Run tags: ``capture`` (the mode used), and the fallback's reason when there was one;
         ``teacher_stream`` where a captured step ran teachers (and why they left their branch), and
-        ``teacher_weights`` where their weights were held in bf16."""
+        ``teacher_weights`` and ``student_weights`` where those weights were held in bf16."""
         if self.asked == "none":
             return {}
         out = {"capture": self.used if self.used != "none" else "eager"}
@@ -153,6 +155,8 @@ class CaptureState:
             out["teacher_stream_fallback"] = self.teacher_reason
         if self.graphs and self.teacher_weights is not None:
             out["teacher_weights"] = self.teacher_weights
+        if self.graphs and self.student_weights is not None:
+            out["student_weights"] = self.student_weights
         return out
 
 

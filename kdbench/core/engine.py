@@ -26,7 +26,7 @@ from kdbench.contracts import Augment, Dataset, LossFn, Method, Model, Outputs, 
 from kdbench.core import capture as capturing
 from kdbench.core import metrics
 from kdbench.core.precision import autocast as precision_autocast
-from kdbench.core.precision import bf16_weights, float32_outputs, loss_region, resolve_precision
+from kdbench.core.precision import bf16_weights, cast_weights, float32_outputs, loss_region, resolve_precision
 from kdbench.core.splits import DeviceSplit, load_split
 from kdbench.core.taps import Tapped, wanted_taps
 from kdbench.errors import KdbenchError, NonFiniteLoss
@@ -46,6 +46,16 @@ TEACHER_STREAM = "ahead"
 #: "fp32" — cast by autocast at every forward. ``cifar_epoch.py --teacher-weights`` measures both.
 TEACHER_WEIGHT_CHOICES = ("bf16", "fp32")
 TEACHER_WEIGHTS = "bf16"
+
+#: how a bf16 run's captured steps hold the student's convolution and linear weights: "bf16" — a
+#: bf16 copy of each that the step's forward runs, its gradients turned into the float32 weights'
+#: by one multi-tensor copy and the copies refreshed after the optimizer step by another
+#: (:class:`HeldStudent`): the same numbers bitwise, two kernels where autocast makes two per weight
+#: and step (24 of a resnet8x4 step's: its 10 convolutions' weights, its linear weight and bias);
+#: "fp32" — cast by autocast at every forward, each gradient cast back in the backward.
+#: ``cifar_epoch.py --student-weights`` measures both.
+STUDENT_WEIGHT_CHOICES = ("bf16", "fp32")
+STUDENT_WEIGHTS = "bf16"
 
 
 @dataclass
@@ -471,6 +481,110 @@ def hold_teacher_weights(trainee: Trainee, state: capturing.CaptureState, precis
     state.teacher_weights = "bf16"
 
 
+def weight_uses(loss: torch.Tensor, weights: list[torch.Tensor]) -> list[int]:
+    """How many times ``loss``'s autograd graph uses each of ``weights`` (leaves): the edges into
+    each one's gradient accumulator. A network compiled as one autograd function counts once,
+    however often it uses a weight inside."""
+    counts = {id(w): 0 for w in weights}
+    if loss.grad_fn is None:
+        return [0] * len(weights)
+    seen, stack = {loss.grad_fn}, [loss.grad_fn]
+    while stack:
+        for node, _ in stack.pop().next_functions:
+            if node is None:
+                continue
+            variable = getattr(node, "variable", None)  # an AccumulateGrad node's leaf
+            if variable is not None and id(variable) in counts:
+                counts[id(variable)] += 1
+            if node not in seen:
+                seen.add(node)
+                stack.append(node)
+    return [counts[id(w)] for w in weights]
+
+
+class HeldStudent:
+    """The student's convolution and linear weights held in bf16 in a bf16 run's captured steps
+    (:data:`STUDENT_WEIGHTS`). The step's forward runs bf16 copies of them (``Tapped.use_weights``)
+    where autocast would cast each float32 weight at every call, and cast its gradient back in the
+    backward; after the backward one multi-tensor copy turns the copies' gradients into the float32
+    weights' (exact: bf16 to float32), the optimizer steps the float32 weights as before, and a
+    second one refreshes the copies from them (the rounding autocast's cast makes). Two kernels in
+    place of two per weight, the same numbers bitwise.
+
+    Only the weights for which that holds are held: the stage's first step runs as before, and its
+    autograd graph says how often the step uses each weight (:func:`weight_uses`). A weight used
+    twice — a method re-running the student in its loss (``Step.student_net``), a layer called
+    twice, a weight shared by two layers, a loss reaching it directly — keeps autocast's casts: its
+    gradients would add up in bf16 on the copy, where autocast adds them in float32. (Inside a
+    compiled network the uses of a weight are one: there its gradients add up in the compiled
+    backward, rounded to bf16 once.) A held weight that a later step reaches directly keeps that
+    gradient, the copy's added to it. The copies are in place only during the step's forward and
+    loss: evaluation, and its graphs (which read the weights where they live, and outlive the
+    stage), run the float32 weights."""
+
+    def __init__(self, student: Tapped, state: capturing.CaptureState):
+        self.student, self.state = student, state
+        weights = cast_weights(student.model)
+        self.names, self.masters = list(weights), list(weights.values())
+        self.copies: list[torch.Tensor] | None = None
+        self.decided = False
+
+    def begin(self) -> None:
+        """Before the step's forward: the copies in place, their gradients set to None."""
+        if self.copies is not None:
+            for copy in self.copies:
+                copy.grad = None
+            self.student.use_weights(dict(zip(self.names, self.copies)))
+
+    def end(self) -> None:
+        """After the step's loss (whether it succeeded or not): the float32 weights in place again."""
+        self.student.use_weights(None)
+
+    def count(self, loss: torch.Tensor) -> None:
+        """Before the stage's first backward: the weights to hold, those its graph uses at most once."""
+        if self.decided:
+            return
+        self.decided = True
+        once = [(name, master) for (name, master), uses in
+                zip(zip(self.names, self.masters), weight_uses(loss, self.masters)) if uses <= 1]
+        total = len(self.masters)
+        self.names, self.masters = [name for name, _ in once], [master for _, master in once]
+        if self.masters:  # the run's tag: "bf16", or how many of them where some are used twice
+            self.state.student_weights = "bf16" if len(once) == total else f"bf16 ({len(once)} of {total})"
+
+    def gradients(self) -> None:
+        """After the backward: the copies' gradients onto the float32 weights."""
+        if self.copies is None:
+            return
+        fresh = []
+        for master, copy in zip(self.masters, self.copies):
+            if copy.grad is None:  # not reached: no gradient, as under autocast
+                continue
+            if master.grad is None:
+                fresh.append((master, copy))
+            else:  # reached directly too
+                master.grad.add_(copy.grad)
+        grads = [torch.empty_like(master) for master, _ in fresh]
+        if grads:
+            torch._foreach_copy_(grads, [copy.grad for _, copy in fresh])
+        for (master, _), grad in zip(fresh, grads):
+            master.grad = grad
+
+    def after_step(self) -> None:
+        """After the optimizer step: the copies refreshed (after the stage's first step: made)."""
+        if self.copies is None and self.decided and self.masters:
+            with torch.no_grad():
+                self.copies = [m.detach().to(torch.bfloat16).requires_grad_(m.requires_grad) for m in self.masters]
+            return
+        self.refresh()
+
+    def refresh(self) -> None:
+        """The copies from the float32 weights."""
+        if self.copies is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(self.copies, self.masters)
+
+
 class StageStep:
     """One training step of a stage — eager, or replayed as a CUDA graph (``--capture graphs``) —
     that adds the batch's loss terms and accuracy to the epoch's totals (inside the graph when
@@ -486,6 +600,9 @@ class StageStep:
         # the teachers' forward beside the student's (False: a lockstep group's graph runs its teacher
         # and hands its members the branch it ran on), one batch ahead by default
         self.branch = teacher_branch(trainee, state, device) if teacher_beside else None
+        self.held = None  # the student's weights held in bf16 (HeldStudent)
+        if state.graphs and precision == "bf16" and STUDENT_WEIGHTS == "bf16" and stage.train_student:
+            self.held = HeldStudent(trainee.student, state)
         self.ahead = None
         if self.branch is not None and state.teacher_stream == "ahead":
             self.ahead = TeacherAhead(trainee.frozen, self.branch, device, precision,
@@ -502,12 +619,25 @@ class StageStep:
         optimizer, as eagerly, instead of taking a momentum and weight-decay step on a zero gradient."""
         graphs = self.graphed is not None
         ahead = self.ahead if graphs else None
-        student, terms, loss = _batch_loss(self.trainee, self.stage, epoch, self.epochs, x, y, index,
-                                           self.device, self.precision, cache=not graphs,
-                                           branch=self.branch if graphs else None, ahead=ahead)
+        held = self.held if graphs else None
+        if held is not None:
+            held.begin()
+        try:
+            student, terms, loss = _batch_loss(self.trainee, self.stage, epoch, self.epochs, x, y, index,
+                                               self.device, self.precision, cache=not graphs,
+                                               branch=self.branch if graphs else None, ahead=ahead)
+        finally:
+            if held is not None:
+                held.end()
+        if held is not None:
+            held.count(loss)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if held is not None:
+            held.gradients()
         self.opt.step()
+        if held is not None:
+            held.after_step()
         if ahead is not None:
             ahead.land()
         return student.logits, terms
@@ -545,6 +675,8 @@ class StageStep:
             else:
                 self.state.fall_back(capturing.failure_reason(exc))
             self.graphed = capturing.GraphedSteps(self.counted, self.device) if self.state.graphs else None
+            if self.held is not None:  # in step with the float32 weights, whatever the failed step did
+                self.held.refresh()
             if self.ahead is not None and self.graphed is not None:  # the failed step may have landed
                 self.ahead.forget()
                 self.ahead.before(x, x_next)

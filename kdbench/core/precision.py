@@ -66,16 +66,14 @@ _CAST_WHOLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTrans
                nn.Linear)
 
 
-def bf16_weights(net: nn.Module) -> dict[str, torch.Tensor]:
-    """bf16 copies of a frozen network's weights that bf16 autocast would cast at every forward —
-    the weight and bias of its convolutions and linear layers, by name — for
-    :meth:`kdbench.core.taps.Tapped.use_weights`. Under bf16 autocast the network then gives the
-    same outputs, bitwise (autocast's cast is the same rounding), with no cast per layer and call:
-    about 35 kernels of a resnet32x4 forward's 153 on CUDA, each of them replayed at every step of
-    a captured one. A layer may use its weight otherwise, and keeps it, when its class has a
-    ``forward`` or ``_conv_forward`` of its own (weight standardisation, …) or its weight is not a
-    plain parameter (a parametrization, the older weight norm)."""
-    out: dict[str, torch.Tensor] = {}
+def cast_weights(net: nn.Module) -> dict[str, nn.Parameter]:
+    """The float32 parameters of ``net`` that bf16 autocast casts whole at every call — the weight
+    and bias of its convolutions and linear layers — by name. A layer may use its weight otherwise,
+    and is left out, when its class has a ``forward`` or ``_conv_forward`` of its own (weight
+    standardisation, …) or its weight is not a plain parameter (a parametrization, the older
+    weight norm). A parameter shared by several layers is named once, by its first (what
+    :func:`torch.func.functional_call` needs to keep it tied)."""
+    out: dict[str, nn.Parameter] = {}
     for name, module in net.named_modules():
         base = next((cls for cls in _CAST_WHOLE if isinstance(module, cls)), None)
         if base is None or any(getattr(type(module), fn, None) is not getattr(base, fn, None)
@@ -84,9 +82,19 @@ def bf16_weights(net: nn.Module) -> dict[str, torch.Tensor]:
             continue
         for key in ("weight", "bias"):
             tensor = module._parameters.get(key)
-            if isinstance(tensor, nn.Parameter) and tensor.dtype == torch.float32:
-                out[f"{name}.{key}" if name else key] = tensor.detach().to(torch.bfloat16)
+            if isinstance(tensor, nn.Parameter) and tensor.dtype == torch.float32 \
+                    and all(tensor is not seen for seen in out.values()):
+                out[f"{name}.{key}" if name else key] = tensor
     return out
+
+
+def bf16_weights(net: nn.Module) -> dict[str, torch.Tensor]:
+    """bf16 copies of a frozen network's weights that bf16 autocast would cast at every forward
+    (:func:`cast_weights`), for :meth:`kdbench.core.taps.Tapped.use_weights`. Under bf16 autocast
+    the network then gives the same outputs, bitwise (autocast's cast is the same rounding), with
+    no cast per layer and call: about 35 kernels of a resnet32x4 forward's 153 on CUDA, each of
+    them replayed at every step of a captured one."""
+    return {name: p.detach().to(torch.bfloat16) for name, p in cast_weights(net).items()}
 
 
 def loss_region(device: torch.device, precision: str):

@@ -543,6 +543,10 @@ def main():
     ap.add_argument("--teacher-weights", default=engine.TEACHER_WEIGHTS, choices=engine.TEACHER_WEIGHT_CHOICES,
                     help="a bf16 run's graph modes: the teacher's convolution and linear weights held in bf16 "
                          "(the engine's default: no cast kernels per step) or cast by autocast at every forward (fp32)")
+    ap.add_argument("--student-weights", default=engine.STUDENT_WEIGHTS, choices=engine.STUDENT_WEIGHT_CHOICES,
+                    help="a bf16 run's graph modes: the student's convolution and linear weights run from bf16 copies "
+                         "(the engine's default: two multi-tensor copies per step) or cast by autocast at every "
+                         "forward and backward (fp32: two cast kernels per weight and step)")
     ap.add_argument("--zeroed-grads", action="store_true",
                     help="for comparison: gradients zeroed and added into at every step, as captured steps did "
                          "until 2026-11-28 (a zeroing kernel and one addition per parameter; the engine sets them to None)")
@@ -581,6 +585,7 @@ def main():
     if args.fuse_teacher and args.fold_teacher_bn:
         ap.error("--fuse-teacher folds the BatchNorm itself: drop --fold-teacher-bn")
     engine.TEACHER_WEIGHTS = args.teacher_weights
+    engine.STUDENT_WEIGHTS = args.student_weights
     if args.zeroed_grads:  # every optimizer of this process, the engine's step included
         zero_grad = torch.optim.Optimizer.zero_grad
         torch.optim.Optimizer.zero_grad = lambda self, set_to_none=True: zero_grad(self, set_to_none=False)
@@ -594,7 +599,8 @@ def main():
     report = {"device": name, "torch": torch.__version__, "teacher": args.teacher, "student": args.student,
               "precision": precision,
               "compile_options": dict(capture.COMPILE_OPTIONS), "fold_teacher_bn": args.fold_teacher_bn,
-              "teacher_weights": args.teacher_weights, "zeroed_grads": args.zeroed_grads, "fuse_teacher": args.fuse_teacher,
+              "teacher_weights": args.teacher_weights, "student_weights": args.student_weights,
+              "zeroed_grads": args.zeroed_grads, "fuse_teacher": args.fuse_teacher,
               "teacher_compile_options": capture.FROZEN_COMPILE_OPTIONS, "teacher_stream": args.teacher_stream}
     if not (args.methods or args.losses or args.fits or args.plain or args.eval):
         args.steps = True

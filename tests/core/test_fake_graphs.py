@@ -11,12 +11,13 @@ from typing import Callable
 import pytest
 import torch
 
-from kdbench.core import capture, engine, plugins
+from kdbench.core import capture, engine, plugins, precision
 from kdbench.core.plan import RunConfig, make_plan
 from stream_races import RaceCheck, fake_streams
 
 CPU = torch.device("cpu")
 BRANCH, ON_SIDE_STREAM = capture.Branch, capture.on_side_stream  # the real ones, before any fixture
+SETUP_STUDENT = engine.setup_student
 
 
 def _copy_into(kept, new) -> None:
@@ -131,10 +132,10 @@ HPARAMS = {"dkd": {"warmup": 240}}
 TEACHERS = {"multi_teacher": ("cnn1d_2x8",)}
 
 
-def fit(method, teacher, capture_mode, precision=None, seen=None):
+def fit(method, teacher, capture_mode, precision=None, seen=None, epochs=EPOCHS):
     """A run's result and logged losses; ``seen`` (a list): the dtype of the weight every teacher
     convolution ran with during training goes there."""
-    plan = make_plan(RunConfig(method=method, recipe={"epochs": EPOCHS}, capture=capture_mode, precision=precision,
+    plan = make_plan(RunConfig(method=method, recipe={"epochs": epochs}, capture=capture_mode, precision=precision,
                                hparams=HPARAMS.get(method, {}), teachers=TEACHERS.get(method, ())), plugins.load())
     extra = [engine.build_model(entry.obj, plan.dataset_obj, CPU, 0).eval().requires_grad_(False)
              for entry in plan.extra_teachers]
@@ -474,3 +475,100 @@ def test_a_replayed_step_writes_the_gradients_instead_of_zeroing_and_adding_into
     engine.run_student(plan, setup, CPU, lambda log: None, with_test=False)
     assert len(replays) > 5 and all(count == len(params) for count, _ in replays), replays
     assert zeroed == [] and all(not into for _, into in replays), (zeroed, replays[:2])
+
+
+
+def _student_fit(method, teacher, mode, weights, monkeypatch, seen):
+    """A bf16 run under faked graphs, the student's weights held as ``weights``; ``seen`` gets, for
+    every student convolution that ran, whether gradients were on (training) and its weight's dtype."""
+    monkeypatch.setattr(engine, "STUDENT_WEIGHTS", weights)
+    if mode == "compile+graphs":
+        monkeypatch.setattr(capture, "COMPILE_OPTIONS", {"backend": "aot_eager"})
+        torch._dynamo.reset()
+    record = torch._dynamo.disable(lambda m, args: seen.append((torch.is_grad_enabled(), m.weight.dtype)))
+    def setup(plan, *args):
+        made = SETUP_STUDENT(plan, *args)
+        convs = [m for m in made.trainee.student.model.modules() if isinstance(m, torch.nn.Conv1d)]
+        for m in convs:
+            m.register_forward_pre_hook(record)
+        seen.append(len(convs))
+        return made
+
+    monkeypatch.setattr(engine, "setup_student", setup)
+    # one epoch where a fit is slow: at_grad's double backward, compiling
+    return fit(method, teacher, mode, precision="bf16", epochs=1 if method == "at_grad" or "compile" in mode else EPOCHS)
+
+
+@pytest.mark.parametrize("method, mode", [("kd", "graphs"), ("fitnets", "graphs"), ("at_grad", "graphs"),
+                                          ("kd", "compile+graphs")])
+def test_a_bf16_captured_step_runs_the_student_from_bf16_copies_with_the_same_numbers(
+        teacher, fake_graphs, captured_optimizer, monkeypatch, method, mode):
+    """A bf16 run whose steps are graphs runs the student's forward from bf16 copies of its
+    convolution and linear weights (their gradients copied back to float32, the copies refreshed
+    after each optimizer step) — after each stage's first step, whose graph says which weights a step
+    uses once: fitnets' pre-stage and main stage each hold theirs; at_grad, whose loss runs the
+    student again for its input gradients, keeps autocast's casts. Bitwise the run whose student autocast casts at
+    every forward, and the evaluation runs the float32 weights."""
+    held_seen, cast_seen = [], []
+    held, held_losses = _student_fit(method, teacher, mode, "bf16", monkeypatch, held_seen)
+    cast, cast_losses = _student_fit(method, teacher, mode, "fp32", monkeypatch, cast_seen)
+    convs, held_seen, cast_seen = held_seen[0], held_seen[1:], cast_seen[1:]
+    assert held_losses == cast_losses and held.curve == cast.curve
+    for key, value in cast.state_dict.items():
+        assert torch.equal(held.state_dict[key], value), key
+    assert held.tags["capture"] == mode and "student_weights" not in cast.tags
+    assert len(held_seen) == len(cast_seen) and {dtype for _, dtype in cast_seen} == {torch.float32}
+    assert {dtype for grad, dtype in held_seen if not grad} == {torch.float32}  # evaluation, probes
+    training = [dtype for grad, dtype in held_seen if grad]
+    if method == "at_grad":
+        assert "student_weights" not in held.tags and set(training) == {torch.float32}
+        return
+    assert held.tags == {**cast.tags, "student_weights": "bf16"}
+    stages = 2 if method == "fitnets" else 1
+    # each stage's first step runs the float32 weights (its graph tells the weights used once), every later one the copies
+    assert training.count(torch.float32) == convs * stages and training.count(torch.bfloat16) > 10 * convs
+
+
+def test_a_replayed_bf16_step_casts_no_student_weight(teacher, fake_graphs, captured_optimizer, monkeypatch):
+    """What each faked replay of a bf16 KD step runs, with the student's weights held in bf16 and cast
+    by autocast: two multi-tensor copies (gradients to float32, copies refreshed) in place of a cast per
+    weight in the forward and one per gradient in the backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    replay = FakeGraph.replay
+
+    def counted(seen):
+        def watched(graph):
+            if graph.ran:
+                return replay(graph)
+            with Ops() as ops:
+                replay(graph)
+            seen.append(ops.names)
+        return watched
+
+    per_replay = {}
+    for weights in ("bf16", "fp32"):
+        monkeypatch.setattr(engine, "STUDENT_WEIGHTS", weights)
+        monkeypatch.setattr(FakeGraph, "replay", counted(per_replay.setdefault(weights, [])))
+        plan = make_plan(RunConfig(method="kd", recipe={"epochs": 1}, capture="graphs", precision="bf16"),
+                         plugins.load())
+        setup = engine.setup_student(plan, teacher, CPU)
+        student = setup.trainee.student.model
+        engine.run_student(plan, setup, CPU, lambda log: None, with_test=False)
+    weights = len(precision.cast_weights(student))
+    assert weights == 4  # the embedded student's two convolutions, its linear layer's weight and bias
+    held, cast = per_replay["bf16"][-1], per_replay["fp32"][-1]
+    assert held.count("_foreach_copy_") == 2 and cast.count("_foreach_copy_") == 0
+    assert cast.count("_to_copy") - held.count("_to_copy") == 2 * weights, (cast.count("_to_copy"), held.count("_to_copy"))
+    allocations = {"empty", "empty_like", "empty_strided"}
+    kernels = [[name for name in ops if name not in allocations] for ops in (held, cast)]
+    assert len(kernels[1]) - len(kernels[0]) == 2 * weights - 2, (sorted(held), sorted(cast))

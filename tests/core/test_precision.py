@@ -242,3 +242,77 @@ def test_bf16_weights_give_autocasts_outputs_bitwise_with_no_cast_per_layer():
                               torch.nn.utils.parametrizations.weight_norm(torch.nn.Conv2d(4, 4, 1)),
                               torch.nn.Conv2d(4, 4, 1))
     assert set(precision.bf16_weights(odd)) == {"2.weight", "2.bias"}
+
+
+class _Reuses(torch.nn.Module):
+    """Weights used once, and used twice in each way a step can: a layer called twice, a weight
+    shared by two layers, a weight a loss also reaches directly (the regulariser below)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(2, 4, 3, padding=1)
+        self.frozen = torch.nn.Conv1d(4, 4, 1).requires_grad_(False)
+        self.again = torch.nn.Linear(8, 8)
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+        self.b.weight = self.a.weight
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.frozen(torch.relu(self.conv(x))).flatten(1)
+        h = self.again(torch.relu(self.again(h)))
+        return self.head(self.b(torch.relu(self.a(h))))
+
+
+def test_a_held_student_trains_bitwise_as_autocast_and_keeps_the_casts_of_weights_used_twice():
+    """engine.HeldStudent against autocast's casts, step by step with a momentum SGD: the same weights
+    bitwise after every step. Held: the weights the first step's graph uses once (a frozen one too:
+    it gets no gradient); kept float32, cast by autocast: a layer called twice, a weight shared by
+    two layers (named once), a weight a regulariser also reaches."""
+    from kdbench.core import capture
+    from kdbench.core.taps import Tapped
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 2, 2), torch.randint(0, 3, (16,))
+    nets = [_Reuses() for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    frozen = nets[0].frozen.weight.clone()
+    opts = [torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4) for net in nets]
+    state = capture.CaptureState(asked="graphs", used="graphs")
+    tapped = Tapped(nets[1], {}, [], "student")
+    held = engine.HeldStudent(tapped, state)
+    assert len(held.names) == 11 and "b.weight" not in held.names  # the shared weight named once
+
+    def loss_of(net, logits):
+        return torch.nn.functional.cross_entropy(logits.float(), y) + 1e-3 * net.head.weight.pow(2).sum()
+
+    for step in range(6):
+        with precision.autocast(CPU, "bf16", cache=False):
+            plain_logits = nets[0](x)
+        opts[0].zero_grad(set_to_none=True)
+        loss_of(nets[0], plain_logits).backward()
+        opts[0].step()
+
+        held.begin()
+        with precision.autocast(CPU, "bf16", cache=False):
+            logits = tapped(x).logits
+        held.end()
+        loss = loss_of(nets[1], logits)
+        held.count(loss)
+        opts[1].zero_grad(set_to_none=True)
+        loss.backward()
+        held.gradients()
+        opts[1].step()
+        held.after_step()
+        assert torch.equal(logits, plain_logits), step
+        for (name, a), b in zip(nets[0].state_dict().items(), nets[1].state_dict().values()):
+            assert torch.equal(a, b), (step, name)
+        if step == 0:
+            assert held.names == ["conv.weight", "conv.bias", "frozen.weight", "frozen.bias", "a.bias", "b.bias",
+                                  "head.bias"]
+            assert state.student_weights == "bf16 (7 of 11)"
+            assert held.copies is not None and {c.dtype for c in held.copies} == {torch.bfloat16}
+        else:  # the copies are what autocast would cast the float32 weights to
+            assert all(torch.equal(c, m.to(torch.bfloat16)) for c, m in zip(held.copies, held.masters))
+            assert [c.grad is not None for c in held.copies] == [True, True, False, False, True, True, True]
+    assert tapped.weights is None  # the float32 weights in place outside the step
+    assert torch.equal(nets[1].frozen.weight, frozen) and nets[1].frozen.weight.grad is None
