@@ -47,7 +47,7 @@ TEACHER_STREAM = "ahead"
 TEACHER_WEIGHT_CHOICES = ("bf16", "fp32")
 TEACHER_WEIGHTS = "bf16"
 
-#: how a bf16 run's captured steps hold the student's convolution and linear weights: "bf16" — a
+#: how a bf16 run's uncompiled captured steps hold the student's convolution and linear weights: "bf16" — a
 #: bf16 copy of each that the step's forward runs, its gradients turned into the float32 weights'
 #: by one multi-tensor copy and the copies refreshed after the optimizer step by another
 #: (:class:`HeldStudent`): the same numbers bitwise, two kernels where autocast makes two per weight
@@ -504,7 +504,8 @@ def weight_uses(loss: torch.Tensor, weights: list[torch.Tensor]) -> list[int]:
 
 class HeldStudent:
     """The student's convolution and linear weights held in bf16 in a bf16 run's captured steps
-    (:data:`STUDENT_WEIGHTS`). The step's forward runs bf16 copies of them (``Tapped.use_weights``)
+    (:data:`STUDENT_WEIGHTS`), uncompiled (``graphs``: under ``compile+graphs`` the switch from the
+    first step's float32 weights to the copies would compile the student a second time). The step's forward runs bf16 copies of them (``Tapped.use_weights``)
     where autocast would cast each float32 weight at every call, and cast its gradient back in the
     backward; after the backward one multi-tensor copy turns the copies' gradients into the float32
     weights' (exact: bf16 to float32), the optimizer steps the float32 weights as before, and a
@@ -515,9 +516,7 @@ class HeldStudent:
     autograd graph says how often the step uses each weight (:func:`weight_uses`). A weight used
     twice — a method re-running the student in its loss (``Step.student_net``), a layer called
     twice, a weight shared by two layers, a loss reaching it directly — keeps autocast's casts: its
-    gradients would add up in bf16 on the copy, where autocast adds them in float32. (Inside a
-    compiled network the uses of a weight are one: there its gradients add up in the compiled
-    backward, rounded to bf16 once.) A held weight that a later step reaches directly keeps that
+    gradients would add up in bf16 on the copy, where autocast adds them in float32. A held weight that a later step reaches directly keeps that
     gradient, the copy's added to it. The copies are in place only during the step's forward and
     loss: evaluation, and its graphs (which read the weights where they live, and outlive the
     stage), run the float32 weights."""
@@ -601,7 +600,8 @@ class StageStep:
         # and hands its members the branch it ran on), one batch ahead by default
         self.branch = teacher_branch(trainee, state, device) if teacher_beside else None
         self.held = None  # the student's weights held in bf16 (HeldStudent)
-        if state.graphs and precision == "bf16" and STUDENT_WEIGHTS == "bf16" and stage.train_student:
+        if state.graphs and not state.compiles and precision == "bf16" and STUDENT_WEIGHTS == "bf16" \
+                and stage.train_student:
             self.held = HeldStudent(trainee.student, state)
         self.ahead = None
         if self.branch is not None and state.teacher_stream == "ahead":

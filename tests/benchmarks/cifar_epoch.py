@@ -544,9 +544,9 @@ def main():
                     help="a bf16 run's graph modes: the teacher's convolution and linear weights held in bf16 "
                          "(the engine's default: no cast kernels per step) or cast by autocast at every forward (fp32)")
     ap.add_argument("--student-weights", default=engine.STUDENT_WEIGHTS, choices=engine.STUDENT_WEIGHT_CHOICES,
-                    help="a bf16 run's graph modes: the student's convolution and linear weights run from bf16 copies "
-                         "(the engine's default: two multi-tensor copies per step) or cast by autocast at every "
-                         "forward and backward (fp32: two cast kernels per weight and step)")
+                    help="a bf16 run's uncompiled graphs: the student's convolution and linear weights run from bf16 "
+                         "copies (the engine's default: two multi-tensor copies per step) or cast by autocast at "
+                         "every forward and backward (fp32: two cast kernels per weight and step)")
     ap.add_argument("--zeroed-grads", action="store_true",
                     help="for comparison: gradients zeroed and added into at every step, as captured steps did "
                          "until 2026-11-28 (a zeroing kernel and one addition per parameter; the engine sets them to None)")

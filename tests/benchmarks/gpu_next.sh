@@ -44,7 +44,8 @@
 #      the student's convolution and linear weights cast by autocast in every forward and their
 #      gradients cast back in every backward (--student-weights fp32, as before 2026-11-28: the
 #      same numbers, 24 cast kernels per resnet8x4 step where the engine now runs two multi-tensor
-#      copies), against b64_baseline: what holding them in bf16 saves on the student's side;
+#      copies; graphs only: compile+graphs keeps the casts), against b64_baseline: what holding
+#      them in bf16 saves on the student's side;
 #   8. b1024_teacher_autotune: the teacher alone compiled in mode max-autotune-no-cudagraphs
 #      (inductor's convolution templates can apply BatchNorm, residual add and ReLU in the
 #      convolution's epilogue: the pass over every activation that folding did not remove; the
@@ -107,7 +108,7 @@ part b1024_fused_teacher 150 $PY "${CE[@]}" --batch-sizes $B1024 --captures comp
 part lockstep_b64 90 $PY "${LS[@]}" --capture $G --separate-capture $G --streams parallel --teacher-stream ahead --batch-size $B64 --samples $NL --json "$WORK/lockstep_b64.json"
 part b64_teacher_fp32_weights 75 $PY "${CE[@]}" --batch-sizes $B64 --captures $G,$CG --precision bf16 --teacher-weights fp32 --json "$WORK/b64_teacher_fp32_weights.json"
 part b64_zeroed_grads 75 $PY "${CE[@]}" --batch-sizes $B64 --captures $G,$CG --precision bf16 --zeroed-grads --json "$WORK/b64_zeroed_grads.json"
-part b64_student_fp32_weights 75 $PY "${CE[@]}" --batch-sizes $B64 --captures $G,$CG --precision bf16 --student-weights fp32 --json "$WORK/b64_student_fp32_weights.json"
+part b64_student_fp32_weights 45 $PY "${CE[@]}" --batch-sizes $B64 --captures $G --precision bf16 --student-weights fp32 --json "$WORK/b64_student_fp32_weights.json"
 part b1024_teacher_autotune 300 $PY "${CE[@]}" --batch-sizes $B1024 --captures compile --teacher-compile-mode $MODE --json "$WORK/b1024_teacher_autotune.json"
 part kdsvd_solver 60 $PY tests/benchmarks/kdsvd_solver.py --device $DEV --batch-size $B64 --json "$WORK/kdsvd_solver.json"
 part fits_compile_graphs 240 $PY tests/benchmarks/cifar_epoch.py --device $DEV --fits --fit-capture $CG "${FITX[@]}" --json "$WORK/fits_compile_graphs.json"
