@@ -47,9 +47,9 @@ TEACHER_STREAM = "ahead"
 TEACHER_WEIGHT_CHOICES = ("bf16", "fp32")
 TEACHER_WEIGHTS = "bf16"
 
-#: how a bf16 run's uncompiled captured steps hold the student's convolution and linear weights: "bf16" — a
-#: bf16 copy of each that the step's forward runs, its gradients turned into the float32 weights'
-#: by one multi-tensor copy and the copies refreshed after the optimizer step by another
+#: how a bf16 run's uncompiled captured steps hold the student's convolution and linear weights:
+#: "bf16" — a bf16 copy of each that the step's forward runs, its gradients turned into the float32
+#: weights' by one multi-tensor copy and the copies refreshed after the optimizer step by another
 #: (:class:`HeldStudent`): the same numbers bitwise, two kernels where autocast makes two per weight
 #: and step (24 of a resnet8x4 step's: its 10 convolutions' weights, its linear weight and bias);
 #: "fp32" — cast by autocast at every forward, each gradient cast back in the backward.
@@ -505,21 +505,22 @@ def weight_uses(loss: torch.Tensor, weights: list[torch.Tensor]) -> list[int]:
 class HeldStudent:
     """The student's convolution and linear weights held in bf16 in a bf16 run's captured steps
     (:data:`STUDENT_WEIGHTS`), uncompiled (``graphs``: under ``compile+graphs`` the switch from the
-    first step's float32 weights to the copies would compile the student a second time). The step's forward runs bf16 copies of them (``Tapped.use_weights``)
-    where autocast would cast each float32 weight at every call, and cast its gradient back in the
-    backward; after the backward one multi-tensor copy turns the copies' gradients into the float32
-    weights' (exact: bf16 to float32), the optimizer steps the float32 weights as before, and a
-    second one refreshes the copies from them (the rounding autocast's cast makes). Two kernels in
-    place of two per weight, the same numbers bitwise.
+    first step's float32 weights to the copies would compile the student a second time). The
+    step's forward runs bf16 copies of them (``Tapped.use_weights``) where autocast would cast each
+    float32 weight at every call, and cast its gradient back in the backward; after the backward
+    one multi-tensor copy turns the copies' gradients into the float32 weights' (exact: bf16 to
+    float32), the optimizer steps the float32 weights as before, and a second one refreshes the
+    copies from them (the rounding autocast's cast makes). Two kernels in place of two per weight,
+    the same numbers bitwise.
 
     Only the weights for which that holds are held: the stage's first step runs as before, and its
     autograd graph says how often the step uses each weight (:func:`weight_uses`). A weight used
     twice — a method re-running the student in its loss (``Step.student_net``), a layer called
     twice, a weight shared by two layers, a loss reaching it directly — keeps autocast's casts: its
-    gradients would add up in bf16 on the copy, where autocast adds them in float32. A held weight that a later step reaches directly keeps that
-    gradient, the copy's added to it. The copies are in place only during the step's forward and
-    loss: evaluation, and its graphs (which read the weights where they live, and outlive the
-    stage), run the float32 weights."""
+    gradients would add up in bf16 on the copy, where autocast adds them in float32. A held weight
+    that a later step reaches directly keeps that gradient, the copy's added to it. The copies are
+    in place only during the step's forward and loss: evaluation, and its graphs (which read the
+    weights where they live, and outlive the stage), run the float32 weights."""
 
     def __init__(self, student: Tapped, state: capturing.CaptureState):
         self.student, self.state = student, state
