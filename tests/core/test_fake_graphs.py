@@ -409,12 +409,14 @@ def test_a_bf16_captured_step_runs_the_teachers_from_bf16_weights_with_the_same_
 
 def test_a_bf16_lockstep_group_holds_its_teachers_bf16_weights_once_with_the_same_numbers(
         teacher, fake_graphs, captured_optimizer, monkeypatch):
-    """A lockstep group's one teacher, its weights held in bf16 once for all its members: every member
-    bitwise as in the group that lets autocast cast them; the hold ends with the group."""
+    """A lockstep group's one teacher, its weights held in bf16 once for all its members (and each
+    member's student from its own bf16 copies): every member bitwise as in the group that lets
+    autocast cast them; the teacher's hold ends with the group."""
     from kdbench.core import lockstep
 
     def group(weights):
         monkeypatch.setattr(engine, "TEACHER_WEIGHTS", weights)
+        monkeypatch.setattr(engine, "STUDENT_WEIGHTS", weights)  # each member's student, too
         plans = [make_plan(RunConfig(method=method, recipe={"epochs": EPOCHS}, seed=1, capture="graphs",
                                      precision="bf16"), plugins.load()) for method in ("kd", "at")]
         setups = [engine.setup_student(p, teacher, CPU) for p in plans]
@@ -435,7 +437,7 @@ def test_a_bf16_lockstep_group_holds_its_teachers_bf16_weights_once_with_the_sam
     assert none_made == [] and none_held is None
     for a, b in zip(held, cast):
         assert a.error is None and b.error is None
-        assert a.result.tags == {**b.result.tags, "teacher_weights": "bf16"}
+        assert a.result.tags == {**b.result.tags, "teacher_weights": "bf16", "student_weights": "bf16"}
         assert a.result.curve == b.result.curve
         assert all(torch.equal(a.result.state_dict[k], v) for k, v in b.result.state_dict.items())
 
