@@ -57,6 +57,13 @@ TEACHER_WEIGHTS = "bf16"
 STUDENT_WEIGHT_CHOICES = ("bf16", "fp32")
 STUDENT_WEIGHTS = "bf16"
 
+#: how uncompiled captured steps advance the student's BatchNorm batch counters
+#: (``num_batches_tracked``): "foreach" — all of them by one multi-tensor add per step
+#: (:class:`BatchCounters`; the same counts); "per_layer" — each layer its own add, as PyTorch's
+#: BatchNorm does (10 kernels of a resnet8x4 step). ``cifar_epoch.py --batch-counters`` measures both.
+BATCH_COUNTER_CHOICES = ("foreach", "per_layer")
+BATCH_COUNTERS = "foreach"
+
 
 @dataclass
 class EpochLog:
@@ -585,6 +592,63 @@ class HeldStudent:
                 torch._foreach_copy_(self.copies, self.masters)
 
 
+class BatchCounters:
+    """The student's BatchNorm batch counters advanced by one multi-tensor add per step in an
+    uncompiled captured step (:data:`BATCH_COUNTERS`), where PyTorch's BatchNorm adds 1 to each
+    layer's ``num_batches_tracked`` in its training forward: a kernel per layer and step. During the
+    step's forward and loss each counter is set aside (None: the layer then skips its add and, with
+    a momentum, never reads the count), and ``torch._foreach_add_`` adds 1 to all of them after.
+
+    Only layers that use PyTorch's own BatchNorm forward, track running statistics with a momentum,
+    and that the stage's first step (run as before, its layers' training calls counted by forward
+    hooks) calls once in training mode: a layer a step calls twice (a method re-running the
+    student) counts each call, as before."""
+
+    def __init__(self, net: nn.Module):
+        base = nn.modules.batchnorm._BatchNorm
+        self.layers = [m for m in net.modules() if isinstance(m, base) and type(m).forward is base.forward
+                       and m.momentum is not None and m.track_running_stats
+                       and isinstance(m.num_batches_tracked, torch.Tensor)]
+        self.counters: list[torch.Tensor] | None = None  # the layers' counters, once decided
+        self.calls: dict[nn.Module, int] = {}  # training calls per layer in the stage's first step
+        self.hooks: list = []
+        self.aside = False  # the counters are set aside for the step under way
+
+    def begin(self) -> None:
+        """Before the step's forward: the counters set aside (the first step: its calls counted)."""
+        if self.counters is None:
+            self.calls = dict.fromkeys(self.layers, 0)
+            self.hooks = [m.register_forward_pre_hook(self._count) for m in self.layers]
+            return
+        for layer in self.layers:
+            layer.num_batches_tracked = None
+        self.aside = True
+
+    def _count(self, layer: nn.Module, _args) -> None:
+        if layer.training:
+            self.calls[layer] += 1
+
+    def end(self) -> None:
+        """After the step's loss (whether it succeeded or not): the counters back in their layers
+        (after the first step: the layers it called once in training mode are the ones managed)."""
+        if self.counters is None:
+            for hook in self.hooks:
+                hook.remove()
+            self.hooks = []
+            self.layers = [m for m in self.layers if self.calls[m] == 1]
+            self.counters = [m.num_batches_tracked for m in self.layers]
+            return
+        for layer, counter in zip(self.layers, self.counters):
+            layer.num_batches_tracked = counter
+
+    def advance(self) -> None:
+        """After a step's loss that set the counters aside: 1 added to each, in one kernel."""
+        if self.aside:
+            self.aside = False
+            if self.counters:
+                torch._foreach_add_(self.counters, 1)
+
+
 class StageStep:
     """One training step of a stage — eager, or replayed as a CUDA graph (``--capture graphs``) —
     that adds the batch's loss terms and accuracy to the epoch's totals (inside the graph when
@@ -600,10 +664,14 @@ class StageStep:
         # the teachers' forward beside the student's (False: a lockstep group's graph runs its teacher
         # and hands its members the branch it ran on), one batch ahead by default
         self.branch = teacher_branch(trainee, state, device) if teacher_beside else None
-        self.held = None  # the student's weights held in bf16 (HeldStudent)
-        if state.graphs and not state.compiles and precision == "bf16" and STUDENT_WEIGHTS == "bf16" \
-                and stage.train_student:
-            self.held = HeldStudent(trainee.student, state)
+        # the student's weights held in bf16 (HeldStudent), its BatchNorm counters advanced at once
+        # (BatchCounters): uncompiled graphs of a stage that trains it
+        self.held = self.counters = None
+        if state.graphs and not state.compiles and stage.train_student:
+            if precision == "bf16" and STUDENT_WEIGHTS == "bf16":
+                self.held = HeldStudent(trainee.student, state)
+            if BATCH_COUNTERS == "foreach":
+                self.counters = BatchCounters(trainee.student.model)
         self.ahead = None
         if self.branch is not None and state.teacher_stream == "ahead":
             self.ahead = TeacherAhead(trainee.frozen, self.branch, device, precision,
@@ -621,15 +689,20 @@ class StageStep:
         graphs = self.graphed is not None
         ahead = self.ahead if graphs else None
         held = self.held if graphs else None
-        if held is not None:
-            held.begin()
+        counters = self.counters if graphs else None
+        for part in (held, counters):
+            if part is not None:
+                part.begin()
         try:
             student, terms, loss = _batch_loss(self.trainee, self.stage, epoch, self.epochs, x, y, index,
                                                self.device, self.precision, cache=not graphs,
                                                branch=self.branch if graphs else None, ahead=ahead)
         finally:
-            if held is not None:
-                held.end()
+            for part in (held, counters):
+                if part is not None:
+                    part.end()
+        if counters is not None:
+            counters.advance()
         if held is not None:
             held.count(loss)
         self.opt.zero_grad(set_to_none=True)

@@ -547,6 +547,9 @@ def main():
                     help="a bf16 run's uncompiled graphs: the student's convolution and linear weights run from bf16 "
                          "copies (the engine's default: two multi-tensor copies per step) or cast by autocast at "
                          "every forward and backward (fp32: two cast kernels per weight and step)")
+    ap.add_argument("--batch-counters", default=engine.BATCH_COUNTERS, choices=engine.BATCH_COUNTER_CHOICES,
+                    help="uncompiled graphs: the student's BatchNorm counters advanced by one multi-tensor add per "
+                         "step (the engine's default) or by each layer (per_layer: a kernel per BatchNorm and step)")
     ap.add_argument("--zeroed-grads", action="store_true",
                     help="for comparison: gradients zeroed and added into at every step, as captured steps did "
                          "until 2026-11-28 (a zeroing kernel and one addition per parameter; the engine sets them to None)")
@@ -586,6 +589,7 @@ def main():
         ap.error("--fuse-teacher folds the BatchNorm itself: drop --fold-teacher-bn")
     engine.TEACHER_WEIGHTS = args.teacher_weights
     engine.STUDENT_WEIGHTS = args.student_weights
+    engine.BATCH_COUNTERS = args.batch_counters
     if args.zeroed_grads:  # every optimizer of this process, the engine's step included
         zero_grad = torch.optim.Optimizer.zero_grad
         torch.optim.Optimizer.zero_grad = lambda self, set_to_none=True: zero_grad(self, set_to_none=False)
@@ -600,6 +604,7 @@ def main():
               "precision": precision,
               "compile_options": dict(capture.COMPILE_OPTIONS), "fold_teacher_bn": args.fold_teacher_bn,
               "teacher_weights": args.teacher_weights, "student_weights": args.student_weights,
+              "batch_counters": args.batch_counters,
               "zeroed_grads": args.zeroed_grads, "fuse_teacher": args.fuse_teacher,
               "teacher_compile_options": capture.FROZEN_COMPILE_OPTIONS, "teacher_stream": args.teacher_stream}
     if not (args.methods or args.losses or args.fits or args.plain or args.eval):

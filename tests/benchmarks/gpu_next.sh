@@ -8,11 +8,11 @@
 # targets first (<= 2 ms per step at batch 64 on the default path: 2.52 ms with graphs on that H100;
 # >= 120,000 samples/s at batch 1024: 67,541 with compile):
 #   1. b64_baseline, b64_compile_graphs: batch 64 (every unmeasured change of the default path
-#      together: the teacher ahead, its weights and the student's held in bf16, gradients set to
-#      None; part 7 tells them apart), graphs with the teacher's forward for the next
-#      batch beside the whole step (a parallel branch of the step's graph, "ahead", the engine's
-#      default since then), for this batch beside the student's forward ("beside"), and before it
-#      (the H100 run's order); then compile+graphs (ahead): lockstep's members on parallel
+#      together: the teacher ahead, its weights and the student's held in bf16, the student's
+#      BatchNorm counters advanced at once, gradients set to None; part 7 tells them apart),
+#      graphs with the teacher's forward for the next batch beside the whole step (a parallel
+#      branch of the step's graph, "ahead", the engine's default since then), for this batch
+#      beside the student's forward ("beside"), and before it (the H100 run's order); then compile+graphs (ahead): lockstep's members on parallel
 #      branches gained 1.59x -> 2.29x at this batch, and the teacher is half of a KD step's kernels;
 #   2. teacher_forward: the teacher's forward alone at 64 and 1024, eager and replayed from a
 #      graph, with autocast's weight casts, with its weights held in bf16 (as a bf16 run's graphs
@@ -40,12 +40,13 @@
 #      b64_baseline: what holding them saves; then b64_zeroed_grads: batch 64 with the gradients
 #      zeroed and added into at every step (--zeroed-grads, as captured steps did until 2026-11-28:
 #      the same numbers, about 33 kernels per step more, on the student's side), against
-#      b64_baseline: what setting them to None saves; then b64_student_fp32_weights: batch 64 with
-#      the student's convolution and linear weights cast by autocast in every forward and their
-#      gradients cast back in every backward (--student-weights fp32, as before 2026-11-28: the
-#      same numbers, 24 cast kernels per resnet8x4 step where the engine now runs two multi-tensor
-#      copies; graphs only: compile+graphs keeps the casts), against b64_baseline: what holding
-#      them in bf16 saves on the student's side;
+#      b64_baseline: what setting them to None saves; then b64_student_plain: batch 64 with the
+#      student's convolution and linear weights cast by autocast in every forward and their
+#      gradients cast back in every backward (--student-weights fp32) and its BatchNorm counters
+#      advanced layer by layer (--batch-counters per_layer), as before 2026-11-28: the same
+#      numbers, 24 cast kernels and 10 adds per resnet8x4 step where the engine now runs two
+#      multi-tensor copies and one multi-tensor add (graphs only: compile+graphs keeps them),
+#      against b64_baseline: what the two save on the student's side;
 #   8. b1024_teacher_autotune: the teacher alone compiled in mode max-autotune-no-cudagraphs
 #      (inductor's convolution templates can apply BatchNorm, residual add and ReLU in the
 #      convolution's epilogue: the pass over every activation that folding did not remove; the
@@ -108,7 +109,7 @@ part b1024_fused_teacher 150 $PY "${CE[@]}" --batch-sizes $B1024 --captures comp
 part lockstep_b64 90 $PY "${LS[@]}" --capture $G --separate-capture $G --streams parallel --teacher-stream ahead --batch-size $B64 --samples $NL --json "$WORK/lockstep_b64.json"
 part b64_teacher_fp32_weights 75 $PY "${CE[@]}" --batch-sizes $B64 --captures $G,$CG --precision bf16 --teacher-weights fp32 --json "$WORK/b64_teacher_fp32_weights.json"
 part b64_zeroed_grads 75 $PY "${CE[@]}" --batch-sizes $B64 --captures $G,$CG --precision bf16 --zeroed-grads --json "$WORK/b64_zeroed_grads.json"
-part b64_student_fp32_weights 45 $PY "${CE[@]}" --batch-sizes $B64 --captures $G --precision bf16 --student-weights fp32 --json "$WORK/b64_student_fp32_weights.json"
+part b64_student_plain 45 $PY "${CE[@]}" --batch-sizes $B64 --captures $G --precision bf16 --student-weights fp32 --batch-counters per_layer --json "$WORK/b64_student_plain.json"
 part b1024_teacher_autotune 300 $PY "${CE[@]}" --batch-sizes $B1024 --captures compile --teacher-compile-mode $MODE --json "$WORK/b1024_teacher_autotune.json"
 part kdsvd_solver 60 $PY tests/benchmarks/kdsvd_solver.py --device $DEV --batch-size $B64 --json "$WORK/kdsvd_solver.json"
 part fits_compile_graphs 240 $PY tests/benchmarks/cifar_epoch.py --device $DEV --fits --fit-capture $CG "${FITX[@]}" --json "$WORK/fits_compile_graphs.json"

@@ -166,3 +166,45 @@ def test_a_streamed_dataset_trains_through_the_loader_path(env, teacher):
     plan1 = make_plan(RunConfig(method="kd", recipe={"epochs": 1}), reg)
     same = engine.run_student(plan1, engine.setup_student(plan1, teacher, CPU), CPU, lambda e: None)
     assert result.curve == same.curve
+
+
+class _OwnForward(nn.BatchNorm1d):
+    def forward(self, x):
+        return super().forward(x) * 1.0
+
+
+def test_batch_counters_advance_at_once_as_each_layer_would_alone():
+    """engine.BatchCounters over steps against PyTorch's own adds: the same counts and running statistics
+    after every step, and only the layers the first step calls once in training mode are managed — not
+    one called twice, one in eval mode, one without a momentum (it reads its count), one with a forward
+    of its own."""
+    torch.manual_seed(0)
+
+    def net():
+        layers = nn.ModuleDict({"once": nn.BatchNorm1d(3), "twice": nn.BatchNorm1d(3),
+                                "frozen": nn.BatchNorm1d(3), "average": nn.BatchNorm1d(3, momentum=None),
+                                "own": _OwnForward(3)})
+        layers["frozen"].eval()
+        return layers
+
+    def forward(layers, x):
+        h = layers["once"](x)
+        h = layers["twice"](layers["twice"](h))
+        return layers["own"](layers["average"](layers["frozen"](h)))
+
+    nets = [net(), net()]
+    nets[1].load_state_dict(nets[0].state_dict())
+    counters = engine.BatchCounters(nets[1])
+    assert len(counters.layers) == 3  # "average" and "own" are never candidates
+    for step in range(4):
+        x = torch.randn(8, 3, 5)
+        plain = forward(nets[0], x)
+        counters.begin()
+        lean = forward(nets[1], x)
+        counters.end()
+        counters.advance()
+        assert torch.equal(plain, lean), step
+        for (name, a), b in zip(nets[0].state_dict().items(), nets[1].state_dict().values()):
+            assert torch.equal(a, b), (step, name)
+        assert counters.layers == [nets[1]["once"]]
+    assert nets[1]["once"].num_batches_tracked.item() == 4 and nets[1]["twice"].num_batches_tracked.item() == 8

@@ -483,9 +483,12 @@ def test_a_replayed_step_writes_the_gradients_instead_of_zeroing_and_adding_into
 
 
 def _student_fit(method, teacher, mode, weights, monkeypatch, seen):
-    """A bf16 run under faked graphs, the student's weights held as ``weights``; ``seen`` gets, for
-    every student convolution that ran, whether gradients were on (training) and its weight's dtype."""
+    """A bf16 run under faked graphs, the student's weights held as ``weights`` and its BatchNorm
+    counters advanced together ("bf16": the engine's default) or layer by layer ("fp32"); ``seen``
+    gets, for every student convolution that ran, whether gradients were on (training) and its
+    weight's dtype."""
     monkeypatch.setattr(engine, "STUDENT_WEIGHTS", weights)
+    monkeypatch.setattr(engine, "BATCH_COUNTERS", "foreach" if weights == "bf16" else "per_layer")
     record = torch._dynamo.disable(lambda m, args: seen.append((torch.is_grad_enabled(), m.weight.dtype)))
     def setup(plan, *args):
         made = SETUP_STUDENT(plan, *args)
@@ -509,7 +512,8 @@ def test_a_bf16_captured_step_runs_the_student_from_bf16_copies_with_the_same_nu
     which weights a step uses once (fitnets' pre-stage and main stage each hold theirs); at_grad,
     whose loss runs the student again for its input gradients, keeps autocast's casts (and so does
     a compiled student: the teachers' test above, compile+graphs). Bitwise the run whose student
-    autocast casts at every forward, and the evaluation runs the float32 weights."""
+    autocast casts at every forward, and the evaluation runs the float32 weights. With the student's
+    BatchNorm counters advanced by one multi-tensor add: the same counts (in the state dicts)."""
     held_seen, cast_seen, mode = [], [], "graphs"
     held, held_losses = _student_fit(method, teacher, mode, "bf16", monkeypatch, held_seen)
     cast, cast_losses = _student_fit(method, teacher, mode, "fp32", monkeypatch, cast_seen)
@@ -532,10 +536,13 @@ def test_a_bf16_captured_step_runs_the_student_from_bf16_copies_with_the_same_nu
     assert first == convs * len(stages) or (method == "ft" and first > convs * len(stages)), (first, convs, stages)
 
 
-def test_a_replayed_bf16_step_casts_no_student_weight(teacher, fake_graphs, captured_optimizer, monkeypatch):
-    """What each faked replay of a bf16 KD step runs, with the student's weights held in bf16 and cast
-    by autocast: two multi-tensor copies (gradients to float32, copies refreshed) in place of a cast per
-    weight in the forward and one per gradient in the backward."""
+def test_a_replayed_bf16_step_casts_no_student_weight_and_adds_its_batch_counters_at_once(
+        teacher, fake_graphs, captured_optimizer, monkeypatch):
+    """What each faked replay of a bf16 KD step runs, with the student's weights held in bf16 and its
+    BatchNorm counters advanced together, against autocast's casts and PyTorch's add per layer: two
+    multi-tensor copies (gradients to float32, copies refreshed) in place of a cast per weight in the
+    forward and one per gradient in the backward, and one multi-tensor add in place of one per
+    BatchNorm layer; the counters count the same."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Ops(TorchDispatchMode):
@@ -558,20 +565,26 @@ def test_a_replayed_bf16_step_casts_no_student_weight(teacher, fake_graphs, capt
             seen.append(ops.names)
         return watched
 
-    per_replay = {}
-    for weights in ("bf16", "fp32"):
-        monkeypatch.setattr(engine, "STUDENT_WEIGHTS", weights)
-        monkeypatch.setattr(FakeGraph, "replay", counted(per_replay.setdefault(weights, [])))
+    per_replay, counts = {}, {}
+    for lean in (True, False):
+        monkeypatch.setattr(engine, "STUDENT_WEIGHTS", "bf16" if lean else "fp32")
+        monkeypatch.setattr(engine, "BATCH_COUNTERS", "foreach" if lean else "per_layer")
+        monkeypatch.setattr(FakeGraph, "replay", counted(per_replay.setdefault(lean, [])))
         plan = make_plan(RunConfig(method="kd", recipe={"epochs": 1}, capture="graphs", precision="bf16"),
                          plugins.load())
         setup = engine.setup_student(plan, teacher, CPU)
         student = setup.trainee.student.model
         engine.run_student(plan, setup, CPU, lambda log: None, with_test=False)
+        counts[lean] = [m.num_batches_tracked.item() for m in student.modules()
+                        if isinstance(m, torch.nn.BatchNorm1d)]
     weights = len(precision.cast_weights(student))
     assert weights == 4  # the embedded student's two convolutions, its linear layer's weight and bias
-    held, cast = per_replay["bf16"][-1], per_replay["fp32"][-1]
-    assert held.count("_foreach_copy_") == 2 and cast.count("_foreach_copy_") == 0
-    assert cast.count("_to_copy") - held.count("_to_copy") == 2 * weights, (cast.count("_to_copy"), held.count("_to_copy"))
+    assert len(counts[True]) == 2 and counts[True] == counts[False] and counts[True][0] > 20
+    lean, plain = per_replay[True][-1], per_replay[False][-1]
+    assert lean.count("_foreach_copy_") == 2 and plain.count("_foreach_copy_") == 0
+    assert plain.count("_to_copy") - lean.count("_to_copy") == 2 * weights, (plain.count("_to_copy"), lean.count("_to_copy"))
+    assert lean.count("_foreach_add_") - plain.count("_foreach_add_") == 1  # (the epoch totals add one too)
+    assert plain.count("add_") - lean.count("add_") == 2  # the two BatchNorm layers' own adds
     allocations = {"empty", "empty_like", "empty_strided"}
-    kernels = [[name for name in ops if name not in allocations] for ops in (held, cast)]
-    assert len(kernels[1]) - len(kernels[0]) == 2 * weights - 2, (sorted(held), sorted(cast))
+    kernels = [[name for name in ops if name not in allocations] for ops in (lean, plain)]
+    assert len(kernels[1]) - len(kernels[0]) == 2 * weights - 2 + 2 - 1, (sorted(lean), sorted(plain))
