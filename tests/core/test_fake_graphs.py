@@ -481,7 +481,6 @@ def test_a_replayed_step_writes_the_gradients_instead_of_zeroing_and_adding_into
     assert zeroed == [] and all(not into for _, into in replays), (zeroed, replays[:2])
 
 
-
 def _student_fit(method, teacher, mode, weights, monkeypatch, seen):
     """A bf16 run under faked graphs, the student's weights held as ``weights`` and its BatchNorm
     counters advanced together ("bf16": the engine's default) or layer by layer ("fp32"); ``seen``
@@ -490,6 +489,7 @@ def _student_fit(method, teacher, mode, weights, monkeypatch, seen):
     monkeypatch.setattr(engine, "STUDENT_WEIGHTS", weights)
     monkeypatch.setattr(engine, "BATCH_COUNTERS", "foreach" if weights == "bf16" else "per_layer")
     record = torch._dynamo.disable(lambda m, args: seen.append((torch.is_grad_enabled(), m.weight.dtype)))
+
     def setup(plan, *args):
         made = SETUP_STUDENT(plan, *args)
         convs = [m for m in made.trainee.student.model.modules() if isinstance(m, torch.nn.Conv1d)]
