@@ -344,13 +344,15 @@ class Step:
     * ``modules``: what the method's ``build`` returned (trained with the student), or None.
     * ``epoch``: 0-based, within the current stage; ``epochs``: that stage's epoch count. A
       captured step (``--capture graphs``) that reads ``epoch`` is captured again at each epoch;
-      one that does not is captured once per stage.
+      one that does not is captured once per stage. A warm-up factor is :meth:`ramp`, which does
+      not read it.
     * ``stage``: the current stage's name (``"main"``, or a pre-stage's :attr:`Stage.name`).
     * ``index``: the batch's sample indices in the training split (e.g. for a memory bank).
     * ``student_net``: the student as ``x -> Outputs`` (same taps), for methods that re-run it.
     * ``teacher_net``: the frozen teacher as ``x -> Outputs``; None without a teacher.
     * ``teachers``: the :class:`Outputs` of the run's extra teachers (``RunConfig.teachers``),
       same taps as ``teacher``; None when the run has none (the main teacher stays ``teacher``).
+    * ``ramps``: where :meth:`ramp` gets its values in a run (the engine's); None elsewhere.
     """
 
     x: torch.Tensor
@@ -366,6 +368,24 @@ class Step:
     student_net: nn.Module | None = None
     teacher_net: nn.Module | None = None
     teachers: list[Outputs] | None = None
+    ramps: Any = None
+
+    def ramp(self, length: float) -> torch.Tensor | float:
+        """The warm-up factor ``min((epoch + 1) / length, 1)`` (1 when ``length`` ≤ 0): a linear
+        ramp over the stage's first ``length`` epochs, counted from 1 as mdistiller counts them.
+
+        In a run it is a float32 scalar on the device that the engine sets at the start of each
+        epoch, so a captured step that reads it is captured once per stage (one that reads
+        ``epoch`` is captured again at each epoch); outside a run (``ramps`` None: a step made by
+        hand or by :func:`kdbench.testing.make_step`) it is a float."""
+        if self.ramps is None:
+            return ramp_value(self.epoch, length)
+        return self.ramps.get(length)
+
+
+def ramp_value(epoch: int, length: float) -> float:
+    """:meth:`Step.ramp`'s value at the 0-based ``epoch``."""
+    return 1.0 if length <= 0 else min((epoch + 1) / length, 1.0)
 
 
 @dataclass

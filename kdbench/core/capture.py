@@ -19,8 +19,9 @@ Three modes (``RunConfig.capture``, ``--capture``):
   a batch of another shape (the last, partial one) runs eagerly. A method's loss may read
   ``Step.epoch``, a Python int that a graph would freeze: the capture watches for that read
   (:func:`watching_epoch`), and only a step that read it is recaptured at each epoch (one capture
-  per epoch, no warm-up: dkd's and reviewkd's warm-up ramps); every other step is captured once
-  per stage. The frozen teachers' forward runs on a :class:`Branch`, for the next batch, beside
+  per epoch, no warm-up); every other step is captured once per stage. A warm-up factor
+  (``Step.ramp``: dkd's and reviewkd's) is a device scalar set at each epoch (:class:`Ramps`),
+  not a read of the epoch. The frozen teachers' forward runs on a :class:`Branch`, for the next batch, beside
   the student's step on this one (``engine.TEACHER_STREAM``): parallel branches of the graph.
 * ``compile+graphs`` — CUDA only: both. The networks are compiled first (fused kernels: what
   large, compute-bound batches need) and the whole step, compiled networks included, is then
@@ -44,7 +45,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from kdbench.contracts import Step
+from kdbench.contracts import Step, ramp_value
 from kdbench.errors import KdbenchError
 
 CAPTURES = ("none", "compile", "graphs", "compile+graphs")
@@ -310,6 +311,32 @@ class WatchedStep(Step):
             for seen in _watchers:
                 seen[0] = True
         return object.__getattribute__(self, name)
+
+
+class Ramps:
+    """The warm-up factors of a stage's steps (``Step.ramp``): one float32 scalar on the device per
+    ramp length, set by :meth:`set_epoch` at the start of each epoch, outside any graph. A captured
+    step multiplies by the tensor, so its graph stays valid from one epoch to the next."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.epoch = device, 0
+        self.values: dict[float, torch.Tensor] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        for length, value in self.values.items():
+            value.fill_(ramp_value(epoch, length))
+
+    def get(self, length: float) -> torch.Tensor:
+        value = self.values.get(length)
+        if value is None:
+            # made during a capture (no eager step asked for it before), its first value is in the
+            # graph: the step is then captured again at each epoch, as one that read the epoch
+            for seen in _watchers:
+                seen[0] = True
+            value = torch.full((), ramp_value(self.epoch, length), dtype=torch.float32, device=self.device)
+            self.values[length] = value
+        return value
 
 
 def step_class() -> type[Step]:

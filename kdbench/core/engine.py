@@ -377,10 +377,11 @@ class _AtPrecision(nn.Module):
 def _batch_loss(trainee: Trainee, stage: Stage, epoch: int, epochs: int, x: torch.Tensor, y: torch.Tensor,
                 index: torch.Tensor | None, device: torch.device | None = None,
                 precision: str = "fp32", cache: bool = True, branch: capturing.Branch | None = None,
-                ahead: TeacherAhead | None = None) -> tuple[Outputs, dict[str, torch.Tensor], torch.Tensor]:
+                ahead: TeacherAhead | None = None,
+                ramps: capturing.Ramps | None = None) -> tuple[Outputs, dict[str, torch.Tensor], torch.Tensor]:
     """One batch through the networks (under ``precision``'s autocast; the teachers on ``branch``)
-    and the stage's loss (in float32, autocast off): the student's outputs, the named loss terms
-    and their sum."""
+    and the stage's loss (in float32, autocast off; its warm-up factors from ``ramps``): the
+    student's outputs, the named loss terms and their sum."""
     device = device if device is not None else x.device
     with precision_autocast(device, precision, cache):
         student, teacher, teachers = _forward(trainee, x, branch, ahead)
@@ -393,7 +394,7 @@ def _batch_loss(trainee: Trainee, stage: Stage, epoch: int, epochs: int, x: torc
     step = capturing.step_class()(
         x=x, y=y, student=student, teacher=teacher, hp=trainee.hp, modules=trainee.modules,
         epoch=epoch, epochs=epochs, stage=stage.name, index=index,
-        student_net=student_net, teacher_net=teacher_net, teachers=teachers,
+        student_net=student_net, teacher_net=teacher_net, teachers=teachers, ramps=ramps,
     )
     with loss_region(device, precision):
         terms = stage.loss(step)
@@ -660,6 +661,7 @@ class StageStep:
         self.trainee, self.stage, self.epochs, self.opt = trainee, stage, epochs, opt
         self.device, self.precision, self.state = device, precision, state
         self.totals: EpochTotals | None = None  # the epoch's, set by __call__
+        self.ramps = capturing.Ramps(device)  # the loss's warm-up factors, set by begin_epoch
         self.graphed = capturing.GraphedSteps(self.counted, device) if state.graphs else None
         # the teachers' forward beside the student's (False: a lockstep group's graph runs its teacher
         # and hands its members the branch it ran on), one batch ahead by default
@@ -696,7 +698,8 @@ class StageStep:
         try:
             student, terms, loss = _batch_loss(self.trainee, self.stage, epoch, self.epochs, x, y, index,
                                                self.device, self.precision, cache=not graphs,
-                                               branch=self.branch if graphs else None, ahead=ahead)
+                                               branch=self.branch if graphs else None, ahead=ahead,
+                                               ramps=self.ramps)
         finally:
             for part in (held, counters):
                 if part is not None:
@@ -715,6 +718,10 @@ class StageStep:
         if ahead is not None:
             ahead.land()
         return student.logits, terms
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Before the epoch's first step: its warm-up factors (outside any graph)."""
+        self.ramps.set_epoch(epoch)
 
     def counted(self, epoch: int, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None):
         """:meth:`eager`, then the batch added to the totals on the device (what is captured)."""
@@ -798,6 +805,7 @@ def train_stage(
     for epoch in range(epochs):
         lr = lr_at(recipe, epoch) if scheduled else stage.lr_for(trainee.hp, recipe.lr)
         capturing.set_lr(opt, lr)
+        step.begin_epoch(epoch)
         start = time.perf_counter()
         totals.reset()
         for (x, y, index), x_next in with_next(train.shuffled(recipe.batch_size, generator, augment)):

@@ -388,6 +388,7 @@ def _main_stage(running: dict[int, _Running], outcomes: list[MemberOutcome], gro
         for run in running.values():
             run.lr = engine.lr_at(recipe, epoch)
             capturing.set_lr(run.opt, run.lr)
+            run.step.begin_epoch(epoch)
             run.totals.reset()
         start = time.perf_counter()
         for (x, y, index), x_next in engine.with_next(train.shuffled(recipe.batch_size, generator, augment)):

@@ -295,27 +295,47 @@ def test_epoch_totals_keep_their_buffers_across_epochs_and_count_what_was_added(
 
 # --------------------------------------------------------------------------- reads of Step.epoch
 
-#: the built-in methods whose loss reads Step.epoch: their warm-up ramps
-READS_EPOCH = {"dkd", "reviewkd"}
-
-
 def _reads_epoch(reg, method: str, teacher) -> bool:
-    """Whether one batch of each of the method's stages (pre-stages, then main) reads the epoch."""
+    """Whether one batch of each of the method's stages (pre-stages, then main), after an eager
+    step of each as a capture's warm-up, reads the epoch."""
     plan = make_plan(RunConfig(method=method, recipe={"epochs": 1}), reg)
     setup = engine.setup_student(plan, teacher if plan.method_obj.needs_teacher else None, CPU)
     split = setup.splits["train"]
     x, y, index = split.x[:64], split.y[:64], torch.arange(64)
     stages = [stage for stage, _ in setup.pre_stages] + [engine.Stage("main", 1, plan.method_obj.loss)]
+    ramps = [capture.Ramps(CPU) for _ in stages]  # each stage step's own
+    for stage, stage_ramps in zip(stages, ramps):
+        engine._batch_loss(setup.trainee, stage, 0, 1, x, y, index, CPU, ramps=stage_ramps)
     with capture.watching_epoch() as seen:
-        for stage in stages:
-            engine._batch_loss(setup.trainee, stage, 0, 1, x, y, index, CPU)
+        for stage, stage_ramps in zip(stages, ramps):
+            engine._batch_loss(setup.trainee, stage, 0, 1, x, y, index, CPU, ramps=stage_ramps)
     return seen[0]
 
 
 @pytest.mark.parametrize("method", sorted(plugins.load().methods) + ["kd+dkd", "kd+at", "fitnets+crd"])
-def test_only_the_methods_with_a_warm_up_ramp_read_the_epoch(teacher, method):
-    """The captured graph of every other method (pre-stages included) is kept across epochs."""
-    assert _reads_epoch(plugins.load(), method, teacher) == bool(set(method.split("+")) & READS_EPOCH)
+def test_no_built_in_method_reads_the_epoch(teacher, method):
+    """The captured graph of every method (pre-stages included) is kept across epochs: dkd's and
+    reviewkd's warm-up factors are ``Step.ramp``'s device scalars, not reads of the epoch."""
+    assert _reads_epoch(plugins.load(), method, teacher) is False
+
+
+def test_a_ramp_is_a_device_scalar_set_at_each_epoch_and_one_made_in_a_capture_counts_as_a_read():
+    ramps = capture.Ramps(CPU)
+    step = dataclasses.replace(_watched(epoch=0), ramps=ramps)
+    with capture.watching_epoch() as seen:  # made during a capture: its value would be frozen
+        value = step.ramp(4.0)
+    assert seen[0] is True and value.dtype == torch.float32 and value.item() == 0.25
+    assert step.ramp(0.0).item() == 1.0  # a warm-up step's (no capture watches)
+    with capture.watching_epoch() as seen:  # the capture after it: the same tensors
+        assert step.ramp(4.0) is value and step.ramp(0.0) is ramps.values[0.0]
+    assert seen[0] is False
+    got = []
+    for epoch in range(6):
+        ramps.set_epoch(epoch)
+        got.append((value.item(), ramps.values[0.0].item()))
+    assert got == [(0.25, 1.0), (0.5, 1.0), (0.75, 1.0), (1.0, 1.0), (1.0, 1.0), (1.0, 1.0)]
+    # outside a run: the same formula, as a float
+    assert [dataclasses.replace(step, ramps=None, epoch=e).ramp(2.5) for e in (0, 1, 2)] == [0.4, 0.8, 1.0]
 
 
 def _watched(epoch: int = 3):

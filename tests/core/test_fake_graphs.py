@@ -11,7 +11,9 @@ from typing import Callable
 import pytest
 import torch
 
+from kdbench.contracts import Method, Stage
 from kdbench.core import capture, engine, plugins, precision
+from kdbench.core.plugins import Entry
 from kdbench.core.plan import RunConfig, make_plan
 from stream_races import RaceCheck, fake_streams
 
@@ -123,9 +125,9 @@ def teacher():
 
 
 EPOCHS = 2
-#: dkd's warm-up over the whole run (the ramp 1/2, 1): its default, scaled to 2 epochs, is done in
-#: the first, and a graph that froze the epoch would give the same numbers
-HPARAMS = {"dkd": {"warmup": 240}}
+#: dkd's and reviewkd's warm-up over the whole run (the ramp 1/2, 1): their defaults, scaled to 2
+#: epochs, are done in the first, and a graph that froze the ramp would give the same numbers
+HPARAMS = {"dkd": {"warmup": 240}, "reviewkd": {"warmup": 240}}
 
 
 #: an extra teacher (untrained: what matters is that graphs and eager get the same outputs of it)
@@ -158,19 +160,18 @@ def fit(method, teacher, capture_mode, precision=None, seen=None, epochs=EPOCHS)
 
 
 #: every built-in method that captures (kdsvd declares it cannot). Among them: dkd's and reviewkd's
-#: warm-up ramps read Step.epoch (a graph kept from epoch 1 would freeze it), crd's sample indices
-#: are a static input (its memory bank), fitnets has a pre-stage (a stage of its own, captured
-#: once), multi_teacher an extra teacher (run ahead with the teacher)
+#: warm-up ramps (device scalars set at each epoch: a graph that froze them would be wrong in the
+#: second), crd's sample indices are a static input (its memory bank), fitnets has a pre-stage (a
+#: stage of its own, captured once), multi_teacher an extra teacher (run ahead with the teacher)
 CAPTURED = [name for name, entry in sorted(plugins.load().methods.items()) if entry.obj.capturable]
-RECAPTURED = {"dkd", "reviewkd"}
 
 
 @pytest.mark.parametrize("method", CAPTURED)
-def test_faked_graphs_give_eager_numbers_and_recapture_only_what_reads_the_epoch(teacher, fake_graphs,
-                                                                                captured_optimizer, method):
+def test_faked_graphs_give_eager_numbers_and_capture_each_stage_once(teacher, fake_graphs, captured_optimizer,
+                                                                     method):
     """Bitwise, with the same optimizer on both paths (captured_optimizer), the teacher run one
-    batch ahead on its branch (the default)."""
-    recaptured = method in RECAPTURED
+    batch ahead on its branch (the default); every stage's graph captured in its first epoch and
+    kept (no built-in method reads ``Step.epoch``)."""
     eager, eager_losses = fit(method, teacher, "none")
     graphed, graphed_losses = fit(method, teacher, "graphs")
     teaches = plugins.load().methods[method].obj.needs_teacher
@@ -179,11 +180,37 @@ def test_faked_graphs_give_eager_numbers_and_recapture_only_what_reads_the_epoch
     assert graphed.curve == eager.curve
     assert fake_graphs, "nothing was captured"
     assert RecordingEval.captured, "the evaluation was not captured"
-    assert (len(set(fake_graphs)) == EPOCHS) is recaptured, fake_graphs
+    assert set(fake_graphs) == {0}, fake_graphs
+
+
+def _ramp_method():
+    def loss(step):  # a pre-stage's ramp and the main stage's, each its stage's epochs
+        length = 2.5 if step.stage == "main" else 1.5
+        return {"ce": torch.nn.functional.cross_entropy(step.student.logits, step.y), "ramp": step.ramp(length)}
+    return Method(name="ramp", loss=loss, needs_teacher=False,
+                  stages=lambda hp: [Stage("warm", 2, loss)])
+
+
+@pytest.mark.parametrize("capture_mode", ["none", "graphs"])
+def test_a_ramp_has_its_epochs_value_in_every_epoch_and_its_graph_is_captured_once(fake_graphs, captured_optimizer,
+                                                                                  capture_mode):
+    """``Step.ramp`` in a run: each epoch's factor, min((epoch + 1) / length, 1), eagerly and from a
+    graph captured in the stage's first epoch (which a frozen value would get wrong from the
+    second on)."""
+    reg = plugins.load()
+    reg.methods["ramp"] = Entry(_ramp_method(), "test", "tests", "0")
+    plan = make_plan(RunConfig(method="ramp", recipe={"epochs": 4}, capture=capture_mode), reg)
+    logs = []
+    engine.run_student(plan, engine.setup_student(plan, None, CPU), CPU, logs.append, with_test=False)
+    ramps = {(log.stage, log.epoch): log.metrics[("warm/" if log.stage != "main" else "") + "loss_ramp"]
+             for log in logs}
+    assert ramps == pytest.approx({("warm", 1): 2 / 3, ("warm", 2): 1.0,  # logged epochs count from 1
+                                   ("main", 1): 0.4, ("main", 2): 0.8, ("main", 3): 1.0, ("main", 4): 1.0})
+    assert fake_graphs == ([0, 0] if capture_mode == "graphs" else [])  # each stage's, once
 
 
 #: no method drawing device random numbers: inside a group graph the members share that stream
-#: (CRD's negatives differ from its separate run's, as on a GPU); dkd recaptures the group graph
+#: (CRD's negatives differ from its separate run's, as on a GPU); dkd's ramp changes between epochs
 LOCKSTEP = ["kd", "dkd", "fitnets", "at"]
 
 
@@ -194,7 +221,8 @@ def test_a_lockstep_group_graph_trains_each_member_as_its_separate_eager_run(tea
     or each member on a stream of its own and the teacher on its branch — the next batch's beside
     the whole group step, or this batch's beside the members' forwards — every operator checked
     against the streams' order: no race),
-    captured again at each epoch because dkd reads it; every member bitwise its separate run."""
+    captured once (dkd's warm-up ramp is a device scalar set at each epoch); every member bitwise
+    its separate run."""
     from kdbench.core import lockstep
 
     monkeypatch.setattr(lockstep, "PARALLEL_STREAMS", parallel)
@@ -238,8 +266,7 @@ def test_a_lockstep_group_graph_trains_each_member_as_its_separate_eager_run(tea
         assert outcome.result.curve == separate[method].curve, method
         for key, value in separate[method].state_dict.items():
             assert torch.equal(outcome.result.state_dict[key], value), (method, key)
-    assert sorted(set(fake_graphs)) == list(range(EPOCHS))  # the group's graph, at each epoch
-    # (and fitnets' hint stage, run alone before the group, captured once)
+    assert set(fake_graphs) == {0}  # the group's graph and fitnets' hint stage (run alone before it), once
 
 
 @pytest.mark.parametrize("where", ["ahead", "beside"])

@@ -1,4 +1,6 @@
 """reviewkd: the pyramid (HCL) loss by hand, the fusion shapes and the warm-up."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -67,6 +69,10 @@ def test_reviewkd_reviews_stages_and_pooled_vector_against_teacher_preactivation
 
 @pytest.mark.parametrize("epoch,epochs,factor", [(0, 240, 1 / 20), (19, 240, 1.0), (0, 24, 0.5), (1, 24, 1.0),
                                                  (0, 2, 1.0)])
-def test_reviewkd_warmup_is_20_of_240_epochs_scaled(epoch, epochs, factor):
+def test_reviewkd_warmup_is_20_of_240_epochs_scaled(monkeypatch, epoch, epochs, factor):
     # mdistiller: min(epoch / WARMUP_EPOCHS, 1) with epochs counted from 1, WARMUP_EPOCHS = 20 of 240
-    assert reviewkd.warmup_factor(epoch, epochs, 20.0) == pytest.approx(factor)
+    monkeypatch.setattr(reviewkd, "review_term", lambda step: torch.tensor(1.0))
+    y = torch.tensor([0, 1])
+    step = make_step("reviewkd", Outputs(torch.zeros(2, 5), {}), Outputs(torch.zeros(2, 5), {}), y, None)
+    step = dataclasses.replace(step, epoch=epoch, epochs=epochs)
+    assert float(reviewkd.loss(step)["review"]) == pytest.approx(5.0 * factor)  # beta 5

@@ -54,15 +54,10 @@ def dkd_terms(z_s, z_t, y, T):
     return tckd * T * T, nckd * T * T
 
 
-def warmup_factor(epoch, epochs, warmup):
-    w = warmup * epochs / REF_EPOCHS
-    return 1.0 if w <= 0 else min((epoch + 1) / w, 1.0)
-
-
 def loss(step):
     hp = step.hp
     tckd, nckd = dkd_terms(step.student.logits.float(), frozen(step.teacher.logits), step.y, hp.T)
-    ramp = warmup_factor(step.epoch, step.epochs, hp.warmup)
+    ramp = step.ramp(hp.warmup * step.epochs / REF_EPOCHS)
     return {"ce": ce(step), "tckd": ramp * hp.alpha * tckd, "nckd": ramp * hp.beta * nckd}
 
 

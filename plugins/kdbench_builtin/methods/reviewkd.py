@@ -111,14 +111,9 @@ def review_term(step):
     return total
 
 
-def warmup_factor(epoch, epochs, warmup):
-    w = warmup * epochs / REF_EPOCHS
-    return 1.0 if w <= 0 else min((epoch + 1) / w, 1.0)
-
-
 def loss(step):
     hp = step.hp
-    ramp = warmup_factor(step.epoch, step.epochs, hp.warmup)
+    ramp = step.ramp(hp.warmup * step.epochs / REF_EPOCHS)
     return {"ce": F.cross_entropy(step.student.logits, step.y), "review": hp.beta * ramp * review_term(step)}
 
 
