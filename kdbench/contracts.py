@@ -225,7 +225,9 @@ class Augment:
 
     ``crop_pad``: pad each spatial side with zeros by this many pixels, then crop back to the
     original size at a random offset per sample (1-D: a random shift). ``flip``: mirror the last
-    axis with probability ½. ``noise``: add Gaussian noise of this std after normalisation.
+    axis with probability ½. Both act on the raw values, before scaling and normalisation (as
+    torchvision's ``RandomCrop(padding=…)`` on the image: a uint8 image is padded with black).
+    ``noise``: add Gaussian noise of this std after normalisation.
     """
 
     crop_pad: int = 0

@@ -3,6 +3,7 @@ permutation and augmented batched (pad + random crop/shift, flip, noise) with no
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +46,7 @@ class DeviceSplit:
         stop = n - n % batch_size if n > batch_size else n
         for i in range(0, stop, batch_size):
             idx = perm[i : i + batch_size]
-            yield model_layout(augment_batch(self.prepare(self.x[idx]), augment, generator)), self.y[idx], idx
+            yield model_layout(augment_batch(self.x[idx], augment, generator, self.prepare)), self.y[idx], idx
 
 
 def model_layout(x: torch.Tensor, cuda: bool | None = None) -> torch.Tensor:
@@ -129,7 +130,7 @@ class LoaderSplit(DeviceSplit):
         sampler.order = torch.randperm(len(self), generator=generator, device=generator.device).cpu().tolist()
         for x, y, i in _from_workers(loader):
             x, y, i = self._to_device(x, y, i)
-            yield model_layout(augment_batch(self.prepare(x), augment, generator)), y, i
+            yield model_layout(augment_batch(x, augment, generator, self.prepare)), y, i
 
 
 def _from_workers(loader):
@@ -184,12 +185,17 @@ def _check_shape(dataset: Dataset, split: str, shape: tuple) -> None:
         )
 
 
-def augment_batch(x: torch.Tensor, aug: Augment, generator: torch.Generator) -> torch.Tensor:
-    """Apply ``aug`` to a batch ``[B, C, *spatial]`` (1-D or 2-D spatial), batched on its device.
+def augment_batch(x: torch.Tensor, aug: Augment, generator: torch.Generator,
+                  prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Apply ``aug`` to a raw batch ``[B, C, *spatial]`` (1-D or 2-D spatial), batched on its
+    device; ``prepare`` (scaling and normalisation) runs between the crop and flip and the noise.
 
     Random crop (zero-pad by ``crop_pad``, crop at a uniform offset in ``[0, 2·pad]`` per axis and
     sample) and horizontal flip (last axis, probability ½) are folded into one index, so the batch
-    is read with a single gather."""
+    is read with a single gather. They act on the raw values, before ``prepare``, as torchvision's
+    ``RandomCrop(32, padding=4)`` and ``RandomHorizontalFlip`` act on the image before ``ToTensor``
+    and ``Normalize`` in RepDistiller's and mdistiller's CIFAR loaders: the padding is black (0),
+    not the mean colour a zero after normalisation would be. Noise is added after ``prepare``."""
     spatial = x.shape[2:]
     if len(spatial) not in (1, 2):
         raise KdbenchError(f"augmentation supports 1-D and 2-D inputs, got {len(spatial)}-D")
@@ -212,6 +218,8 @@ def augment_batch(x: torch.Tensor, aug: Augment, generator: torch.Generator) -> 
             rows = offsets[0][:, None] + torch.arange(spatial[0], device=dev)  # [B, H]
             index = (rows[:, :, None] * x.shape[-1] + cols[:, None, :]).flatten(1)  # [B, H·W]
         x = x.flatten(2).gather(2, index[:, None, :].expand(-1, c, -1)).view(b, c, *spatial)
+    if prepare is not None:
+        x = prepare(x)
     if aug.noise:
         x = x + aug.noise * torch.randn(x.shape, generator=generator, device=dev)
     return x

@@ -177,7 +177,8 @@ def test_cifar_dataset_declarations():
     by_name = {d.name: d for d in cifar.DATASETS}
     c100 = by_name["cifar100"]
     assert c100.num_classes == 100 and c100.input_shape == (3, 32, 32)
-    assert c100.mean == (0.5071, 0.4865, 0.4409) and c100.std == (0.2673, 0.2564, 0.2762)
+    # RepDistiller's dataset/cifar100.py and mdistiller's mdistiller/dataset/cifar100.py: Normalize(...)
+    assert c100.mean == (0.5071, 0.4867, 0.4408) and c100.std == (0.2675, 0.2565, 0.2761)
     assert c100.augment.crop_pad == 4 and c100.augment.flip
     assert c100.recipe == load_recipe("cifar100-standard")
     assert (c100.default_teacher, c100.default_student) == ("resnet32x4", "resnet8x4")

@@ -49,6 +49,29 @@ def test_flip_mirrors_about_half_the_batch():
     assert 160 < int(flipped.sum()) < 240
 
 
+def test_crops_pad_the_raw_image_with_black_before_normalisation():
+    """As torchvision's RandomCrop(padding=4) and RandomHorizontalFlip on the PIL image, then
+    ToTensor and Normalize (RepDistiller's, mdistiller's CIFAR loaders): each training sample is
+    a crop, maybe mirrored, of the raw image padded with 0, normalised — the padding is
+    (0 - mean) / std, not the mean colour that padding after normalisation would give."""
+    from kdbench.core.splits import DeviceSplit
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(1, 256, (32, 3, 6, 6), dtype=torch.uint8, generator=g)
+    mean, std = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1), torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    split = DeviceSplit(x, torch.zeros(32, dtype=torch.long), mean, std)
+    (out, _, idx), = list(split.shuffled(32, torch.Generator().manual_seed(1), Augment(crop_pad=2, flip=True)))
+    reference = (torch.nn.functional.pad(x[idx], (2, 2, 2, 2)).float() / 255 - mean) / std
+    found, padded = set(), 0
+    for b in range(32):
+        hits = [(i, j, f) for i in range(5) for j in range(5) for f in (False, True)
+                if torch.equal(out[b], (lambda c: c.flip(-1) if f else c)(reference[b, :, i:i + 6, j:j + 6]))]
+        assert len(hits) == 1, (b, hits)
+        found.add(hits[0])
+        padded += int((out[b] == (-mean / std)[0]).all(0).sum())  # black pixels: only the padding's
+    assert len(found) > 15 and padded > 0
+
+
 def test_loader_path_draws_exactly_the_device_paths_batches():
     """The DataLoader path (workers, for large data) and the device path give the same batches
     from the same generator: same order, same crops, same flips."""

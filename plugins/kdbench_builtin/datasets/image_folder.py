@@ -285,7 +285,8 @@ def image_folder_dataset(data_dir, size: int = DEFAULT_SIZE, name: str = "image_
         default_teacher=DEFAULT_TEACHER if big_enough else None,
         default_student=DEFAULT_STUDENT if big_enough else None,
         description=f"images from {index.root} ({len(index.classes)} classes, {size}x{size}; {counts})",
-        version=f"{index.digest}:{size}",
+        # "2:": crops pad the raw image with black, before normalisation (since 2026-11-28)
+        version=f"2:{index.digest}:{size}",
     )
 
 
