@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 from torch import nn
 
-from kdbench.contracts import Method, Outputs, Probe, Stage, Step
+from kdbench.contracts import Defaults, Method, Outputs, Probe, Stage, Step
 from kdbench.core.plugins import Entry
 from kdbench.core.taps import wanted_taps
 from kdbench.errors import KdbenchError
@@ -158,6 +158,25 @@ class CombinedMethod:
         return part.train_data(self.part_probe(part, probe), teacher_net, device)
 
 
+@dataclass(frozen=True)
+class _Combined(Method):
+    """The :class:`Method` of a combination: each part's defaults for a run are its own
+    (``defaults_of``), so ``at+dkd`` on the embedded data runs at's and dkd's embedded values,
+    as each does alone, not their declared CIFAR ones."""
+
+    parts: tuple[Method, ...] = ()
+
+    def defaults_of(self, dataset: str, teacher: str, student: str) -> Defaults | None:
+        """Every part's first matching :attr:`Method.defaults_for` entry, namespaced; None when no
+        part has one."""
+        found = [(part, part.defaults_of(dataset, teacher, student)) for part in self.parts]
+        found = [(part, entry) for part, entry in found if entry is not None]
+        if not found:
+            return None
+        return Defaults({f"{part.name}.{key}": value for part, entry in found for key, value in entry.values.items()},
+                        source=" + ".join(f"{part.name}: {entry.label()}" for part, entry in found))
+
+
 def combine_methods(parts: list[Method]) -> Method:
     """``a+b``: both methods' terms on one student.
 
@@ -175,7 +194,8 @@ def combine_methods(parts: list[Method]) -> Method:
                     for part in parts for hparam in part.hparams)
     any_callable = any(callable(part.taps) for part in parts)
     taps = combined.taps if any_callable else tuple(dict.fromkeys(tap for part in parts for tap in part.taps))
-    return Method(
+    return _Combined(
+        parts=tuple(parts),
         name="+".join(part.name for part in parts),
         loss=combined.loss,
         description=" + ".join(part.description for part in parts),

@@ -44,12 +44,33 @@ def test_combined_at_kd_namespaces_hparams_and_counts_ce_once():
     assert set(terms) == {"ce", "at", "kd"}
     ce = F.cross_entropy(z_s, y)
     assert terms["ce"].item() == pytest.approx(ce.item(), rel=1e-6)  # at's CE (weight 1); kd's (1 − α)·CE dropped
-    want_at = 10.0 * at.at_term([s_f["stage1"], s_f["stage2"]], [t_f["stage1"], t_f["stage2"]], 2.0)
+    # at's p as at alone gets it on this (the embedded) data
+    want_at = 10.0 * at.at_term([s_f["stage1"], s_f["stage2"]], [t_f["stage1"], t_f["stage2"]], plan.hp["at.p"])
     assert terms["at"].item() == pytest.approx(want_at.item(), rel=1e-6)
     assert terms["kd"].item() == pytest.approx(0.5 * kd_term(z_s, z_t, 4.0).item(), rel=1e-6)
     sum(terms.values()).backward()
     assert z_t.grad is None and all(v.grad is None for v in t_f.values())
     assert z_s.grad.abs().sum() > 0 and s_f["stage1"].grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dataset, teacher, student", [("mnist1d", None, None),
+                                                       ("cifar100", "resnet56", "resnet20"),
+                                                       ("cifar100", "vgg13", "vgg8")])
+def test_each_part_of_a_combination_gets_the_defaults_it_gets_alone(dataset, teacher, student):
+    """Per-dataset and per-pair defaults (``Method.defaults_for``: at's and dkd's tuned embedded
+    values, dkd's per-pair beta on CIFAR-100) reach each part; a value set explicitly still wins."""
+    reg = plugins.registry()
+
+    def plan(method, **hp):
+        return make_plan(RunConfig(method=method, dataset=dataset, teacher=teacher, student=student, hparams=hp), reg)
+
+    combined, alone = plan("at+dkd"), {name: plan(name) for name in ("at", "dkd")}
+    for name, single in alone.items():
+        assert {f"{name}.{key}": value for key, value in single.hp.items()} == {
+            key: value for key, value in combined.hp.items() if key.startswith(name + ".")}
+    assert plan("at+dkd", **{"dkd.beta": "1.5"}).hp["dkd.beta"] == 1.5
+    sources = [s for s in (alone["at"].hp_source, alone["dkd"].hp_source) if s != "defaults"]
+    assert sources and all(s.split("defaults + ", 1)[1] in combined.hp_source for s in sources)
 
 
 def test_combined_method_keeps_modules_stages_and_data_of_its_parts():
