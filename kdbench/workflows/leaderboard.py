@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 import tempfile
 from pathlib import Path
@@ -61,13 +62,52 @@ def runs_frame(runs) -> pd.DataFrame:
             "start_time": r.info.start_time or 0,
             **{k: metrics.get(k) for k in _METRIC_COLUMNS},
             "lockstep": bool(tags.get("lockstep")),  # trained in a lockstep group: train_seconds is a share
+            "variant": variant_of(r.data.params, tags),
         })
-    df = pd.DataFrame(rows, columns=[*COLUMNS, "lockstep"])
+    df = pd.DataFrame(rows, columns=[*COLUMNS, "lockstep", "variant"])
     if df.empty:
         return df
     df = df.sort_values("start_time")
     keyed = df[df.config_hash != ""].drop_duplicates("config_hash", keep="last")
     return pd.concat([keyed, df[df.config_hash == ""]]).sort_values("start_time").reset_index(drop=True)
+
+
+def variant_of(params: dict, tags: dict) -> str:
+    """What makes a run of a method another configuration than its other seeds, beyond the
+    recipe (its own table): hyperparameters, data options, precision and teacher (as JSON)."""
+    key = {k: v for k, v in params.items() if k.startswith(("hp.", "data."))}
+    key.update({k: tags[k] for k in ("precision", "teacher_key") if tags.get(k)})
+    return json.dumps(key, sort_keys=True) if key else ""
+
+
+def label_variants(rows: pd.DataFrame) -> pd.DataFrame:
+    """One leaderboard row per configuration: where a method's runs in ``rows`` have several
+    (:func:`variant_of`), its latest configuration keeps the method's name and each earlier one is
+    named by what differs, e.g. ``kd [T=2.0, alpha=0.5]``; so a row's mean, spread and Δ vs
+    vanilla are over the seeds of one configuration, never over a mix of them."""
+    if "variant" not in rows or rows.variant.fillna("").nunique() < 2:
+        return rows
+    rows = rows.copy()
+    rows["variant"] = rows.variant.fillna("")
+    for method, group in rows.sort_values("start_time").groupby("method", sort=False):
+        variants = list(dict.fromkeys(group.variant))
+        if len(variants) < 2:
+            continue
+        parsed = {v: json.loads(v) if v else {} for v in variants}
+        keys = sorted({k for d in parsed.values() for k in d}, key=str)
+        keys = [k for k in keys if len({str(d.get(k)) for d in parsed.values()}) > 1]
+        for variant in variants[:-1]:
+            shown = ", ".join(f"{_short(k)}={_short_value(k, parsed[variant].get(k, '-'))}" for k in keys)
+            rows.loc[(rows.method == method) & (rows.variant == variant), "method"] = f"{method} [{shown}]"
+    return rows
+
+
+def _short(key: str) -> str:
+    return key.removeprefix("hp.").removeprefix("data.")
+
+
+def _short_value(key: str, value) -> str:
+    return str(value)[:8] if key == "teacher_key" else str(value)
 
 
 def recipe_label(params: dict) -> str:
@@ -143,7 +183,7 @@ def aggregate(df: pd.DataFrame, metric: str = "test_top1",
     pairs = df[df.teacher != ""][["dataset", "teacher", "student", "recipe_hash"]].drop_duplicates()
     for _, pair in pairs.iterrows():
         same_student = (df.dataset == pair.dataset) & (df.student == pair.student) & (df.recipe_hash == pair.recipe_hash)
-        rows = df[same_student & ((df.teacher == pair.teacher) | (df.teacher == ""))]
+        rows = label_variants(df[same_student & ((df.teacher == pair.teacher) | (df.teacher == ""))])
         table = _table(rows, metric, published.get(f"{pair.teacher}->{pair.student}", {}))
         labels = [label for label in rows.recipe.dropna().unique() if label]
         table.attrs["recipe"] = labels[0] if labels else ""

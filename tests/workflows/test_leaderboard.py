@@ -273,3 +273,41 @@ def test_ctrl_c_while_histories_are_read_stops_the_queued_reads():
     with pytest.raises(KeyboardInterrupt):
         leaderboard.histories(tracker, [f"run{i}" for i in range(2000)])
     assert len(started) - at_ctrl_c[0] < 200, (at_ctrl_c, len(started))  # not the 2,000 − (reads before it)
+
+
+def test_each_configuration_of_a_method_is_a_row_of_its_own(env):
+    """Ad-hoc runs of one method with other hyperparameters, precision or teacher are not seeds of
+    one row: the latest configuration keeps the method's name, each earlier one is named by what
+    differs, and each row's mean and Δ vs vanilla are over its own seeds."""
+    from mlflow.entities import Param
+
+    from kdbench.workflows.tracking import Tracker
+
+    uri = f"sqlite:///{env}/mlflow.db"
+    client = fabricate(uri, {"vanilla": ACC["vanilla"]})
+    exp_id = client.get_experiment_by_name("kdbench/mnist1d").experiment_id
+    configs = [  # (hyperparameters, precision, per-seed top-1), oldest first
+        ({"hp.T": "2.0", "hp.alpha": "0.9"}, "fp32", [0.60]),
+        ({"hp.T": "4.0", "hp.alpha": "0.9"}, "bf16", [0.65, 0.66]),
+        ({"hp.T": "4.0", "hp.alpha": "0.9"}, "fp32", [0.80, 0.81, 0.79]),
+    ]
+    for n, (hp, precision, values) in enumerate(configs):
+        for seed, v in enumerate(values):
+            run = client.create_run(exp_id, run_name=f"kd-s{seed}", start_time=1_000 * (n + 1) + seed)
+            tags = {"role": "student", "dataset": "mnist1d", "method": "kd", "student": "cnn1d_2x16",
+                    "teacher": "cnn1d_4x32", "seed": str(seed), "recipe_hash": "r1", "config_hash": f"kd{n}{seed}",
+                    "precision": precision, "teacher_key": "5969a0ddff8ea296"}
+            client.log_batch(run.info.run_id, tags=[RunTag(k, x) for k, x in tags.items()],
+                             params=[Param(k, x) for k, x in hp.items()],
+                             metrics=[Metric("test_top1", v, 0, 0), Metric("teacher_test_top1", TEACHER, 0, 0)])
+            client.set_terminated(run.info.run_id)
+    (table,) = aggregate(runs_frame(Tracker(uri).search("mnist1d"))).values()
+    t = table.set_index("method")
+    assert set(t.index) == {"kd", "kd [T=2.0, precision=fp32]", "kd [T=4.0, precision=bf16]", "vanilla"}
+    assert list(t.runs) == [3 if m == "kd" else len(ACC["vanilla"]) if m == "vanilla" else 1 + ("bf16" in m)
+                            for m in t.index]
+    assert t.loc["kd", "top1_mean"] == pytest.approx(0.80)
+    assert t.loc["kd", "delta_vs_vanilla"] == pytest.approx(0.80 - statistics.mean(ACC["vanilla"]))
+    bf16 = "kd [T=4.0, precision=bf16]"
+    assert t.loc[bf16, "top1_mean"] == pytest.approx(0.655)
+    assert t.loc[bf16, "delta_vs_vanilla"] == pytest.approx(statistics.mean([0.65 - 0.70, 0.66 - 0.72]))
