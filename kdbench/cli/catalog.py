@@ -94,7 +94,12 @@ def _render(registry, name: str) -> list[str]:
         return _plugin_lines(registry)
     if what == "show":
         kind, shown = args
-        entry = registry.entry(kind + "s", shown)
+        if kind == "method" and "+" in shown:  # a combination, as `kdbench run --method a+b` builds it
+            from kdbench.core.plan import resolve_method
+
+            entry = resolve_method(shown, registry)
+        else:
+            entry = registry.entry(kind + "s", shown)
         return _show_lines(kind, shown, entry)
     if what == "taps":
         model, dataset = args

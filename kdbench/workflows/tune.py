@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from kdbench.core import engine, plugins
-from kdbench.core.plan import RunConfig, make_plan
+from kdbench.core.plan import RunConfig, make_plan, resolve_method
 from kdbench.errors import KdbenchError, closest
 from kdbench.workflows import claims, run as runner
 from kdbench.workflows.studies import (
@@ -174,7 +174,9 @@ def validate(cfg: TuneConfig, reg) -> None:
         raise KdbenchError(f"--pruner {cfg.pruner!r} is not one of {', '.join(PRUNERS)}")
     if cfg.seeds < 1:
         raise KdbenchError(f"--seeds must be at least 1, got {cfg.seeds}")
-    if cfg.method not in reg.methods and (":" in cfg.method or ("methods", cfg.method) in reg.contested):
+    if "+" in cfg.method:
+        resolve_method(cfg.method, reg)  # a combination: each part registered, or one line says which is not
+    elif cfg.method not in reg.methods and (":" in cfg.method or ("methods", cfg.method) in reg.contested):
         reg.entry("methods", cfg.method)  # DIST:NAME resolves, or one line says why not
     elif cfg.method not in reg.methods:
         broken = [failure.line() for failure in reg.failures]

@@ -55,3 +55,13 @@ def test_a_closed_pipe_ends_quietly(env):
     stderr = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 1
     assert stderr == ""
+
+
+def test_show_method_shows_a_combination_as_run_builds_it(env):
+    out = invoke("show", "method", "at+kd")
+    assert out.exit_code == 0, out.output
+    names = [line.split()[0] for line in out.output.splitlines() if line.startswith("  ")]
+    assert names == ["at.p", "at.beta", "at.mapping", "at.ce_weight", "kd.T", "kd.alpha"]
+    bad = invoke("show", "method", "at+nosuch")
+    assert bad.exit_code != 0 and bad.output.strip().splitlines() == [
+        "error: unknown method 'nosuch' (see `kdbench list methods`)"]

@@ -192,3 +192,17 @@ def test_multi_objective_front_and_journal_storage(env):
     for t in done:  # a trial is on the front iff no other trial dominates it
         dominated = any(o.values[0] >= t.values[0] and o.values[1] <= t.values[1] and o.values != t.values for o in done)
         assert (t.number in front) == (not dominated)
+
+
+def test_a_combined_method_is_tuned_over_its_parts_namespaced_spaces(env):
+    """`tune --method at+kd` as `run --method at+kd` builds it: the study searches at.* and kd.*
+    (each part's space); an unregistered part is one line naming it."""
+    ckpt = teacher_checkpoint(env / "teacher.pt")
+    r = cli("tune", "--method", "at+kd", "--trials", 1, "--epochs", 1, "--teacher-checkpoint", ckpt,
+            "--study", "combo", "--no-retrain")
+    assert r.exit_code == 0, r.output
+    (trial,) = optuna.load_study(study_name="combo", storage=f"sqlite:///{env}/optuna.db").trials
+    assert {"at.p", "at.beta", "kd.T", "kd.alpha"} <= set(trial.params) and not any("." not in p for p in trial.params)
+    bad = cli("tune", "--method", "at+kdd", "--trials", 1)
+    assert bad.exit_code != 0 and bad.output.strip().splitlines() == [
+        "error: unknown method 'kdd'; did you mean kd or kdsvd or rkd? (see `kdbench list methods`)"], bad.output
