@@ -121,9 +121,12 @@ def _report(result) -> str:
     lines.append(f"best trial #{best.number}: val top-1 {best.values[0]:.4f}  params {best.params}")
     if result.retrained:
         tests = result.retrain_test_top1
-        lines.append(f"retrained best params, test top-1 over {len(tests)} seed(s): "
-                     f"{100 * result.retrain_mean:.2f} ± {100 * result.retrain_std:.2f} %  ("
-                     + ", ".join(f"{100 * x:.2f}" for x in tests) + ")")
+        if len(tests) == 1:  # one seed has no spread
+            lines.append(f"retrained best params, test top-1 (seed 0): {100 * tests[0]:.2f} %")
+        else:
+            lines.append(f"retrained best params, test top-1 over {len(tests)} seeds: "
+                         f"{100 * result.retrain_mean:.2f} ± {100 * result.retrain_std:.2f} %  ("
+                         + ", ".join(f"{100 * x:.2f}" for x in tests) + ")")
     else:
         lines.append("(--no-retrain: test split not read; run `kdbench run --params-from "
                      f"{result.study_name}` for a test number)")
@@ -140,8 +143,11 @@ def _study_text(summary) -> str:
         lines.append("best: (no complete trial)")
     else:
         lines.append(f"best trial #{best.number}: values {[round(v, 4) for v in best.values]}  params {best.params}")
-    with pd.option_context("display.max_columns", None, "display.width", 200, "display.max_colwidth", 60):
-        lines.append(summary.trials.to_string(index=False))
+    if summary.trials.empty:
+        lines.append("trials: none yet")
+    else:
+        with pd.option_context("display.max_columns", None, "display.width", 200, "display.max_colwidth", 60):
+            lines.append(summary.trials.to_string(index=False))
     if summary.complete_trials < 2:
         lines.append("importances: need at least 2 complete trials")
     elif summary.importances_error:

@@ -631,10 +631,18 @@ def _run_study(cfg: TuneConfig, base, plan, tracking_uri: str, cluster, on_event
     url = storage_url(cfg.storage, tracking_uri)
     storage = open_storage(cfg.storage, tracking_uri, cfg.heartbeat)
     name = cfg.study or default_study_name(cfg, plan)
+    fresh = name not in optuna.get_all_study_names(storage)
     study = _open_study(cfg, plan, storage, name)
     # The teacher is fixed, not tuned: get it once (cache) so trial times compare. A teacher
-    # trained now is tested like any cached teacher; a checkpoint is not tested here.
-    obtain_teacher(plan, engine.select_device(cfg.device), tracker, on_epoch, with_test=False)
+    # trained now is tested like any cached teacher; a checkpoint is not tested here. A study
+    # this call made is removed again when its teacher cannot be had (an unreadable checkpoint):
+    # a refused `tune` leaves nothing behind.
+    try:
+        obtain_teacher(plan, engine.select_device(cfg.device), tracker, on_epoch, with_test=False)
+    except BaseException:
+        if fresh and not study.trials:
+            optuna.delete_study(study_name=name, storage=storage)
+        raise
     parent = _parent_run(study, tracker, plan.dataset_obj.name, cfg, url)
     on_event(StudyOpened(study=name, storage=mask_url(url), parent_run_id=parent))
     objective = _Objective(cfg=cfg, study=study, plan=plan, base=base, tracker=tracker, parent=parent, name=name,

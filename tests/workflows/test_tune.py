@@ -50,7 +50,7 @@ def test_study_tunes_on_validation_only_and_records_nested_runs(env, monkeypatch
     r = cli("tune", "--method", "kd", "--trials", 3, "--epochs", 1, "--teacher-checkpoint", ckpt,
             "--study", "s1", "--seeds", 1)
     assert r.exit_code == 0, r.output
-    assert "retrained best params, test top-1" in r.output
+    assert "retrained best params, test top-1 (seed 0): " in r.output and "±" not in r.output  # one seed: no spread
 
     first_test_run = events.index(("run", True))
     assert ("load", "test") not in events[:first_test_run]  # tuning never read the test split
@@ -206,3 +206,15 @@ def test_a_combined_method_is_tuned_over_its_parts_namespaced_spaces(env):
     bad = cli("tune", "--method", "at+kdd", "--trials", 1)
     assert bad.exit_code != 0 and bad.output.strip().splitlines() == [
         "error: unknown method 'kdd'; did you mean kd or kdsvd or rkd? (see `kdbench list methods`)"], bad.output
+
+
+def test_a_refused_tune_leaves_no_study_and_an_empty_one_shows_no_table(env):
+    bad = env / "teacher.pt"
+    bad.write_text("not a checkpoint")
+    r = cli("tune", "--method", "kd", "--trials", 1, "--epochs", 1, "--teacher-checkpoint", bad, "--study", "x1")
+    assert r.exit_code != 0 and len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output, r.output
+    storage = f"sqlite:///{env}/optuna.db"
+    assert "x1" not in optuna.get_all_study_names(storage)  # nothing to resume, nothing to --show
+    optuna.create_study(study_name="empty", storage=storage)
+    shown = cli("tune", "--show", "empty")
+    assert shown.exit_code == 0 and shown.output.splitlines()[1:3] == ["best: (no complete trial)", "trials: none yet"]
