@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdbench.errors import KdbenchError
+from kdbench.errors import KdbenchError, closest
 
 MIN_SEEDS = 3
 METRICS = ("test_top1", "test_top1_bestval")
@@ -133,17 +133,18 @@ def load_suite(name_or_path: str, reg=None) -> Suite:
         reg = plugins.registry()
     where = f"leaderboard {path.name}"
     _check_keys(doc, where)
+    _check_types(doc, where)
     dataset = _dataset(doc, reg, where)
     seeds = _seeds(doc, where)
     metric = _metric(doc, where)
-    recipe_name, recipe_overrides = _recipe(doc)
+    recipe_name, recipe_overrides = _recipe(doc, where)
     methods = tuple(_methods(doc.get("methods", ["all"]), reg, where))
     pairs = _pairs(doc, dataset, path, reg, where)
     suite = Suite(
         name=doc.get("name", path.stem), path=path, dataset=dataset, pairs=pairs, methods=methods,
-        seeds=seeds, teacher_seed=int(doc.get("teacher_seed", 0)), metric=metric,
+        seeds=seeds, teacher_seed=doc.get("teacher_seed", 0), metric=metric,
         recipe_name=recipe_name, recipe_overrides=recipe_overrides,
-        description=doc.get("description", ""), published=_published(doc),
+        description=doc.get("description", ""), published=_published(doc, where),
         published_note=doc.get("published_note", ""), precision=_precision(doc, where),
     )
     check_suite(suite, reg, where)
@@ -226,13 +227,57 @@ def _read_toml(path: Path) -> dict:
         with open(path, "rb") as f:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as exc:
-        raise KdbenchError(f"leaderboard {path} is not valid TOML: {exc}") from None
+        raise KdbenchError(f"leaderboard {path} is not valid TOML: {exc}; fix the file") from None
+    except UnicodeDecodeError:
+        raise KdbenchError(f"leaderboard {path} is not a text (UTF-8) TOML file; pass a suite .toml "
+                           "(see leaderboards/embedded.toml)") from None
 
 
 def _check_keys(doc: dict, where: str) -> None:
     bad = sorted(set(doc) - SUITE_KEYS)
     if bad:
-        raise KdbenchError(f"{where}: unknown key {bad[0]!r} (known: {', '.join(sorted(SUITE_KEYS))})")
+        raise KdbenchError(f"{where}: unknown key {bad[0]!r}{closest(bad[0], SUITE_KEYS)} "
+                           f"(known: {', '.join(sorted(SUITE_KEYS))})")
+
+
+#: top-level keys whose value must be a string (precision: see _precision)
+STRING_KEYS = ("name", "description", "dataset", "metric", "published_note", "precision")
+
+
+def _check_types(doc: dict, where: str) -> None:
+    """The value types of the top-level keys, before any of them is used (a wrong type is one line
+    naming the key and the type it needs, not a crash further on)."""
+    for key in STRING_KEYS:
+        if key in doc and not isinstance(doc[key], str):
+            raise KdbenchError(f"{where}: {key} must be a string, got {doc[key]!r}; fix {key}")
+    if "teacher_seed" in doc and not _is_int(doc["teacher_seed"]):
+        raise KdbenchError(f"{where}: teacher_seed must be an integer, got {doc['teacher_seed']!r}; "
+                           "fix teacher_seed (e.g. teacher_seed = 0)")
+    seeds = doc.get("seeds", [])
+    if not isinstance(seeds, list) or not all(_is_int(seed) for seed in seeds):
+        raise KdbenchError(f"{where}: seeds must be a list of integers, got {seeds!r}; "
+                           f"fix seeds (e.g. seeds = [0, 1, 2])")
+    methods = doc.get("methods", [])
+    if not isinstance(methods, list):
+        example = f'["{methods}"]' if isinstance(methods, str) else '["all"]'
+        raise KdbenchError(f"{where}: methods must be a list of method names or tables, got {methods!r}; "
+                           f"fix methods (e.g. methods = {example})")
+    recipe = doc.get("recipe", {})
+    if not isinstance(recipe, (str, dict)):
+        raise KdbenchError(f"{where}: recipe must be a table ([recipe] with name and/or fields) or a recipe "
+                           f"name, got {recipe!r}; fix recipe")
+    pairs = doc.get("pairs", [])
+    if not isinstance(pairs, list) or not all(isinstance(pair, dict) for pair in pairs):
+        raise KdbenchError(f"{where}: pairs must be a list of tables ([[pairs]] with teacher and student), "
+                           f"got {pairs!r}; fix pairs")
+    published = doc.get("published", {})
+    if not isinstance(published, dict) or not all(isinstance(v, dict) for v in published.values()):
+        raise KdbenchError(f"{where}: published must be tables of method = top-1 % per pair "
+                           f'([published."teacher->student"] kd = 74.92), got {published!r}; fix published')
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _precision(doc: dict, where: str) -> str | None:
@@ -253,7 +298,7 @@ def _dataset(doc: dict, reg, where: str) -> str:
 
 
 def _seeds(doc: dict, where: str) -> tuple[int, ...]:
-    seeds = tuple(int(s) for s in doc.get("seeds", ()))
+    seeds = tuple(doc.get("seeds", ()))  # a list of integers (_check_types)
     if len(set(seeds)) < MIN_SEEDS:
         raise KdbenchError(f"{where}: needs at least {MIN_SEEDS} distinct seeds, got {list(seeds)}")
     return seeds
@@ -266,21 +311,32 @@ def _metric(doc: dict, where: str) -> str:
     return metric
 
 
-def _recipe(doc: dict) -> tuple[str | None, dict[str, Any]]:
-    """The named recipe (or None) and the field overrides on top of it."""
+def _recipe(doc: dict, where: str) -> tuple[str | None, dict[str, Any]]:
+    """The named recipe (or None) and the field overrides on top of it, their values checked as a
+    recipe file's are (:func:`kdbench.recipes.check_fields`); unknown fields are refused when the
+    cells are planned (:func:`check_suite`)."""
+    from kdbench.recipes import check_fields
+
     recipe = doc.get("recipe", {})
     if isinstance(recipe, str):
         recipe = {"name": recipe}
     recipe = dict(recipe)
     recipe_name = recipe.pop("name", None)
-    if "milestones" in recipe:
-        recipe["milestones"] = tuple(int(epoch) for epoch in recipe["milestones"])
-    return recipe_name, recipe
+    if recipe_name is not None and (not isinstance(recipe_name, str) or not recipe_name):
+        raise KdbenchError(f"{where}: [recipe] name must be a recipe name or a .toml path (a string), "
+                           f"got {recipe_name!r}; fix the [recipe] table")
+    return recipe_name, check_fields(recipe, f"{where}: [recipe]", "fix {key} in the [recipe] table")
 
 
-def _published(doc: dict) -> dict[str, dict[str, float]]:
+def _published(doc: dict, where: str) -> dict[str, dict[str, float]]:
+    published = doc.get("published", {})  # tables of tables (_check_types)
+    for pair, numbers in published.items():
+        for method, top1 in numbers.items():
+            if isinstance(top1, bool) or not isinstance(top1, (int, float)):
+                raise KdbenchError(f'{where}: published."{pair}" {method} must be a number (top-1 %), '
+                                   f"got {top1!r}; fix the [published] table")
     return {pair: {method: float(top1) for method, top1 in numbers.items()}
-            for pair, numbers in doc.get("published", {}).items()}
+            for pair, numbers in published.items()}
 
 
 def _pairs(doc: dict, dataset: str, path: Path, reg, where: str) -> tuple[Pair, ...]:
@@ -299,6 +355,9 @@ def _pair(raw: dict, path: Path, reg, where: str) -> Pair:
     if extra or "teacher" not in raw or "student" not in raw:
         raise KdbenchError(f"{where}: a pair needs teacher and student (and optionally "
                            f"teacher_checkpoint + teacher_sha256), got {raw}")
+    for key in sorted(PAIR_KEYS & set(raw)):
+        if not isinstance(raw[key], str):
+            raise KdbenchError(f"{where}: pairs entry: {key} must be a string, got {raw[key]!r}; fix {key}")
     reg.entry("models", raw["teacher"])
     reg.entry("models", raw["student"])
     ckpt = raw.get("teacher_checkpoint")
@@ -330,9 +389,15 @@ def _methods(raw, reg, where: str) -> list[MethodSpec]:
 def _method(item, reg, where: str) -> MethodSpec:
     if isinstance(item, str):
         item = {"name": item}
+    if not isinstance(item, dict):
+        raise KdbenchError(f"{where}: methods entries must be method names or tables "
+                           f"({{name = \"kd\", params = {{T = 4.0}}}}), got {item!r}; fix methods")
     extra = sorted(set(item) - METHOD_KEYS)
     if extra or "name" not in item:
         raise KdbenchError(f"{where}: a method entry has name, params, tune_trials; got {item}")
+    if not isinstance(item["name"], str):
+        raise KdbenchError(f"{where}: a methods entry's name must be a string, got {item['name']!r}; "
+                           "fix methods")
     reg.entry("methods", item["name"])
     params, trials = item.get("params", {}), item.get("tune_trials", 0)
     if not isinstance(params, dict):
