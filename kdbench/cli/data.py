@@ -23,5 +23,11 @@ def download_cmd(name, data_dir, base_url):
     if dataset.download is None:
         how = "it is embedded: nothing to download" if dataset.embedded else "its plugin offers no download"
         raise KdbenchError(f"dataset {name!r} has no download ({how})")
-    where = dataset.download(data_dir, base_url=base_url)
+    try:
+        where = dataset.download(data_dir, base_url=base_url)
+    except PermissionError as exc:  # an unwritable --data-dir (or default folder), in one line
+        raise KdbenchError(f"cannot write {exc.filename or data_dir}: permission denied; pass a writable --data-dir") from None
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise KdbenchError(f"cannot create {exc.filename or data_dir} ({exc.strerror}); "
+                           "pass a --data-dir in a folder that exists") from None
     click.echo(f"{name}: downloaded and verified{f' in {where}' if where else ''}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from kdbench.cli.options import open_tracker, tracking_option
+from kdbench.cli.options import open_tracker, tracking_option, writable_file
 from kdbench.errors import KdbenchError
 
 
@@ -12,7 +12,7 @@ from kdbench.errors import KdbenchError
 @click.option("--dataset", "-d", default=None, help="Only this dataset (without NAME).")
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "html"]), default="table",
               show_default=True)
-@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="Write here instead of stdout.")
+@click.option("--output", "-o", default=None, metavar="FILE", help="Write here instead of stdout.")
 @click.option("--no-summary", is_flag=True, help="Do not log the figures on the MLflow summary run (NAME only).")
 @tracking_option
 def leaderboard_cmd(name, dataset, fmt, output, no_summary, tracking_uri):
@@ -23,6 +23,7 @@ def leaderboard_cmd(name, dataset, fmt, output, no_summary, tracking_uri):
     from kdbench.workflows import bench, leaderboard, suites
     from kdbench.workflows.leaderboard import aggregate, plots, render, runs_frame
 
+    writable_file(output, "--output")
     tracker = open_tracker(tracking_uri)
     suite = None
     if name:

@@ -47,8 +47,29 @@ def parse_key_values(pairs, option: str = "--set") -> dict[str, str]:
         if "=" not in pair:
             raise KdbenchError(f"{option} expects key=value, got {pair!r}")
         key, value = pair.split("=", 1)
-        parsed[key.strip()] = value.strip()
+        key = key.strip()
+        if key in parsed and parsed[key] != value.strip():
+            raise KdbenchError(f"{option} {key} given twice ({parsed[key]!r} and {value.strip()!r}); keep one")
+        parsed[key] = value.strip()
     return parsed
+
+
+def writable_file(path: str | None, option: str) -> None:
+    """A file ``option`` will write: its folder must exist and be writable — said before any work
+    is done, not as an error after it."""
+    if not path:
+        return
+    import os
+    from pathlib import Path
+
+    target = Path(path).expanduser()
+    folder = target.resolve().parent
+    if target.is_dir():
+        raise KdbenchError(f"{option} {path}: is a folder; pass a file path")
+    if not folder.is_dir():
+        raise KdbenchError(f"{option} {path}: folder {folder} does not exist; create it or pass another path")
+    if not os.access(folder, os.W_OK):
+        raise KdbenchError(f"{option} {path}: folder {folder} is not writable; pass another path")
 
 
 def data_option_flags(dir_help: str = DATA_DIR_HELP, option_help: str = DATA_OPTION_HELP):

@@ -7,7 +7,7 @@ import sys
 import click
 
 from kdbench.cli.options import (cpu_share, data_option_flags, data_options, engine_flags, open_tracker,
-                                 parse_key_values, threads_option, tracking_option)
+                                 parse_key_values, threads_option, tracking_option, writable_file)
 from kdbench.errors import KdbenchError
 
 
@@ -36,7 +36,7 @@ from kdbench.errors import KdbenchError
               envvar="KDBENCH_BASELINE",
               help="Train vanilla (same student, recipe and seed) when no vanilla run exists to compare with: "
                    "auto = on embedded datasets (seconds), always, or never (the summary then says how).")
-@click.option("--save-student", "save_student", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+@click.option("--save-student", "save_student", default=None, metavar="PATH",
               help="Also write the distilled student's weights here (always logged as the run's MLflow "
                    "artifact student/student.pt).")
 @engine_flags
@@ -49,6 +49,7 @@ def run_cmd(method, dataset, teacher, student, epochs, seed, teacher_seed, devic
     from kdbench.core.plan import RunConfig
     from kdbench.workflows.run import needs_baseline, run, run_baseline
 
+    writable_file(save_student, "--save-student")
     hparams, recipe = {}, {}
     if params_from:
         hparams, recipe, tuned_student = _best_of_study(params_from, storage, tracking_uri, method)

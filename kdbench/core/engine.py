@@ -99,6 +99,11 @@ def select_device(name: str | None = None) -> torch.device:
         raise KdbenchError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KdbenchError("--device cuda asked for, but PyTorch sees no CUDA device; use --device cpu")
+    try:  # another kind (mps, xpu, …): only where this PyTorch build and machine have it
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError):
+        raise KdbenchError(f"--device {name!r} is not usable here (this PyTorch build or machine has no "
+                           f"{device.type} backend); use cpu or cuda") from None
     return device
 
 

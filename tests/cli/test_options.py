@@ -65,6 +65,31 @@ def test_key_value_parsing():
     assert data_options(None, []) == {}
     with pytest.raises(Exception, match=r"^--set expects key=value, got 'T'$"):
         parse_key_values(["T"])
+    assert parse_key_values(["T=3", "T = 3"]) == {"T": "3"}  # the same value twice is no conflict
+    with pytest.raises(Exception, match=r"^--set T given twice \('2' and '3'\); keep one$"):
+        parse_key_values(["T=2", "T=3"])
+
+
+@pytest.mark.parametrize("args, line", [
+    (["run", "--device", "mps"], "error: --device 'mps' is not usable here (this PyTorch build or machine has no "
+                                 "mps backend); use cpu or cuda"),
+    (["run", "--save-student", "{tmp}/no/s.pt"], "error: --save-student {tmp}/no/s.pt: folder {tmp}/no does not "
+                                                 "exist; create it or pass another path"),
+    (["run", "--save-student", "{tmp}"], "error: --save-student {tmp}: is a folder; pass a file path"),
+    (["leaderboard", "-o", "{tmp}/no/x.md"], "error: --output {tmp}/no/x.md: folder {tmp}/no does not exist; "
+                                             "create it or pass another path"),
+    (["run", "--set", "T=2", "--set", "T=3"], "error: --set T given twice ('2' and '3'); keep one"),
+    (["data", "download", "cifar10", "--data-dir", "/proc/kdbench-no"],  # a folder that cannot be made
+     "error: cannot create /proc/kdbench-no (No such file or directory); pass a --data-dir in a folder that exists"),
+])
+def test_a_path_or_device_that_cannot_be_used_is_one_line_before_anything_runs(env, args, line):
+    """Said before training (a --save-student folder that does not exist failed after it, the run
+    already recorded), and in a line that says what to do, not as a plugin failure."""
+    import mlflow
+
+    out = CliRunner().invoke(main, [a.replace("{tmp}", str(env)) for a in args])
+    assert out.exit_code == 1 and out.output.strip().splitlines() == [line.replace("{tmp}", str(env))]
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []  # nothing recorded
 
 
 def cli_imports(path: Path) -> set[str]:
