@@ -26,9 +26,13 @@ class OneLineErrorGroup(click.Group):
         except BrokenPipeError:
             _quiet_broken_pipe()
         except KeyboardInterrupt:
-            _end_own_runs()
-            click.echo("interrupted; the run is marked KILLED in MLflow", err=True)
-            sys.exit(130)
+            from kdbench.workflows import interrupts  # the standard library only: cheap
+
+            terminated = interrupts.terminated()  # SIGTERM, handled as Ctrl-C: exit 128 + 15
+            _end_own_runs("SIGTERM" if terminated else "Ctrl-C")
+            click.echo(f"interrupted{' by SIGTERM' if terminated else ''}; the run is marked KILLED in MLflow",
+                       err=True)
+            sys.exit(143 if terminated else 130)
         except Exception as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
@@ -36,12 +40,12 @@ class OneLineErrorGroup(click.Group):
             sys.exit(1)
 
 
-def _end_own_runs() -> None:
-    """After Ctrl-C: any run this process still owns ends KILLED — the workflows end their own, but
-    a Ctrl-C can land between a run's creation and the code that would end it."""
+def _end_own_runs(how: str = "Ctrl-C") -> None:
+    """After Ctrl-C (or SIGTERM): any run this process still owns ends KILLED — the workflows end
+    their own, but a Ctrl-C can land between a run's creation and the code that would end it."""
     from kdbench.workflows import claims  # the standard library only: cheap
 
-    claims.end_owned_runs("interrupted (Ctrl-C)")
+    claims.end_owned_runs(f"interrupted ({how})")
 
 
 def _quiet_broken_pipe() -> None:
@@ -77,6 +81,7 @@ def main(ctx, debug):
     from kdbench.workflows import interrupts  # here: `kdbench --help` loads no workflow
 
     interrupts.keep_ctrl_c()
+    interrupts.sigterm_as_ctrl_c()  # kill, systemd, Slurm, docker stop: stopped as by Ctrl-C
 
 
 def _warnings_as_lines() -> None:
