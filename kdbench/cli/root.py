@@ -21,6 +21,12 @@ class OneLineErrorGroup(click.Group):
             result = super().invoke(ctx)
             sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
             return result
+        except click.UsageError as exc:  # a bad choice, an unknown option, a missing argument: one line too
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            click.echo(f"error: {exc.format_message()} (see `{where} --help`)", err=True)
+            sys.exit(exc.exit_code)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except BrokenPipeError:

@@ -119,3 +119,16 @@ def test_help_loads_no_heavy_library():
             "print(sorted(m for m in heavy if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("args, line", [
+    (["run", "--baseline", "sometimes"], "error: Invalid value for '--baseline': 'sometimes' is not one of 'auto', "
+                                         "'always', 'never'. (see `kdbench run --help`)"),
+    (["leaderboard", "--format", "xml"], "error: Invalid value for '--format': 'xml' is not one of 'table', "
+                                         "'markdown', 'csv', 'html'. (see `kdbench leaderboard --help`)"),
+    (["run", "--bogus"], "error: No such option '--bogus'. (see `kdbench run --help`)"),
+    (["bench"], "error: Missing argument 'SUITE'. (see `kdbench bench --help`)"),
+])
+def test_clicks_own_usage_errors_are_one_line_too(env, args, line):
+    out = CliRunner().invoke(main, args, prog_name="kdbench")
+    assert out.exit_code == 2 and out.output.strip().splitlines() == [line]
