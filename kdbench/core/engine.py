@@ -192,6 +192,10 @@ def load_checkpoint(net: nn.Module, path: str, owner: str) -> None:
     extra = [k for k in state if k not in own]
     if extra:
         raise KdbenchError(f"teacher checkpoint {path!r} does not fit {owner}: unexpected key {extra[0]!r}")
+    broken = [k for k in own if state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all())]
+    if broken:  # it would make every loss non-finite, and the message then blame the student's lr
+        raise KdbenchError(f"teacher checkpoint {path!r} has non-finite values (NaN or inf) in {len(broken)} "
+                           f"tensor(s), first {broken[0]!r}: it cannot teach; pass a trained checkpoint")
     net.load_state_dict(state)
 
 

@@ -113,6 +113,25 @@ def test_checkpoint_of_another_model_names_the_key(env):
         f"error: teacher checkpoint '{env / 'wrong.pt'}' does not fit teacher 'cnn1d_4x32': missing key 'stage1.0.weight'")
 
 
+def test_a_checkpoint_with_nan_weights_is_refused_as_the_teacher_it_is(env):
+    """Its NaNs made every loss non-finite, and the message then advised a lower lr for the student."""
+    from kdbench.core import plugins
+
+    reg = plugins.registry()
+    ds = reg.dataset("mnist1d")
+    state = reg.model(ds.default_teacher).make(ds.num_classes, ds.input_shape).state_dict()
+    state["stage1.0.weight"] = torch.full_like(state["stage1.0.weight"], float("nan"))
+    torch.save({"model": state}, env / "nan.pt")
+    result = invoke("run", "--teacher-checkpoint", str(env / "nan.pt"), "--epochs", "1")
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [
+        f"error: teacher checkpoint '{env / 'nan.pt'}' has non-finite values (NaN or inf) in 1 tensor(s), "
+        "first 'stage1.0.weight': it cannot teach; pass a trained checkpoint"]
+    import mlflow
+
+    recorded = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert not [r for r in recorded if r.data.tags.get("role") == "teacher" and r.info.status == "FINISHED"]
+
+
 def test_nan_and_raising_plugins_fail_cleanly_and_are_recorded(env, add_dist):
     add_dist("kdbench-failing", "0.3", {"failing": "kdtest_failing"}, {"kdtest_failing": FAILING})
     result = invoke("run", "--method", "kdtest_nan", "--epochs", "1")
