@@ -210,7 +210,7 @@ def _ctrl_c_held():
 
 def _local_worker_init(parent_pid: int, slots, threads: int, started=None) -> None:
     """In each local worker: take a GPU slot (``CUDA_VISIBLE_DEVICES``, before CUDA starts), set
-    the threads, handle Ctrl-C (:func:`_on_ctrl_c`), and die with the parent (a thread marks this
+    the threads, handle Ctrl-C (:func:`_on_ctrl_c`) and SIGTERM (:func:`_on_sigterm`), and die with the parent (a thread marks this
     worker's runs KILLED first). ``started``: where each job says which worker runs it."""
     import threading
 
@@ -229,15 +229,34 @@ def _local_worker_init(parent_pid: int, slots, threads: int, started=None) -> No
         while True:
             time.sleep(0.5)
             if os.getppid() != parent_pid:
-                from kdbench.workflows import claims
-
-                done = threading.Event()
-                threading.Thread(target=lambda: (claims.end_owned_runs("the kdbench bench process died"),
-                                                 done.set()), daemon=True).start()
-                done.wait(5)
+                _end_own_runs("the kdbench bench process died")
                 os._exit(1)
 
     threading.Thread(target=watch, name="kdbench-parent-watch", daemon=True).start()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _end_own_runs(reason: str) -> None:
+    """This worker's runs ended KILLED, from a thread given at most 5 s (a store that hangs must not
+    keep a dying worker alive)."""
+    import threading
+
+    from kdbench.workflows import claims
+
+    done = threading.Event()
+    threading.Thread(target=lambda: (claims.end_owned_runs(reason), done.set()), daemon=True).start()
+    done.wait(5)
+
+
+def _on_sigterm(signum, frame) -> None:
+    """A local worker's SIGTERM handler: SIGTERM reaches a worker when its pool breaks (Python ends
+    the other workers so) or when the whole process group is stopped (systemd, Slurm, ``kill
+    -TERM -PGID``). Its run in flight is ended KILLED first (it stayed RUNNING until a later command
+    found its process gone); then the default action, so the worker's exit status is still
+    -SIGTERM, which :func:`_charged` reads."""
+    _end_own_runs("the worker was stopped (SIGTERM)")
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _charged(broken: list[Job], processes: dict, job_starts) -> list[Job]:

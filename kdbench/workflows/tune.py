@@ -30,7 +30,7 @@ from typing import Any
 from kdbench.core import engine, plugins
 from kdbench.core.plan import RunConfig, make_plan, resolve_method
 from kdbench.errors import KdbenchError, closest
-from kdbench.workflows import claims, run as runner
+from kdbench.workflows import claims, interrupts, run as runner
 from kdbench.workflows.studies import (
     RECIPE_PREFIX, STALE_REASON, JournalHeartbeat, count_trials, fail_stale_trials, mask_url,
     open_storage, pick_best, split_params, storage_url, stored_user_attr,
@@ -450,7 +450,7 @@ def _optimize_one(study, objective):
         except KeyboardInterrupt:
             interrupted.append(trial.number)
             try:  # shown by `kdbench tune --show`; Optuna then marks the trial FAIL
-                trial.set_user_attr("fail_reason", "interrupted (Ctrl-C)")
+                trial.set_user_attr("fail_reason", f"interrupted ({'SIGTERM' if interrupts.terminated() else 'Ctrl-C'})")
             except Exception:  # noqa: BLE001, S110 - the store is busy: the Ctrl-C still goes through
                 pass
             raise

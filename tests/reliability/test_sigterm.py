@@ -68,3 +68,26 @@ def test_sigterm_during_bench_with_workers(cc):
     assert all(tag(cc, run_id, "failure_reason").startswith("KeyboardInterrupt")
                for run_id, status in ended.items() if status == "KILLED")
     assert "RUNNING" not in statuses(cc).values()
+
+
+def test_sigterm_to_the_whole_group_leaves_no_run_running(cc):
+    """SIGTERM to the process group (systemd, Slurm, `kill -TERM -PGID`): each worker gets it
+    directly, before kdbench can pass on a Ctrl-C, and ends its run in flight KILLED itself (it was
+    left RUNNING until a later command found the worker gone); the command still exits 143."""
+    write_suite(cc, '{name = "kd", params = {T = 2.0}}', epochs=30)
+    proc = start("bench", "cc.toml", "--jobs", 2, cwd=cc)
+    wait_for("a cell training", lambda: training(cc, role="student", leaderboard="cc"), proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        end = time.time() + GRACE
+        while group(proc.pid) and time.time() < end:
+            time.sleep(POLL)
+        left = group(proc.pid)
+        if left:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err
+    assert left == set(), f"left behind: {left}"
+    ended = statuses(cc, role="student", leaderboard="cc")  # read without any kdbench command first
+    assert "KILLED" in ended.values() and "RUNNING" not in ended.values(), ended
