@@ -72,13 +72,22 @@ def ctrl_c(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str, str, 
     """SIGINT to the command's whole process group, as Ctrl-C in a terminal; then (exit status,
     stdout, stderr, processes of the group still alive ``GRACE`` s after the command exited —
     killed here so that they do not outlive the test)."""
-    os.killpg(proc.pid, signal.SIGINT)
+    return stop(proc, signal.SIGINT, to_group=True, timeout=timeout)
+
+
+def stop(proc: subprocess.Popen, signum: int, to_group: bool, timeout: float = 60) -> tuple[int, str, str, set[int]]:
+    """``signum`` to the command's process group (or to its process alone); then what
+    :func:`ctrl_c` returns."""
+    if to_group:
+        os.killpg(proc.pid, signum)
+    else:
+        os.kill(proc.pid, signum)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        raise AssertionError(f"still running {timeout} s after Ctrl-C:\n{out}\n{err}") from None
+        raise AssertionError(f"still running {timeout} s after {signal.Signals(signum).name}:\n{out}\n{err}") from None
     end = time.time() + GRACE
     while group(proc.pid) and time.time() < end:
         time.sleep(POLL)

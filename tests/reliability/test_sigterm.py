@@ -1,37 +1,24 @@
 """SIGTERM — what ``kill``, systemd, Slurm, docker stop and Ray send — with real processes, handled
 as Ctrl-C (:func:`kdbench.workflows.interrupts.sigterm_as_ctrl_c`): exit status 143 (128 + 15), one
 line on stderr (no traceback), the interrupted MLflow runs KILLED (never left RUNNING), no process
-left. The signal goes to the command's process alone, as ``kill PID`` and docker stop send it: its
-workers hear of it only from kdbench. Processes, stores and polling are test_ctrl_c's.
+left. The signal goes to the command's process alone, as ``kill PID`` and docker stop send it (its
+workers hear of it only from kdbench), or to its whole process group, as systemd and Slurm send it
+(each worker gets it too). Processes, stores and polling are test_ctrl_c's.
 """
-import os
 import signal
 import subprocess
-import time
 
 from reliability import test_ctrl_c
-from reliability.test_ctrl_c import GRACE, POLL, group, start, statuses, tag, training, wait_for, write_suite
+from reliability.test_ctrl_c import start, statuses, stop, tag, training, wait_for, write_suite
 
 cc = test_ctrl_c.cc  # the fixture: a working directory with a teacher checkpoint t.pt
 
 
-def sigterm(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str, set[int]]:
-    """SIGTERM to the command's process only; then (exit status, stderr, processes of its group
-    still alive ``GRACE`` s after it exited — killed here so that they do not outlive the test)."""
-    os.kill(proc.pid, signal.SIGTERM)
-    try:
-        _out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"still running {timeout} s after SIGTERM:\n{out}\n{err}") from None
-    end = time.time() + GRACE
-    while group(proc.pid) and time.time() < end:
-        time.sleep(POLL)
-    left = group(proc.pid)
-    if left:
-        os.killpg(proc.pid, signal.SIGKILL)
-    return proc.returncode, err, left
+def sigterm(proc: subprocess.Popen, to_group: bool = False) -> tuple[int, str, set[int]]:
+    """SIGTERM to the command's process only (or to its whole group); then (exit status, stderr,
+    processes of its group still alive ``GRACE`` s after it exited, killed here)."""
+    code, _out, err, left = stop(proc, signal.SIGTERM, to_group=to_group)
+    return code, err, left
 
 
 def assert_one_line_sigterm(code: int, err: str) -> None:
@@ -77,17 +64,8 @@ def test_sigterm_to_the_whole_group_leaves_no_run_running(cc):
     write_suite(cc, '{name = "kd", params = {T = 2.0}}', epochs=30)
     proc = start("bench", "cc.toml", "--jobs", 2, cwd=cc)
     wait_for("a cell training", lambda: training(cc, role="student", leaderboard="cc"), proc)
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        _out, err = proc.communicate(timeout=60)
-    finally:
-        end = time.time() + GRACE
-        while group(proc.pid) and time.time() < end:
-            time.sleep(POLL)
-        left = group(proc.pid)
-        if left:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 143, err
+    code, err, left = sigterm(proc, to_group=True)
+    assert code == 143, err
     assert left == set(), f"left behind: {left}"
     ended = statuses(cc, role="student", leaderboard="cc")  # read without any kdbench command first
     assert "KILLED" in ended.values() and "RUNNING" not in ended.values(), ended
