@@ -61,7 +61,7 @@ def field_problem(key: str, value: Any) -> str | None:
     """What is wrong with ``value`` for the Recipe field ``key`` ('lr must be a number > 0, got
     'fast''), or None when it is fine. Unknown keys are not judged here (see :func:`check_fields`)."""
     if key == "milestones":
-        if not isinstance(value, (list, tuple)) or not all(_is_int(m) and m >= 0 for m in value):
+        if not isinstance(value, (list, tuple)) or not all(is_int(m) and m >= 0 for m in value):
             return f"milestones must be a list of whole numbers >= 0 (epochs), got {value!r}"
         return None
     if key not in FIELD_RULES:
@@ -78,7 +78,7 @@ def field_problem(key: str, value: Any) -> str | None:
         return f"{key} must be one of {', '.join(choices)}, got {value!r}{hint}"
     rel = ">=" if inclusive else ">"
     if kind == "int":
-        ok, what = _is_int(value), f"a whole number {rel} {low}"
+        ok, what = is_int(value), f"a whole number {rel} {low}"
     else:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         what = f"a number {rel} {low:g}"
@@ -103,7 +103,8 @@ def check_fields(table: Mapping, where: str, fix: str) -> dict:
     return out
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """A whole number as TOML writes one (true and false are not)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 

@@ -247,14 +247,16 @@ STRING_KEYS = ("name", "description", "dataset", "metric", "published_note", "pr
 def _check_types(doc: dict, where: str) -> None:
     """The value types of the top-level keys, before any of them is used (a wrong type is one line
     naming the key and the type it needs, not a crash further on)."""
+    from kdbench.recipes import is_int
+
     for key in STRING_KEYS:
         if key in doc and not isinstance(doc[key], str):
             raise KdbenchError(f"{where}: {key} must be a string, got {doc[key]!r}; fix {key}")
-    if "teacher_seed" in doc and not _is_int(doc["teacher_seed"]):
+    if "teacher_seed" in doc and not is_int(doc["teacher_seed"]):
         raise KdbenchError(f"{where}: teacher_seed must be an integer, got {doc['teacher_seed']!r}; "
                            "fix teacher_seed (e.g. teacher_seed = 0)")
     seeds = doc.get("seeds", [])
-    if not isinstance(seeds, list) or not all(_is_int(seed) for seed in seeds):
+    if not isinstance(seeds, list) or not all(is_int(seed) for seed in seeds):
         raise KdbenchError(f"{where}: seeds must be a list of integers, got {seeds!r}; "
                            f"fix seeds (e.g. seeds = [0, 1, 2])")
     methods = doc.get("methods", [])
@@ -274,10 +276,6 @@ def _check_types(doc: dict, where: str) -> None:
     if not isinstance(published, dict) or not all(isinstance(v, dict) for v in published.values()):
         raise KdbenchError(f"{where}: published must be tables of method = top-1 % per pair "
                            f'([published."teacher->student"] kd = 74.92), got {published!r}; fix published')
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _precision(doc: dict, where: str) -> str | None:
