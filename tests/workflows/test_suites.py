@@ -34,19 +34,6 @@ def test_shipped_suites_load(env):
     ("tune_trials = 7", "tune_trials = -5", "methods entry 'kd': tune_trials = -5 must be a whole number >= 0"),
     ('teacher_sha256 = "', 'teacher_sha256 = "00', "pairs entry cnn1d_4x32->cnn1d_2x16: teacher_sha256 '00"),
     ('teacher_checkpoint = "t.pt"', 'teacher_checkpoint = "nope.pt"', "teacher_checkpoint '"),
-])
-def test_a_bad_suite_is_refused_as_a_whole_naming_the_key(suite, old, new, message):
-    """One line naming the file, the key and the fix, when loaded (so --dry-run too), before any cell."""
-    assert old in suite.read_text()
-    suite.write_text(suite.read_text().replace(old, new))
-    with pytest.raises(KdbenchError) as caught:
-        suites.load_suite(str(suite))
-    text = str(caught.value)
-    assert text.startswith("leaderboard tiny.toml: ") and message in text and "\n" not in text
-    assert "fix" in text or "must be a table" in text
-
-
-@pytest.mark.parametrize("old, new, message", [
     # wrong value types are one line naming the key and the type it needs, not a crash further on
     ("seeds = [0, 1, 2]", "seeds = [0, 1, 2]\nteacher_seed = \"zero\"", "teacher_seed must be an integer, got 'zero'"),
     ("seeds = [0, 1, 2]", 'seeds = ["a", "b", "c"]', "seeds must be a list of integers, got ['a', 'b', 'c']"),
@@ -65,14 +52,15 @@ def test_a_bad_suite_is_refused_as_a_whole_naming_the_key(suite, old, new, messa
     ('teacher = "cnn1d_4x32"', "teacher = 4", "pairs entry: teacher must be a string, got 4"),
     ('dataset = "mnist1d"', 'dataset = "mnist1d"\npublished = 3', "published must be tables"),
 ])
-def test_a_wrong_value_type_is_one_line_naming_the_key(suite, old, new, message):
+def test_a_bad_suite_is_refused_as_a_whole_naming_the_key(suite, old, new, message):
+    """One line naming the file, the key and the fix, when loaded (so --dry-run too), before any cell."""
     assert old in suite.read_text()
     suite.write_text(suite.read_text().replace(old, new, 1))
     with pytest.raises(KdbenchError) as caught:
         suites.load_suite(str(suite))
     text = str(caught.value)
     assert text.startswith("leaderboard tiny.toml: ") and message in text and "\n" not in text, text
-    assert "fix" in text
+    assert "fix" in text or "must be a table" in text
 
 
 def test_a_binary_suite_file_is_one_line(env):
