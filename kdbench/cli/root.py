@@ -35,7 +35,7 @@ class OneLineErrorGroup(click.Group):
             from kdbench.workflows import interrupts  # the standard library only: cheap
 
             terminated = interrupts.terminated()  # SIGTERM, handled as Ctrl-C: exit 128 + 15
-            _end_own_runs("SIGTERM" if terminated else "Ctrl-C")
+            _end_own_runs(interrupts.interrupted_by())
             click.echo(f"interrupted{' by SIGTERM' if terminated else ''}; the run is marked KILLED in MLflow",
                        err=True)
             sys.exit(143 if terminated else 130)

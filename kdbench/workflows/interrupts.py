@@ -149,6 +149,11 @@ def terminated() -> bool:
     return bool(_terminated)
 
 
+def interrupted_by() -> str:
+    """What interrupted this process, as its messages and runs' tags name it: SIGTERM or Ctrl-C."""
+    return "SIGTERM" if _terminated else "Ctrl-C"
+
+
 def _on_sigterm(signum, frame) -> None:
     """SIGTERM as Ctrl-C: SIGINT to the processes Ctrl-C would also have reached, then the
     KeyboardInterrupt that Python's SIGINT handler raises, with the text ``SIGTERM``."""

@@ -450,7 +450,7 @@ def _optimize_one(study, objective):
         except KeyboardInterrupt:
             interrupted.append(trial.number)
             try:  # shown by `kdbench tune --show`; Optuna then marks the trial FAIL
-                trial.set_user_attr("fail_reason", f"interrupted ({'SIGTERM' if interrupts.terminated() else 'Ctrl-C'})")
+                trial.set_user_attr("fail_reason", f"interrupted ({interrupts.interrupted_by()})")
             except Exception:  # noqa: BLE001, S110 - the store is busy: the Ctrl-C still goes through
                 pass
             raise
