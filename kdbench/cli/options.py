@@ -118,7 +118,7 @@ def engine_flags(command):
     capture = click.option(
         "--capture", default=None, metavar="[none|compile|graphs|compile+graphs]", callback=_one_of(CAPTURES),
         help="How training steps run: none (eager), compile (torch.compile of the networks), graphs "
-             "(the whole step replayed as a CUDA graph; CUDA only), compile+graphs (both; CUDA only) [default: graphs on CUDA, none elsewhere]. A method whose "
+             "(the whole step replayed as a CUDA graph; CUDA only), compile+graphs (both; CUDA only) [default: compile+graphs on CUDA, none elsewhere]. A method whose "
              "step cannot be captured runs eagerly, saying so.")
     return precision(capture(command))
 

@@ -14,7 +14,7 @@ teacher forwarded for it alone), then joins the group for the main stage.
 Each member keeps its own global RNG state (what a method's loss may draw from, e.g. CRD's
 negative samples), swapped in around its work: interleaving the members changes nothing.
 
-With ``--capture graphs`` (the CUDA default) the group's whole step — the teacher forward and
+With ``--capture graphs`` or ``compile+graphs`` (the CUDA default) the group's whole step — the teacher forward and
 every member's step — is one CUDA graph (:class:`_GroupGraph`). Timing metrics are the group's: a member's ``epoch_seconds`` is the group's
 training time for the epoch divided by its members, ``peak_mem_mb`` the group's peak.
 """
@@ -289,7 +289,7 @@ PARALLEL_STREAMS = True
 class _GroupGraph:
     """The group's whole training step — one teacher forward and every member's step, with each
     member's epoch totals — replayed as one CUDA graph (when every member's step is captured:
-    ``--capture graphs`` on CUDA, the default there).
+    ``--capture graphs`` or ``compile+graphs`` on CUDA, the default there).
 
     The teacher forward runs on a branch of its own and the members' steps fork onto streams of
     their own and join again (:data:`PARALLEL_STREAMS`) — by default the teacher computing the next

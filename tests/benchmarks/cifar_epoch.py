@@ -579,7 +579,7 @@ def main():
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     args.only = set(args.only.split(",")) if args.only else None
     args.captures = (args.captures or ("none,graphs" if cuda else "none,compile")).split(",")
-    args.fit_capture = args.fit_capture or ("graphs" if cuda else "none")
+    args.fit_capture = args.fit_capture or capture.default_capture(device)
     if args.compile_backend:
         capture.COMPILE_OPTIONS["backend"] = args.compile_backend
     if args.compile_mode:

@@ -181,8 +181,7 @@ def test_cli_names_the_choices_of_precision_and_capture():
 
 
 def test_engine_and_benchmarks_import_neither_mlflow_nor_optuna():
-    scripts = [str(ROOT / "tests/benchmarks" / name) for name in ("cifar_epoch.py", "lockstep_epoch.py", "kdsvd_solver.py",
-                                                                  "teacher_fusion.py")]
+    scripts = [str(ROOT / "tests/benchmarks" / name) for name in ("cifar_epoch.py", "lockstep_epoch.py", "teacher_fusion.py")]
     code = ("import sys, runpy; import kdbench.core.engine, kdbench.core.capture, kdbench.core.precision, "
             "kdbench.core.plan, kdbench.core.plugins; "
             f"[runpy.run_path(path, run_name='not_main') for path in {scripts!r}]; "
@@ -241,10 +240,10 @@ def test_a_run_that_reaches_the_recompile_limit_says_so_in_its_tags(teacher, aot
     assert "recompile limit was reached" in caplog.text
 
 
-def test_graphs_is_the_default_on_cuda_only_and_an_explicit_mode_wins():
+def test_compile_graphs_is_the_default_on_cuda_only_and_an_explicit_mode_wins():
     from kdbench.core import capture
 
-    assert capture.resolve(None, torch.device("cuda")) == "graphs"
+    assert capture.resolve(None, torch.device("cuda")) == "compile+graphs"
     assert capture.resolve(None, torch.device("cpu")) == "none"
     assert capture.resolve("none", torch.device("cuda")) == "none"
     assert capture.resolve("compile", torch.device("cpu")) == "compile"
