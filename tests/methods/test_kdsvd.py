@@ -107,18 +107,3 @@ def test_kdsvd_surrogate_gradient_matches_exact_svd_when_well_separated():
     (g_sur,) = torch.autograd.grad((v_sur * w).sum(), m2)
     assert torch.allclose(v_sur, v_exact.detach(), atol=1e-9)
     assert F.cosine_similarity(g_exact.flatten(), g_sur.flatten(), dim=0) > 0.9
-
-
-@pytest.mark.parametrize("shape", [(3, 40, 6), (3, 5, 12)])  # N ≥ C (F tall), N < C (Fᵀ tall)
-def test_the_batched_svd_solver_gives_the_exact_solvers_vectors(monkeypatch, shape):
-    """kdsvd.CUDA_SOLVER = "gesvda" (one batched SVD per stage; an experiment measured on a GPU by
-    tests/benchmarks/kdsvd_solver.py): on the CPU, with the driver argument dropped, its vectors
-    and values are those of the exact float64 eigendecomposition (up to each vector's sign)."""
-    svd = torch.linalg.svd
-    monkeypatch.setattr(torch.linalg, "svd", lambda a, full_matrices=True, driver=None: svd(a, full_matrices=full_matrices))
-    mat = torch.relu(torch.randn(*shape, generator=torch.Generator().manual_seed(0)))
-    v_exact, s_exact = kdsvd.top_right_singular(mat, 3)
-    v_fast, s_fast = kdsvd._top_right_singular_gesvda(mat, 3)
-    assert v_fast.shape == v_exact.shape == (shape[0], shape[2], 3)
-    torch.testing.assert_close(s_fast, s_exact, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close((v_fast * v_exact).sum(1).abs(), torch.ones(shape[0], 3), rtol=0, atol=1e-4)

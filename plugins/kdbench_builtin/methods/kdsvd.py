@@ -35,14 +35,6 @@ def as_matrix(f):
     return f.float().flatten(2).transpose(1, 2)
 
 
-#: the CUDA solver: "eigh" (above: one float64 cuSOLVER call per sample and Gram matrix, 384 per
-#: step of r32x4 → r8x4 at batch 64: 208× KD's step on an H200) or "gesvda" (one batched float32
-#: SVD of the tall map per stage, cuSOLVER's gesvdaStridedBatched, whose leading singular
-#: vectors are accurate; the reference runs float32 torch.svd). An experiment until measured:
-#: tests/benchmarks/kdsvd_solver.py compares the two on a GPU.
-CUDA_SOLVER = "eigh"
-
-
 def top_right_singular(mat, n):
     """Exact top-n right singular vectors [B, C, n] and singular values [B, n] (no gradient).
 
@@ -51,8 +43,6 @@ def top_right_singular(mat, n):
     whose eigenvectors u give v = Fᵀu/σ — the same vectors, from a matrix up to 16× smaller (the
     solver's cost grows with its cube; far faster than svd, on the CPU and on CUDA alike)."""
     n = min(n, mat.shape[1], mat.shape[2])
-    if mat.is_cuda and CUDA_SOLVER == "gesvda":
-        return _top_right_singular_gesvda(mat, n)
     with torch.no_grad():
         mat = mat.double()
         if mat.shape[1] < mat.shape[2]:
@@ -63,17 +53,6 @@ def top_right_singular(mat, n):
             evals, evecs = torch.linalg.eigh(mat.transpose(1, 2) @ mat)
             v, evals = evecs.flip(2)[:, :, :n], evals.flip(1)[:, :n]
     return v.float(), evals.clamp_min(0).sqrt().float()
-
-
-def _top_right_singular_gesvda(mat, n):
-    """:func:`top_right_singular` by one batched SVD of the tall side (CUDA only)."""
-    with torch.no_grad():
-        if mat.shape[1] >= mat.shape[2]:  # F [B, N, C] is tall: its right singular vectors
-            _, s, vh = torch.linalg.svd(mat.float(), full_matrices=False, driver="gesvda")
-            v = vh.transpose(1, 2)
-        else:  # Fᵀ is tall: its left singular vectors are F's right ones
-            v, s, _ = torch.linalg.svd(mat.float().transpose(1, 2), full_matrices=False, driver="gesvda")
-    return v[:, :, :n].contiguous(), s[:, :n].contiguous()
 
 
 def sign_convention(v):
