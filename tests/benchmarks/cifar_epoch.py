@@ -4,7 +4,7 @@ default), and the checks the GPU run needs. Numbers, never pass/fail: a benchmar
 Modes (several may be given; figures go to ``--json``):
 
 * ``--steps`` (default when no mode is named): ms per training step of ``kdbench.core.engine.train_stage``
-  eager vs captured (``--captures``, default ``none,graphs`` on CUDA and ``none,compile`` on the
+  eager vs captured (``--captures``, default ``none,compile+graphs`` on CUDA and ``none,compile`` on the
   CPU) at each batch size (``--batch-sizes``, default 64,256,1024), samples/s, and the projected
   time of 240 epochs of ``--epoch-samples`` samples (training steps only). Each figure is the best
   epoch after the first (which compiles/captures) of ``--epochs`` epochs. ``--teacher-stream all``
@@ -528,7 +528,7 @@ def main():
     ap.add_argument("--only", default=None, help="--methods/--fits: only these methods (comma-separated)")
     ap.add_argument("--batch-sizes", default="64,256,1024")
     ap.add_argument("--captures", default=None,
-                    help="capture modes compared, the first is the baseline [none,graphs on CUDA; none,compile on CPU]")
+                    help="capture modes compared, the first is the baseline [none,compile+graphs on CUDA; none,compile on CPU]")
     ap.add_argument("--teacher-stream", default="ahead", choices=[*engine.TEACHER_STREAMS, "all"],
                     help="--steps with graphs: the teacher's forward for the next batch beside the whole step "
                          "(ahead, the engine's default), for this batch beside the student's forward (beside), "
@@ -564,7 +564,7 @@ def main():
                     help="samples per epoch for the 240-epoch estimate [kdbench's CIFAR-100 train split: "
                          "50000 less the 10 %% validation]")
     ap.add_argument("--fit-epochs", type=int, default=1)
-    ap.add_argument("--fit-capture", default=None, help="capture mode of --fits besides eager [graphs on CUDA, none on CPU]")
+    ap.add_argument("--fit-capture", default=None, help="capture mode of --fits besides eager [compile+graphs on CUDA, none on CPU]")
     ap.add_argument("--teacher", default="resnet32x4")
     ap.add_argument("--student", default="resnet8x4")
     ap.add_argument("--data-dir", default=None, help="a folder holding cifar-100-python/ (else synthetic)")
@@ -578,7 +578,7 @@ def main():
     cuda = device.type == "cuda"
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     args.only = set(args.only.split(",")) if args.only else None
-    args.captures = (args.captures or ("none,graphs" if cuda else "none,compile")).split(",")
+    args.captures = (args.captures or ("none," + capture.default_capture(device) if cuda else "none,compile")).split(",")
     args.fit_capture = args.fit_capture or capture.default_capture(device)
     if args.compile_backend:
         capture.COMPILE_OPTIONS["backend"] = args.compile_backend
