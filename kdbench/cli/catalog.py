@@ -221,6 +221,22 @@ def _method_lines(method) -> list[str]:
     for hparam in method.hparams:
         lines.append(f"  {hparam.name:<12} default {hparam.default!r:<10} valid {_valid_range(hparam):<14} "
                      f"search {hparam.describe_space():<22} {hparam.help}")
+    return lines + _defaults_lines(method)
+
+
+def _defaults_lines(method) -> list[str]:
+    """The method's per-dataset/pair defaults (``Method.defaults_for``; a combination's are its
+    parts', namespaced as its hyperparameters are), in the order a run matches them."""
+    parts = getattr(method, "parts", ())
+    entries = ([(f"{part.name}.", entry) for part in parts for entry in part.defaults_for] if parts
+               else [("", entry) for entry in method.defaults_for])
+    if not entries:
+        return []
+    lines = ["defaults for (dataset teacher -> student; the first match wins, --set overrides):"]
+    for prefix, entry in entries:
+        values = ", ".join(f"{prefix}{key}={value!r}" for key, value in entry.values.items())
+        where = f"{entry.dataset} {entry.teacher} -> {entry.student}"
+        lines.append(f"  {where:<36} {values}" + (f"  ({entry.source})" if entry.source else ""))
     return lines
 
 

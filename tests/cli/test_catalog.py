@@ -60,8 +60,32 @@ def test_a_closed_pipe_ends_quietly(env):
 def test_show_method_shows_a_combination_as_run_builds_it(env):
     out = invoke("show", "method", "at+kd")
     assert out.exit_code == 0, out.output
-    names = [line.split()[0] for line in out.output.splitlines() if line.startswith("  ")]
+    lines = out.output.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("defaults for"))
+    names = [line.split()[0] for line in lines[:header] if line.startswith("  ")]
     assert names == ["at.p", "at.beta", "at.mapping", "at.ce_weight", "kd.T", "kd.alpha"]
+    # at's per-dataset defaults, namespaced as a run of at+kd applies them (kd declares none)
+    assert lines[header + 1:] == ["  mnist1d * -> *                       at.p=1.0, at.beta=11.5  "
+                                  "(kdbench tune on the mnist1d validation split (20 trials))"]
     bad = invoke("show", "method", "at+nosuch")
     assert bad.exit_code != 0 and bad.output.strip().splitlines() == [
         "error: unknown method 'nosuch' (see `kdbench list methods`)"]
+
+
+def test_show_method_lists_its_defaults_per_dataset_and_pair_in_match_order(env):
+    """dkd's defaults_for (mdistiller's per-pair beta): one line each, in the order a run matches
+    them; a method without any shows no such block."""
+    from kdbench.core import plugins
+
+    out = invoke("show", "method", "dkd")
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("defaults for"))
+    declared = plugins.registry().methods["dkd"].obj.defaults_for
+    shown = lines[header + 1:]
+    assert len(shown) == len(declared) >= 2
+    for line, entry in zip(shown, declared):
+        assert line.split()[:4] == [entry.dataset, entry.teacher, "->", entry.student]
+        assert f"({entry.source})" in line
+    assert "cifar100 resnet56 -> resnet20" in shown[1] and "beta=2.0" in shown[1]
+    assert not any(line.startswith("defaults for") for line in invoke("show", "method", "kd").output.splitlines())
