@@ -312,7 +312,20 @@ def load(eps=None, *, disable=(), only=None) -> Registry:
             reg.warnings.append(f"plugin {ep.name} ({dist} {version}, module {ep.value}) {what}")
         reg.plugins.append(PluginInfo(**info, hooks=hooks, status=status))
     _settle(reg, providers)
+    reg.warnings += _unknown_selection(eps, disable, only)
     return reg
+
+
+def _unknown_selection(eps: list[EntryPoint], disable=(), only=None) -> list[str]:
+    """A warning for each name of the plugin selection (``--disable``, ``KDBENCH_DISABLE``,
+    ``KDBENCH_PLUGINS``, ``only``) that is neither an installed entry point's nor a distribution's:
+    a typo there would otherwise leave the plugin it meant loaded (or not loaded) without a word."""
+    known = {ep.name for ep in eps} | {_dist_of(ep)[0] for ep in eps}
+    named = [("--disable", set(disable)), ("KDBENCH_DISABLE", _split_env("KDBENCH_DISABLE") or set()),
+             ("KDBENCH_PLUGINS", _split_env("KDBENCH_PLUGINS") or set()), ("load(only=...)", set(only or ()))]
+    return [f"{where} names {name!r}, which is no installed plugin (entry points and distributions: "
+            f"{', '.join(sorted(known))}; `kdbench plugins` lists them)"
+            for where, names in named for name in sorted(names - known)]
 
 
 def _settle(reg: Registry, providers: dict[tuple[str, str], list[Entry]]) -> None:

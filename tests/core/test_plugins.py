@@ -152,6 +152,23 @@ def test_env_var_restricts_to_builtins(env, add_dist, monkeypatch):
     assert [p.status for p in reg.plugins if p.plugin == "good"] == ["disabled"]
 
 
+def test_a_selection_naming_no_installed_plugin_is_warned_about(env, add_dist, monkeypatch):
+    """A typo in --disable or KDBENCH_DISABLE/KDBENCH_PLUGINS would leave the plugin it meant as it
+    was without a word: each unknown name is one warning, a known one (entry point or
+    distribution) none."""
+    add_dist("kdbench-good", "1.0", {"good": "kdtest_good"}, {"kdtest_good": GOOD})
+    monkeypatch.setenv("KDBENCH_DISABLE", "good,kdbench-goood")
+    reg = plugins.load(disable=["kdbench-good", "nosuch"])
+    assert "kdtest_good" not in reg.methods
+    unknown = [w for w in reg.warnings if "which is no installed plugin" in w]
+    assert [w.split(" which")[0] for w in unknown] == ["--disable names 'nosuch',",
+                                                       "KDBENCH_DISABLE names 'kdbench-goood',"]
+    assert "builtin-methods" in unknown[0] and "kdbench-good" in unknown[0]
+    monkeypatch.delenv("KDBENCH_DISABLE")
+    monkeypatch.setenv("KDBENCH_PLUGINS", "kdbench-good")
+    assert not [w for w in plugins.load().warnings if "which is no installed plugin" in w]
+
+
 def test_incompatible_api_and_bad_search_space_are_refused(env, add_dist):
     add_dist("kdbench-future", "3.0", {"future": "kdtest_future"},
              {"kdtest_future": "KDBENCH_API = 99\n" + GOOD.replace("kdtest_good", "kdtest_future")})
