@@ -23,7 +23,8 @@ from kdbench.contracts import Recipe
 from kdbench.errors import KdbenchError, closest
 
 HERE = Path(__file__).parent
-OPTIMIZERS = ("sgd", "adam", "adamw")  # what kdbench.core.engine builds
+#: what kdbench.core.engine builds (tests/core/test_engine.py ties the two together)
+OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("multistep", "cosine", "constant")
 #: field -> (kind, lowest value, whether the lowest value itself is allowed); kind: int | float | bool | str
 FIELD_RULES: dict[str, tuple[str, float | None, bool]] = {

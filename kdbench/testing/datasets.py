@@ -13,10 +13,9 @@ from kdbench.contracts import Dataset, Recipe
 from kdbench.core import plugins
 from kdbench.core.splits import augment_batch, load_split
 from kdbench.errors import KdbenchError
+from kdbench.recipes import OPTIMIZERS, SCHEDULES
 from kdbench.testing.common import Fail, find_registered, single_threaded
 
-_OPTIMIZERS = ("sgd", "adam", "adamw")
-_SCHEDULES = ("multistep", "cosine", "constant")
 #: How many samples of a streamed split (a ``torch.utils.data.Dataset``) the kit decodes.
 _MAX_SAMPLES = 256
 
@@ -92,8 +91,8 @@ def _check_recipe(fail: Fail, label: str, recipe: Recipe) -> None:
     fail.require(isinstance(recipe.epochs, int) and recipe.epochs >= 1, f"{label}.epochs={recipe.epochs!r} must be an int >= 1")
     fail.require(isinstance(recipe.batch_size, int) and recipe.batch_size >= 1, f"{label}.batch_size={recipe.batch_size!r} must be an int >= 1")
     fail.require(recipe.lr > 0, f"{label}.lr={recipe.lr} must be > 0")
-    fail.require(recipe.optimizer in _OPTIMIZERS, f"{label}.optimizer={recipe.optimizer!r} must be one of {_OPTIMIZERS}")
-    fail.require(recipe.schedule in _SCHEDULES, f"{label}.schedule={recipe.schedule!r} must be one of {_SCHEDULES}")
+    fail.require(recipe.optimizer in OPTIMIZERS, f"{label}.optimizer={recipe.optimizer!r} must be one of {OPTIMIZERS}")
+    fail.require(recipe.schedule in SCHEDULES, f"{label}.schedule={recipe.schedule!r} must be one of {SCHEDULES}")
     bad = [milestone for milestone in recipe.milestones if not 0 < milestone < recipe.epochs]
     fail.require(not bad, f"{label}.milestones {recipe.milestones} must lie strictly between 0 and epochs={recipe.epochs}")
 

@@ -107,6 +107,22 @@ def test_lr_schedules():
         engine.lr_at(Recipe(epochs=1, batch_size=1, lr=1, schedule="step"), 0)
 
 
+def test_the_engine_builds_every_optimizer_and_schedule_a_recipe_may_name():
+    """The recipe loader checks names against kdbench.recipes.OPTIMIZERS/SCHEDULES (it cannot import
+    the engine); the engine must build each of them, and refuse any other."""
+    from kdbench.recipes import OPTIMIZERS, SCHEDULES
+
+    weight = nn.Parameter(torch.ones(2))
+    kinds = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    for name in OPTIMIZERS:
+        recipe = Recipe(epochs=4, batch_size=1, lr=0.5, optimizer=name, weight_decay=0.0)
+        assert type(engine.make_optimizer([weight], recipe)) is kinds[name]
+    for name in SCHEDULES:
+        assert engine.lr_at(Recipe(epochs=4, batch_size=1, lr=0.5, schedule=name), 0) == 0.5
+    with pytest.raises(KdbenchError, match="unknown optimizer"):
+        engine.make_optimizer([weight], Recipe(epochs=1, batch_size=1, lr=1, optimizer="lion"))
+
+
 def test_non_finite_loss_is_caught_once_per_epoch(env, teacher):
     method = Method("nan", lambda step: {"ce": F.cross_entropy(step.student.logits, step.y) * math.nan})
     with pytest.raises(NonFiniteLoss, match=r"loss became non-finite in stage 'main' epoch 1 \(ce=nan\)"):
