@@ -173,6 +173,14 @@ class Model:
     inputs to logits; it raises :class:`KdbenchError` when it cannot take ``input_shape``.
     ``taps`` maps tap names to :class:`Tap` (or a dotted module name), or is a function of the
     built module returning that mapping (for models whose depth varies).
+
+    ``fuse(net, dtype) -> nn.Module`` (optional): the network's inference form as a frozen teacher,
+    given an eval-mode copy of a built network — the same function up to rounding with fewer
+    kernels (e.g. :class:`kdbench.fusion.FusedConv`), fused in place or new, its weights in ``dtype``
+    (the run's precision), or None when it has nothing to fuse. It keeps the module names of the
+    taps it preserves; a tap whose module it removes is not read from it. On CUDA at bf16 kdbench runs it for the teacher's forward
+    passes without gradients (a method's ``Step.teacher_net`` keeps the original), after checking
+    its logits and the taps the run reads against the original's on a batch.
     """
 
     name: str
@@ -182,6 +190,7 @@ class Model:
     )
     description: str = ""
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    fuse: Callable[[nn.Module, Any], nn.Module] | None = None
 
     def make(self, num_classes: int, input_shape: Sequence[int], **kwargs) -> nn.Module:
         return self.build(num_classes, tuple(input_shape), **{**self.kwargs, **kwargs})

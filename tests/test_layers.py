@@ -2,7 +2,7 @@
 
 Layers, lowest first (a module may import its own layer and the ones below it):
 
-0. the public plugin API: ``kdbench`` itself and its top-level modules (contracts, hookspecs,
+0. the public plugin API: ``kdbench`` itself and its top-level modules (contracts, hookspecs, fusion,
    errors, losses, data) and ``kdbench.recipes``;
 1. ``kdbench.core``: plugin loading, plans, taps, data splits, the engine, metrics;
 2. ``kdbench.workflows`` (run, teachers, tune, suites, bench, leaderboard, tracking, scaffold) and
@@ -30,7 +30,7 @@ LAYERS = {
     "cli": (3, "cli"),
 }
 PUBLIC = ("kdbench", "kdbench.contracts", "kdbench.hookspecs", "kdbench.errors", "kdbench.losses",
-          "kdbench.data", "kdbench.recipes")
+          "kdbench.data", "kdbench.recipes", "kdbench.fusion")
 
 
 def module_name(path: Path, root: Path, package: str) -> str:
@@ -84,7 +84,7 @@ def test_every_kdbench_module_is_in_a_layer_folder_or_the_public_api():
     mods, _ = graph()
     top_level = {name for name in mods if name.count(".") == 1 and layer_of(name) == "api"}
     assert top_level <= {"kdbench.contracts", "kdbench.hookspecs", "kdbench.errors", "kdbench.losses",
-                         "kdbench.data", "kdbench.recipes", "kdbench.__main__"}, top_level
+                         "kdbench.data", "kdbench.recipes", "kdbench.fusion", "kdbench.__main__"}, top_level
     for layer in LAYERS:
         if layer != "api":
             assert (PACKAGE / layer / "__init__.py").is_file(), f"kdbench/{layer}/ is missing"

@@ -113,10 +113,18 @@ def share_teacher(setups: list[StudentSetup], teacher_net: nn.Module, taps: dict
     """Give every member a view of one tapped teacher (the union of their taps, in the model's
     declared order); the members' own teacher hooks are removed."""
     union = set()
+    fused = [setup.trainee.teacher.inference for setup in setups]
     for setup in setups:
         union.update(setup.trainee.teacher.wanted)
         setup.trainee.teacher.remove()
-    group = _GroupTeacher(Tapped(teacher_net, taps, [name for name in taps if name in union], owner).eval())
+    wanted = [name for name in taps if name in union]
+    group = _GroupTeacher(Tapped(teacher_net, taps, wanted, owner).eval())
+    if fused and all(f is not None for f in fused):
+        # each member checked its fused teacher on its own taps (engine.fuse_teacher): one serves all
+        group.tapped.use_inference(Tapped(fused[0].model, taps, wanted, owner))
+    elif any(f is not None for f in fused):
+        for setup in setups:  # a member reads a tap the fused teacher does not keep: the group runs unfused
+            setup.trainee.teacher_fusion = "unfused: a lockstep group member reads taps the fused teacher does not keep"
     for setup in setups:
         setup.trainee.teacher = _TeacherView(group, setup.trainee.teacher.wanted)
     return group

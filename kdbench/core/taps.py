@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fnmatch
+from copy import deepcopy
 from collections.abc import Iterable, Sequence
 from types import SimpleNamespace
 
@@ -51,20 +52,26 @@ class Tapped(nn.Module):
     def __init__(self, model: nn.Module, taps: dict[str, Tap], wanted: Sequence[str], owner: str):
         super().__init__()
         self.model = model
+        self.taps, self.owner = dict(taps), owner
         self.wanted = list(wanted)
         self._store: dict[str, torch.Tensor] = {}
         self._handles = []
         self.weights: dict[str, torch.Tensor] | None = None  # see use_weights
-        modules = dict(model.named_modules())
+        self.inference: Tapped | None = None  # see use_inference
         for name in self.wanted:
             if name not in taps:
                 raise KdbenchError(
                     f"{owner} has no tap {name!r} (it has: {', '.join(taps) or 'none'})"
                 )
-            tap = taps[name]
+        self._attach()
+
+    def _attach(self) -> None:
+        modules = dict(self.model.named_modules())
+        for name in self.wanted:
+            tap = self.taps[name]
             if tap.module not in modules:
                 raise KdbenchError(
-                    f"{owner} declares tap {name!r} on module {tap.module!r}, which it does not have"
+                    f"{self.owner} declares tap {name!r} on module {tap.module!r}, which it does not have"
                 )
             module = modules[tap.module]
             if tap.input:
@@ -93,7 +100,26 @@ class Tapped(nn.Module):
         None, with its own again."""
         self.weights = weights
 
+    def copy_model(self) -> nn.Module:
+        """A deep copy of the model without this wrapper's hooks (e.g. to fuse it)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        try:
+            return deepcopy(self.model)
+        finally:
+            self._attach()
+
+    def use_inference(self, tapped: Tapped | None) -> None:
+        """Run ``tapped`` — an inference form of the model with the same taps, e.g. a frozen
+        teacher fused (``Model.fuse``) — for every call without gradients, and the model itself
+        for calls with them (a loss differentiating through the teacher); None: the model always.
+        Not a submodule: its buffers are its own, outside this module's state and parameters."""
+        object.__setattr__(self, "inference", tapped)
+
     def forward(self, x: torch.Tensor) -> Outputs:
+        if self.inference is not None and not torch.is_grad_enabled():
+            return self.inference(x)
         self._store = {}
         logits = self.model(x) if self.weights is None else torch.func.functional_call(self.model, self.weights, (x,))
         feats = {name: self._store[name] for name in self.wanted}
@@ -105,3 +131,6 @@ class Tapped(nn.Module):
             h.remove()
         self._handles = []
         self.weights = None
+        if self.inference is not None:
+            self.inference.remove()
+            self.use_inference(None)

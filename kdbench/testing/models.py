@@ -2,6 +2,7 @@
 and fire, forward and backward passes reach every parameter, and building is deterministic."""
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Sequence
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from kdbench.contracts import Model
-from kdbench.core import metrics, plugins
+from kdbench.core import engine, metrics, plugins
 from kdbench.core.taps import Tapped
 from kdbench.errors import KdbenchError
 from kdbench.testing.common import Fail, find_registered, single_threaded
@@ -37,7 +38,8 @@ def check_model(
     (read by forward hooks through :class:`kdbench.core.taps.Tapped`); tap names follow the convention
     (``stem``, ``stage1..N`` numbered without gaps, ``stageK_pre``, ``pool`` a ``[B, D]`` vector)
     and include ``require_taps``; forward/backward give every parameter a finite gradient;
-    building is deterministic under a seed; FLOPs are countable.
+    building is deterministic under a seed; FLOPs are countable; a ``fuse`` (the inference form of a
+    frozen teacher) gives the eval-mode network's logits and the taps it keeps in float32.
     """
     reg = plugins.registry()
     model = name if isinstance(name, Model) else find_registered(reg, "models", name)
@@ -92,6 +94,30 @@ def _check_built(fail: Fail, model: Model, net: nn.Module, shape, num_classes: i
     x = torch.randn((_BATCH, *shape), generator=torch.Generator().manual_seed(seed))
     _check_forward_backward(fail, model, net, taps, x, where, num_classes)
     _check_rebuilt(fail, model, shape, num_classes, seed, x, where)
+    _check_fused(fail, model, net, taps, shape, where)
+
+
+def _check_fused(fail: Fail, model: Model, net: nn.Module, taps: dict, shape, where: str) -> None:
+    """``Model.fuse`` on an eval-mode copy: the original's logits and the taps it keeps, in float32,
+    as the engine checks it before a run uses it (:func:`kdbench.core.engine.fusion_mismatch`)."""
+    if model.fuse is None:
+        return
+    net.eval().requires_grad_(False)
+    try:
+        fused_net = model.fuse(copy.deepcopy(net), torch.float32)
+    except Exception as exc:
+        raise fail(f"fuse {where} raised {type(exc).__name__}: {exc}") from exc
+    if fused_net is None:
+        return
+    fail.require(isinstance(fused_net, nn.Module), f"fuse {where} returned {type(fused_net).__name__}, not an nn.Module or None")
+    kept = [name for name, tap in taps.items() if tap.module in dict(fused_net.named_modules())]
+    original = Tapped(net, taps, kept, f"model {model.name!r}")
+    fused = Tapped(fused_net, taps, kept, f"model {model.name!r} fused")
+    problem = engine.fusion_mismatch(original, fused, shape, torch.device("cpu"), "fp32")
+    original.remove()
+    fused.remove()
+    fail.require(not problem, f"fuse {where}: {problem} — a fused network must compute the original's logits, "
+                              "and its taps must read what the original's read (or name a module it no longer has)")
 
 
 def _check_taps(fail: Fail, model: Model, net: nn.Module, where: str, require_taps) -> dict:

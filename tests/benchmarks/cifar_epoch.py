@@ -138,34 +138,11 @@ def bench_registry(x, y, batch_size: int, name: str = "cifar100_bench"):
 _TEACHERS: dict = {}
 
 
-def _teacher(plan, device, fold_bn: bool = False):
-    key = (plan.teacher_obj.name, str(device), fold_bn)
+def _teacher(plan, device):
+    key = (plan.teacher_obj.name, str(device))
     if key not in _TEACHERS:
-        net = engine.build_teacher(plan, device).eval().requires_grad_(False)
-        _TEACHERS[key] = fold_batchnorm(net) if fold_bn else net
+        _TEACHERS[key] = engine.build_teacher(plan, device).eval().requires_grad_(False)
     return _TEACHERS[key]
-
-
-def fold_batchnorm(net: torch.nn.Module) -> torch.nn.Module:
-    """An experiment for a frozen teacher (``--fold-teacher-bn``): every BatchNorm2d that directly
-    follows a Conv2d among its parent's children (conv1, bn1, … in a ResNet block, a shortcut's
-    Sequential) folded into the convolution's weights and replaced by Identity — one memory pass
-    per layer less. Only valid where the forward applies them in that order (true of the built-in
-    ResNets) and for taps that read after the BatchNorm (KD reads the logits)."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    folded = 0
-    for parent in list(net.modules()):
-        children = list(parent.named_children())
-        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
-            if isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d) \
-                    and conv.out_channels == bn.num_features:
-                fused = fuse_conv_bn_eval(conv, bn).to(memory_format=torch.channels_last)
-                setattr(parent, conv_name, fused.requires_grad_(False))
-                setattr(parent, bn_name, torch.nn.Identity())
-                folded += 1
-    print(f"    teacher: {folded} BatchNorm layers folded into their convolutions", flush=True)
-    return net
 
 
 def kd_step_gflop(plan, device) -> float:
@@ -198,12 +175,8 @@ def step_time(args, device, x, y, batch_size: int, method: str = "kd", capture_m
     plan = make_plan(RunConfig(method=method, dataset=ds.name, teacher=args.teacher, student=args.student,
                                device=str(device), precision=args.precision, capture=capture_mode,
                                recipe={"batch_size": batch_size, "epochs": args.epochs}), reg)
-    teacher = _teacher(plan, device, args.fold_teacher_bn) if plan.method_obj.needs_teacher else None
-    changed = teacher is not None and args.fuse_teacher
-    if changed:
-        teacher = copy.deepcopy(teacher)
+    teacher = _teacher(plan, device) if plan.method_obj.needs_teacher else None
     setup = engine.setup_student(plan, teacher, device)
-    fusion = fuse(args, plan, setup, teacher, device) if changed else None
     split = setup.splits["train"]
     steps = len(split) // batch_size
     if steps < 1:
@@ -215,11 +188,9 @@ def step_time(args, device, x, y, batch_size: int, method: str = "kd", capture_m
     engine.train_stage(setup.trainee, stage, args.epochs, plan.recipe, split, gen, ds.augment, device,
                        lambda e, m: seconds.append(m["epoch_seconds"]), scheduled=False)
     state = setup.trainee.capture_state
-    if fusion is not None:
-        import teacher_fusion  # beside this script, whose folder is first on sys.path
-
-        fusion["refused"] = teacher_fusion.failed_layers(teacher)  # known after the first (eager) calls
-        print(f"    teacher fused: {fusion}", flush=True)
+    fusion = _fusion_report(setup)
+    if fusion:
+        print(f"    teacher fusion: {fusion}", flush=True)
     profile = _profile(args, setup, stage, plan, split, gen, ds, device, steps) if args.profile else None
     capture.uncompile([m for m in (setup.trainee.student.model, teacher) if m is not None])
     if capture_mode in capture.COMPILED:  # the next size compiles afresh (static shapes), not as a dynamic-shape recompile
@@ -237,22 +208,16 @@ def step_time(args, device, x, y, batch_size: int, method: str = "kd", capture_m
             **({"teacher_fusion": fusion} if fusion else {})}
 
 
-def fuse(args, plan, setup, teacher, device) -> dict:
-    """``--fuse-teacher``: the teacher's convolutions fused with their BatchNorm, ReLU and residual
-    add (teacher_fusion.py), after the engine's set-up (its probe runs the teacher without
-    autocast); KD only: a tap inside a block would no longer fire. Its logits are compared with the
-    unfused teacher's on one batch under the run's autocast."""
-    import teacher_fusion  # beside this script, whose folder is first on sys.path
+def _fusion_report(setup) -> dict:
+    """The teacher's fusion in this run (``engine.TEACHER_FUSION``, ``--teacher-fusion``): the tag,
+    and the layers cuDNN had no fused kernel for (known after the first, eager, calls)."""
+    from kdbench.fusion import failed_layers
 
-    if setup.trainee.teacher.wanted:
-        raise SystemExit(f"--fuse-teacher: {plan.method_obj.name} reads teacher taps {setup.trainee.teacher.wanted}; KD only")
-    precision = resolve_precision(plan.config.precision, device)
-    fusion = teacher_fusion.fuse_teacher(teacher, torch.bfloat16 if precision == "bf16" else torch.float32)
-    x = torch.randn(256, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
-    x = x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
-    original = _teacher(plan, device)  # the cached unfused one (folding and fusing exclude each other)
-    fusion["against_unfused"] = teacher_fusion.compare(original, teacher, x, precision)
-    return fusion
+    tag = setup.trainee.teacher_fusion
+    if tag is None:
+        return {}
+    inference = setup.trainee.teacher.inference if setup.trainee.teacher is not None else None
+    return {"tag": tag, **({"refused": failed_layers(inference.model)} if inference is not None else {})}
 
 
 def _profile(args, setup, stage, plan, split, gen, ds, device, steps) -> list[dict]:
@@ -553,11 +518,9 @@ def main():
     ap.add_argument("--zeroed-grads", action="store_true",
                     help="for comparison: gradients zeroed and added into at every step, as captured steps did "
                          "until 2026-11-28 (a zeroing kernel and one addition per parameter; the engine sets them to None)")
-    ap.add_argument("--fuse-teacher", action="store_true",
-                    help="experiment (KD): the teacher's convolutions fused with their BatchNorm, ReLU and residual add "
-                         "(one cuDNN call each on CUDA; teacher_fusion.py)")
-    ap.add_argument("--fold-teacher-bn", action="store_true",
-                    help="experiment: the frozen teacher's BatchNorm layers folded into its convolutions")
+    ap.add_argument("--teacher-fusion", default=engine.TEACHER_FUSION, choices=engine.TEACHER_FUSION_CHOICES,
+                    help="the teacher's convolutions fused with their BatchNorm, ReLU and residual add, one cuDNN call "
+                         "each (Model.fuse): at bf16 on CUDA (cuda, the engine's default), off, or always")
     ap.add_argument("--epochs", type=int, default=3, help="epochs per step-time measurement (the first is not counted)")
     ap.add_argument("--samples", type=int, default=8192, help="samples per epoch of the step-time measurements")
     ap.add_argument("--epoch-samples", type=int, default=45000,
@@ -585,8 +548,7 @@ def main():
     if args.compile_mode:
         capture.COMPILE_OPTIONS["mode"] = args.compile_mode
     precision = args.precision or ("bf16" if cuda else "fp32")
-    if args.fuse_teacher and args.fold_teacher_bn:
-        ap.error("--fuse-teacher folds the BatchNorm itself: drop --fold-teacher-bn")
+    engine.TEACHER_FUSION = args.teacher_fusion
     engine.TEACHER_WEIGHTS = args.teacher_weights
     engine.STUDENT_WEIGHTS = args.student_weights
     engine.BATCH_COUNTERS = args.batch_counters
@@ -602,10 +564,10 @@ def main():
     name = torch.cuda.get_device_name(device) if cuda else f"cpu ({os.cpu_count()} cores)"
     report = {"device": name, "torch": torch.__version__, "teacher": args.teacher, "student": args.student,
               "precision": precision,
-              "compile_options": dict(capture.COMPILE_OPTIONS), "fold_teacher_bn": args.fold_teacher_bn,
+              "compile_options": dict(capture.COMPILE_OPTIONS), "teacher_fusion": args.teacher_fusion,
               "teacher_weights": args.teacher_weights, "student_weights": args.student_weights,
               "batch_counters": args.batch_counters,
-              "zeroed_grads": args.zeroed_grads, "fuse_teacher": args.fuse_teacher,
+              "zeroed_grads": args.zeroed_grads,
               "teacher_compile_options": capture.FROZEN_COMPILE_OPTIONS, "teacher_stream": args.teacher_stream}
     if not (args.methods or args.losses or args.fits or args.plain or args.eval):
         args.steps = True

@@ -48,3 +48,23 @@ def test_model_that_crashes_on_other_shapes(env, fails):
         return Net(num_classes, shape)
 
     fails(r"build for input \(3, 32, 32\) raised ValueError.*raise KdbenchError", check_model, Model("kdtest_net", build, taps=TAPS))
+
+
+def fuse_stage(net, dtype):
+    """A fuse of the kit's 1-D net: the stage's convolution and ReLU kept, the classifier in dtype."""
+    net.fc.to(dtype)
+    return net
+
+
+def fuse_without_relu(net, dtype):
+    net.stage1[1] = nn.Identity()  # the stage then reads negative values: not the original's
+    return net
+
+
+def test_a_models_fuse_is_checked_against_the_original(env, fails):
+    check_model(Model("kdtest_net", Net, taps=TAPS, fuse=fuse_stage), input_shapes=[(1, 40)])
+    check_model(Model("kdtest_net", Net, taps=TAPS, fuse=lambda net, dtype: None), input_shapes=[(1, 40)])
+    fails(r"fuse for input \(1, 40\): its fused form's logits is .* off the original's", check_model,
+          Model("kdtest_net", Net, taps=TAPS, fuse=fuse_without_relu), input_shapes=[(1, 40)])
+    fails(r"fuse for input \(1, 40\) raised ZeroDivisionError", check_model,
+          Model("kdtest_net", Net, taps=TAPS, fuse=lambda net, dtype: 1 / 0), input_shapes=[(1, 40)])

@@ -5,10 +5,16 @@ RepDistiller reference (``models/resnet.py``), so its teacher checkpoints load u
 
 The reference applies the block's final ReLU functionally; here it is a parameter-free
 ``out_relu`` module (same state dict) so a tap can read the pre-activation as its input.
+
+As a frozen teacher on CUDA, a network of BasicBlocks has an inference form (``Model.fuse``,
+:func:`fuse`): every convolution with its BatchNorm, ReLU and shortcut add one cuDNN call. Its
+``stem``, ``stage1..3`` and ``pool`` taps are kept; ``stage*_pre`` (inside a block) are not.
 """
+import torch
 from torch import nn
 
 from kdbench.contracts import Model, Tap
+from kdbench.fusion import FusedConv
 
 from ._common import cifar_only, kaiming_init
 
@@ -98,6 +104,37 @@ class ResNetCifar(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
+class FusedBlock(nn.Module):
+    """A BasicBlock for inference as two fused convolutions: ``relu(bn1(conv1(x)))`` and
+    ``relu(bn2(conv2(h)) + shortcut)``, the shortcut's convolution with its BatchNorm folded."""
+
+    def __init__(self, block: BasicBlock, dtype: torch.dtype):
+        super().__init__()
+        self.c1 = FusedConv(block.conv1, block.bn1, relu=True, dtype=dtype)
+        self.c2 = FusedConv(block.conv2, block.bn2, relu=True, dtype=dtype)
+        ds = block.downsample
+        self.down = FusedConv(ds[0], ds[1], relu=False, dtype=dtype) if ds is not None else None
+
+    def forward(self, x):
+        shortcut = x if self.down is None else self.down(x)
+        return self.c2(self.c1(x), z=shortcut)
+
+
+def fuse(net: "ResNetCifar", dtype: torch.dtype) -> "ResNetCifar | None":
+    """``Model.fuse``: ``net`` (an eval-mode copy) with its stem and every BasicBlock fused, in
+    place; the model's own forward still runs (``layer1``'s output is still ``stage1``, the stem's
+    ReLU, now an Identity, still ``stem``). None for Bottleneck networks: nothing fused."""
+    if not all(isinstance(block, BasicBlock) for layer in (net.layer1, net.layer2, net.layer3) for block in layer):
+        return None
+    for layer in (net.layer1, net.layer2, net.layer3):
+        for i, block in enumerate(layer):
+            layer[i] = FusedBlock(block, dtype)
+    net.conv1 = FusedConv(net.conv1, net.bn1, relu=True, dtype=dtype)
+    net.bn1, net.relu = nn.Identity(), nn.Identity()
+    net.fc.to(dtype)
+    return net
+
+
 def three_stage_taps(net: nn.Module, classifier: str = "fc") -> dict:
     """stem (``relu``), stage1..3 (``layer1..3``) and their pre-activations (the input of the
     last block's ``out_relu``), pool (the classifier's input)."""
@@ -134,6 +171,7 @@ MODELS = [
         build=ResNetCifar,
         kwargs={"depth": depth, "widths": widths, "name": name},
         taps=resnet_taps,
+        fuse=fuse,
         description=f"CIFAR ResNet-{depth}, widths {widths[1:]} (RepDistiller layout), 32x32 input",
     )
     for name, (depth, widths) in _VARIANTS.items()
