@@ -208,6 +208,9 @@ def _show_lines(kind: str, name: str, entry) -> list[str]:
         lines += _dataset_lines(obj)
     else:
         lines.append(f"kwargs: {dict(obj.kwargs)}")
+        if obj.fuse is not None:
+            lines.append("fused as a frozen teacher at bf16 on CUDA (Model.fuse; a run reading a tap the "
+                         "fused network does not keep runs it unfused)")
     return lines
 
 

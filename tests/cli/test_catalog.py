@@ -28,6 +28,8 @@ def test_show_model_lists_taps_with_modules_and_shapes(env):
     assert any(line.split()[:2] == ["stage3", "block3"] and line.endswith("(128, 8, 8)") for line in wrn)
     small = invoke("show", "model", "cnn1d_2x16", "--dataset", "mnist1d").output
     assert "taps (built for mnist1d" in small
+    assert "fused as a frozen teacher" not in small  # cnn1d has no Model.fuse; the CIFAR ResNets do
+    assert invoke("show", "model", "resnet32x4").output.splitlines()[2].startswith("fused as a frozen teacher at bf16")
 
 
 def test_plugin_check_method_takes_the_pair_like_the_python_kit(env):
