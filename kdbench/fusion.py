@@ -15,6 +15,8 @@ run's precision, not to the convolution's output (under bf16: bf16 rounding nois
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,6 +62,34 @@ class FusedConv(nn.Module):
         if z is not None:
             y = y + z
         return torch.relu(y) if self.relu else y
+
+
+class FusedResidual(nn.Module):
+    """A residual block for inference: ``path``'s (convolution, BatchNorm) pairs, each followed by
+    a ReLU, the last one's after the shortcut is added — ``relu(bn_n(conv_n(…)) + shortcut(x))`` —
+    with the shortcut's (convolution, BatchNorm) folded too, or None for the identity. One cuDNN
+    call per convolution (a BasicBlock: two and the shortcut's; a Bottleneck: three)."""
+
+    def __init__(self, path: Sequence[tuple[nn.Conv2d, nn.BatchNorm2d]],
+                 shortcut: tuple[nn.Conv2d, nn.BatchNorm2d] | None, dtype: torch.dtype):
+        super().__init__()
+        self.path = nn.ModuleList(FusedConv(conv, bn, relu=True, dtype=dtype) for conv, bn in path)
+        self.down = FusedConv(*shortcut, relu=False, dtype=dtype) if shortcut is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.down is None else self.down(x)
+        for conv in self.path[:-1]:
+            x = conv(x)
+        return self.path[-1](x, z=shortcut)
+
+
+def fuse_stem(net: nn.Module, conv: str = "conv1", bn: str = "bn1", relu: str = "relu", dtype=torch.float32) -> None:
+    """``net``'s stem ``relu(bn(conv(x)))`` fused in place: the convolution becomes a
+    :class:`FusedConv`, the BatchNorm and ReLU modules Identity (a tap on the ReLU still reads the
+    stem's output)."""
+    setattr(net, conv, FusedConv(getattr(net, conv), getattr(net, bn), relu=True, dtype=dtype))
+    setattr(net, bn, nn.Identity())
+    setattr(net, relu, nn.Identity())
 
 
 def failed_layers(net: nn.Module) -> dict[str, str]:

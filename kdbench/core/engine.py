@@ -47,8 +47,8 @@ TEACHER_STREAM = "ahead"
 TEACHER_WEIGHT_CHOICES = ("bf16", "fp32")
 TEACHER_WEIGHTS = "bf16"
 
-#: when a frozen teacher whose model offers an inference form (``Model.fuse``: the built-in CIFAR
-#: ResNets' convolutions fused with their BatchNorm, ReLU and shortcut add, one cuDNN call each)
+#: when a frozen teacher whose model offers an inference form (``Model.fuse``: the built-in ResNets'
+#: and VGGs' convolutions fused with their BatchNorm, ReLU and shortcut add, one cuDNN call each)
 #: runs it for its forward passes without gradients: "cuda" — at bf16 on CUDA, where it saved 16 %
 #: of a batch-1024 KD step and 3 % at batch 64 on an H200 (docs/PERFORMANCE.md) and its rounding
 #: is bf16's; "off" — never; "always" — on any device and precision (tests: the CPU runs the

@@ -1,5 +1,5 @@
 """A frozen teacher's inference form (``Model.fuse``; the CIFAR ResNets' in
-plugins/kdbench_builtin/models/resnet_cifar.py, built of ``kdbench.fusion.FusedConv``) and how the
+plugins/kdbench_builtin/models/resnet_cifar.py, built of ``kdbench.fusion`` pieces) and how the
 engine uses it (``engine.fuse_teacher``): the fused teacher computes the original's logits and stage
 features, its cuDNN branch passes the right arguments (checked with the cuDNN ops replaced by their
 documented formula, relu(conv(x) + alpha * z + bias)), a layer cuDNN refuses stays correct, a
@@ -66,7 +66,7 @@ def test_fused_teacher_gives_the_original_logits_and_stage_features_in_fp32(teac
     net, taps = teacher
     logits, feats = stage_features(net, taps, X)
     net_fused = fused(net)
-    assert sum(isinstance(m, resnet_cifar.FusedBlock) for m in net_fused.modules()) == 15
+    assert sum(isinstance(m, kdbench.fusion.FusedResidual) for m in net_fused.modules()) == 15
     assert isinstance(net_fused.conv1, kdbench.fusion.FusedConv)
     fused_logits, fused_feats = stage_features(net_fused, taps, X)
     assert relative(fused_logits, logits) < 1e-5
@@ -74,10 +74,35 @@ def test_fused_teacher_gives_the_original_logits_and_stage_features_in_fp32(teac
         assert relative(fused_feats[name], feats[name]) < 1e-5, name
 
 
+@pytest.mark.parametrize("name, dropped", [
+    ("vgg13", []),  # a block's last convolution keeps its ReLU apart: stageI_pre is kept
+    ("resnet50", ["stage1_pre", "stage2_pre", "stage3_pre", "stage4_pre"]),  # Bottlenecks
+    ("resnet18", ["stage1_pre", "stage2_pre", "stage3_pre", "stage4_pre"]),  # identity shortcuts too
+])
+def test_the_other_fusable_teachers_keep_their_logits_and_taps(name, dropped):
+    """The published table's other fusable teachers (vgg13, ResNet50) and resnet18: logits and every
+    tap the fused network keeps within 1e-5 in float32; only taps inside a block are dropped."""
+    torch.manual_seed(0)
+    model = plugins.load().models[name].obj
+    net = far_from_identity(model.make(100, (3, 32, 32)))
+    taps = model.taps_of(net)
+    net_fused = model.fuse(copy.deepcopy(net), torch.float32)
+    modules = dict(net_fused.named_modules())
+    kept = [tap for tap, where in taps.items() if where.module in modules]
+    assert [tap for tap in taps if tap not in kept] == dropped
+    a, b = Tapped(net, taps, kept, name), Tapped(net_fused, taps, kept, name)
+    with torch.no_grad():
+        out, fused_out = a(X[:4]), b(X[:4])
+    assert relative(fused_out.logits, out.logits) < 1e-5
+    for tap in kept:
+        assert relative(fused_out.feats[tap], out.feats[tap]) < 1e-5, tap
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net_fused.modules())
+
+
 def test_fused_teacher_under_bf16_autocast_is_within_bf16_noise(teacher):
     net, _ = teacher
     net_fused = fused(net, torch.bfloat16)
-    assert net_fused.layer1[0].c1.weight.dtype == torch.bfloat16
+    assert net_fused.layer1[0].path[0].weight.dtype == torch.bfloat16
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
         a, b = net(X).float(), net_fused(X).float()
     assert relative(b, a) < 0.03 and torch.equal(a.argmax(1), b.argmax(1))
@@ -201,8 +226,8 @@ def test_a_run_trains_on_the_fused_teacher_within_rounding_of_the_original(cifar
     plan = cifar_plan("at")
     teacher_net = teacher_of(plan)
     calls = collections.Counter()
-    forward = resnet_cifar.FusedBlock.forward
-    monkeypatch.setattr(resnet_cifar.FusedBlock, "forward", lambda self, x: calls.update(["block"]) or forward(self, x))
+    forward = kdbench.fusion.FusedResidual.forward
+    monkeypatch.setattr(kdbench.fusion.FusedResidual, "forward", lambda self, x: calls.update(["block"]) or forward(self, x))
     setup, result, logs = fit(plan, teacher_net)
     assert result.tags["teacher_fusion"] == "fused"
     assert setup.trainee.teacher.inference is not None

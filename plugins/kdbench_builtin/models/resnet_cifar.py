@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from kdbench.contracts import Model, Tap
-from kdbench.fusion import FusedConv
+from kdbench.fusion import FusedResidual, fuse_stem
 
 from ._common import cifar_only, kaiming_init
 
@@ -104,33 +104,19 @@ class ResNetCifar(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
-class FusedBlock(nn.Module):
-    """A BasicBlock for inference as two fused convolutions: ``relu(bn1(conv1(x)))`` and
-    ``relu(bn2(conv2(h)) + shortcut)``, the shortcut's convolution with its BatchNorm folded."""
-
-    def __init__(self, block: BasicBlock, dtype: torch.dtype):
-        super().__init__()
-        self.c1 = FusedConv(block.conv1, block.bn1, relu=True, dtype=dtype)
-        self.c2 = FusedConv(block.conv2, block.bn2, relu=True, dtype=dtype)
-        ds = block.downsample
-        self.down = FusedConv(ds[0], ds[1], relu=False, dtype=dtype) if ds is not None else None
-
-    def forward(self, x):
-        shortcut = x if self.down is None else self.down(x)
-        return self.c2(self.c1(x), z=shortcut)
-
-
 def fuse(net: "ResNetCifar", dtype: torch.dtype) -> "ResNetCifar | None":
     """``Model.fuse``: ``net`` (an eval-mode copy) with its stem and every BasicBlock fused, in
-    place; the model's own forward still runs (``layer1``'s output is still ``stage1``, the stem's
-    ReLU, now an Identity, still ``stem``). None for Bottleneck networks: nothing fused."""
-    if not all(isinstance(block, BasicBlock) for layer in (net.layer1, net.layer2, net.layer3) for block in layer):
+    place (:class:`kdbench.fusion.FusedResidual`); the model's own forward still runs (``layer1``'s
+    output is still ``stage1``, the stem's ReLU, now an Identity, still ``stem``). None for
+    Bottleneck networks: nothing fused."""
+    layers = (net.layer1, net.layer2, net.layer3)
+    if not all(isinstance(block, BasicBlock) for layer in layers for block in layer):
         return None
-    for layer in (net.layer1, net.layer2, net.layer3):
+    for layer in layers:
         for i, block in enumerate(layer):
-            layer[i] = FusedBlock(block, dtype)
-    net.conv1 = FusedConv(net.conv1, net.bn1, relu=True, dtype=dtype)
-    net.bn1, net.relu = nn.Identity(), nn.Identity()
+            shortcut = (block.downsample[0], block.downsample[1]) if block.downsample is not None else None
+            layer[i] = FusedResidual([(block.conv1, block.bn1), (block.conv2, block.bn2)], shortcut, dtype)
+    fuse_stem(net, dtype=dtype)
     net.fc.to(dtype)
     return net
 

@@ -6,10 +6,16 @@ resnet18/34 of the same file).
 
 Final ReLUs are parameter-free modules (``out_relu``; the reference uses F.relu) so
 ``stageI_pre`` taps read the pre-activation as that module's input.
+
+As a frozen teacher on CUDA (``Model.fuse``, :func:`fuse`) every block is a
+:class:`kdbench.fusion.FusedResidual`: each convolution with its BatchNorm, ReLU and shortcut add
+one cuDNN call. Its ``stem``, ``stage1..4`` and ``pool`` taps are kept; ``stage*_pre`` are not.
 """
+import torch
 from torch import nn
 
 from kdbench.contracts import Model, Tap
+from kdbench.fusion import FusedResidual, fuse_stem
 
 from ._common import check_image, kaiming_init
 
@@ -86,6 +92,20 @@ class ResNet(nn.Module):
         return self.linear(self.avgpool(out).flatten(1))
 
 
+def fuse(net: ResNet, dtype: torch.dtype) -> ResNet:
+    """``Model.fuse``: the stem and every block of ``net`` (an eval-mode copy) fused in place."""
+    for i in (1, 2, 3, 4):
+        layer = getattr(net, f"layer{i}")
+        for j, block in enumerate(layer):
+            names = ("1", "2", "3") if isinstance(block, Bottleneck) else ("1", "2")
+            path = [(getattr(block, "conv" + n), getattr(block, "bn" + n)) for n in names]
+            shortcut = (block.shortcut[0], block.shortcut[1]) if len(block.shortcut) else None
+            layer[j] = FusedResidual(path, shortcut, dtype)
+    fuse_stem(net, dtype=dtype)
+    net.linear.to(dtype)
+    return net
+
+
 def resnet_taps(net: nn.Module) -> dict:
     taps = {"stem": Tap("relu")}
     for i in (1, 2, 3, 4):
@@ -104,6 +124,7 @@ def _model(name: str, block: str, blocks) -> Model:
         build=ResNet,
         kwargs={"block": block, "blocks": blocks, "name": name},
         taps=resnet_taps,
+        fuse=fuse,
         description=f"ResNet-{depth} (ImageNet layout, 3x3 stem for CIFAR; RepDistiller resnetv2)",
     )
 

@@ -7,11 +7,17 @@ The reference applies each block's final ReLU functionally; here they are parame
 ``relu0..relu4`` modules (same state dict). Taps: ``stem`` = relu0 output, ``stage1..4`` =
 relu1..relu4 outputs, ``stageI_pre`` = their inputs (the block's last BN), ``pool`` = the
 classifier input. 32x32 inputs (64x64 too: the reference then pools once more before block4).
+
+As a frozen teacher on CUDA (``Model.fuse``, :func:`fuse`) each block's convolutions are fused with
+their BatchNorm and ReLU, one cuDNN call each; a block's last convolution keeps its BatchNorm
+folded but not the ReLU (``reluI``'s input is ``stageI_pre``), so every tap is kept.
 """
 
+import torch
 from torch import nn
 
 from kdbench.contracts import Model, Tap
+from kdbench.fusion import FusedConv
 
 from ._common import check_image, he_init
 
@@ -59,6 +65,20 @@ class VGG(nn.Module):
         return self.classifier(self.pool4(x).flatten(1))
 
 
+def fuse(net: VGG, dtype: torch.dtype) -> VGG:
+    """``Model.fuse``: every (conv, BN, ReLU) of ``net``'s blocks (an eval-mode copy) fused in
+    place; a block's last (conv, BN) folded with no ReLU, which its ``reluI`` module applies."""
+    for i in range(5):
+        layers = list(getattr(net, f"block{i}"))
+        fused = []
+        for j in range(0, len(layers), 3):
+            conv, bn = layers[j], layers[j + 1]
+            fused.append(FusedConv(conv, bn, relu=j + 2 < len(layers), dtype=dtype))
+        setattr(net, f"block{i}", nn.Sequential(*fused))
+    net.classifier.to(dtype)
+    return net
+
+
 TAPS = {
     "stem": Tap("relu0"),
     **{f"stage{i}": Tap(f"relu{i}") for i in range(1, 5)},
@@ -72,6 +92,7 @@ MODELS = [
         build=VGG,
         kwargs={"cfg": cfg, "name": name},
         taps=TAPS,
+        fuse=fuse,
         description=f"{name.upper()} with BN for CIFAR (RepDistiller layout, one linear classifier)",
     )
     for name, cfg in CFG.items()
