@@ -1215,8 +1215,7 @@ def fuse_teacher(tapped: Tapped, model: Model, input_shape, device: torch.device
     try:
         fused_net = model.fuse(tapped.copy_model().eval(), torch.bfloat16 if precision == "bf16" else torch.float32)
     except Exception as exc:  # a plugin's fuse: its failure costs the speed, not the run
-        return _unfused(tapped, f"its model's fuse failed: {type(exc).__name__}: "
-                                f"{(str(exc).strip().splitlines() or [''])[0]}")
+        return _unfused(tapped, f"its model's fuse failed: {capturing.failure_reason(exc)}")
     if fused_net is None:
         return None
     kept = dict(fused_net.named_modules())
@@ -1249,7 +1248,7 @@ def fusion_mismatch(tapped: Tapped, fused: Tapped, input_shape, device: torch.de
         with precision_autocast(device, precision, False):
             a, b = tapped(x), fused(x)
     except (RuntimeError, ValueError, TypeError) as exc:
-        return f"its fused form failed: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+        return f"its fused form failed: {capturing.failure_reason(exc)}"
     tol = FUSION_TOLERANCE[precision]
     for name, u, v in [("logits", a.logits, b.logits), *((n, a.feats[n], b.feats[n]) for n in tapped.wanted)]:
         u, v = u.float(), v.float()
