@@ -186,6 +186,8 @@ def _run_job(key: str, fn: Callable, *args):
         return fn(*args)
     finally:
         _in_job = False
+        if _terminated:  # SIGTERM during the job: its run has been ended by now (_on_sigterm)
+            _die_of_sigterm()
 
 
 @contextlib.contextmanager
@@ -248,12 +250,43 @@ def _end_own_runs(reason: str) -> None:
     done.wait(5)
 
 
+#: seconds a worker stopped by SIGTERM gives its job to unwind before it ends its runs and dies anyway
+SIGTERM_GRACE = 20.0
+_terminated = False  # in a local worker: SIGTERM came during a job, which is unwinding
+
+
 def _on_sigterm(signum, frame) -> None:
     """A local worker's SIGTERM handler: SIGTERM reaches a worker when its pool breaks (Python ends
     the other workers so) or when the whole process group is stopped (systemd, Slurm, ``kill
-    -TERM -PGID``). Its run in flight is ended KILLED first (it stayed RUNNING until a later command
-    found its process gone); then the default action, so the worker's exit status is still
-    -SIGTERM, which :func:`_charged` reads."""
+    -TERM -PGID``). Its run in flight must end KILLED (it stayed RUNNING until a later command found
+    its process gone). The job is interrupted as by Ctrl-C, so its own error path ends the run in
+    this thread — ending it from another thread could wait, to its time limit, for a store lock
+    (SQLite's) that this thread held when the signal came — and the worker then dies of SIGTERM
+    (:func:`_run_job`), its exit status -SIGTERM, which :func:`_charged` reads. More SIGTERMs while
+    the job unwinds (the pool ending its workers once another has died) change nothing. An idle
+    worker dies at once; a job that does not unwind in :data:`SIGTERM_GRACE` s is cut short."""
+    import threading
+
+    global _terminated, _interrupted, _delivered
+    if not _in_job:
+        _die_of_sigterm()
+    if _terminated:
+        return
+    _terminated = _interrupted = True
+
+    def cut_short():
+        time.sleep(SIGTERM_GRACE)
+        _end_own_runs("the worker was stopped (SIGTERM)")
+        os.kill(os.getpid(), signal.SIGKILL)  # this thread cannot restore SIGTERM's default action
+
+    threading.Thread(target=cut_short, name="kdbench-sigterm", daemon=True).start()
+    if not _delivered:  # else a Ctrl-C already interrupted the job
+        _delivered = True
+        raise KeyboardInterrupt
+
+
+def _die_of_sigterm() -> None:
+    """In the worker's main thread: end its runs still open KILLED, then die of SIGTERM."""
     _end_own_runs("the worker was stopped (SIGTERM)")
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGTERM)

@@ -68,4 +68,4 @@ def test_sigterm_to_the_whole_group_leaves_no_run_running(cc):
     assert code == 143, err
     assert left == set(), f"left behind: {left}"
     ended = statuses(cc, role="student", leaderboard="cc")  # read without any kdbench command first
-    assert "KILLED" in ended.values() and "RUNNING" not in ended.values(), ended
+    assert "KILLED" in ended.values() and "RUNNING" not in ended.values(), (ended, err)
