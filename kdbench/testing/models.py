@@ -110,7 +110,8 @@ def _check_fused(fail: Fail, model: Model, net: nn.Module, taps: dict, shape, wh
     if fused_net is None:
         return
     fail.require(isinstance(fused_net, nn.Module), f"fuse {where} returned {type(fused_net).__name__}, not an nn.Module or None")
-    kept = [name for name, tap in taps.items() if tap.module in dict(fused_net.named_modules())]
+    modules = dict(fused_net.named_modules())
+    kept = [name for name, tap in taps.items() if tap.module in modules]
     original = Tapped(net, taps, kept, f"model {model.name!r}")
     fused = Tapped(fused_net, taps, kept, f"model {model.name!r} fused")
     problem = engine.fusion_mismatch(original, fused, shape, torch.device("cpu"), "fp32")
